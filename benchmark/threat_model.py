@@ -1,0 +1,171 @@
+"""The line between what the server sees and what the client holds.
+
+The evaluator keeps the private batch. An attack receives an :class:`Observation`: a copy of the
+server's model, the update the client shared (after any defense), and only the metadata the run
+grants. Everything in an Observation is a copy; nothing reachable from it is, or aliases, a
+tensor of the private batch (``tests/test_observation_isolation.py`` walks the object graph to
+prove it).
+
+The loss behind every shared update is the mean softmax cross-entropy over the client's batch
+(FedSGD): ``update[name] = d/dθ (1/B) Σ_b CE(f_θ(x_b), y_b)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Capability(str, Enum):
+    """Knowledge or power beyond (model, shared update) that an attack may need."""
+
+    LABELS = "labels"  # the private labels of the batch
+    BATCH_SIZE = "batch_size"  # the number of samples in the batch
+    CLIENT_CODE = "client_code"  # the server ships code that runs on the client (fishing)
+
+
+class RequirementsNotGranted(ValueError):
+    """An attack needs a capability that the run does not grant."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Compute budget of one trial; ``None`` means unlimited on that axis."""
+
+    max_iterations: int | None = None
+    max_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_iterations": self.max_iterations, "max_seconds": self.max_seconds}
+
+
+class BudgetMeter:
+    """Counts the iterations and seconds an attack spends and stops it at the budget.
+
+    Iterative attacks draw their iterations from :meth:`iterations` (or call :meth:`step`), which
+    stop yielding when the iteration or time budget is spent; restarts share one meter. The
+    evaluator records what was used and fails a trial that overran the time budget by ignoring it.
+    """
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.used_iterations = 0
+        self._start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    @property
+    def exhausted(self) -> bool:
+        b = self.budget
+        return (b.max_iterations is not None and self.used_iterations >= b.max_iterations) or (
+            b.max_seconds is not None and self.elapsed >= b.max_seconds
+        )
+
+    def step(self) -> bool:
+        """Claim one iteration; False (and nothing claimed) once the budget is spent."""
+        if self.exhausted:
+            return False
+        self.used_iterations += 1
+        return True
+
+    def iterations(self, requested: int) -> Iterator[int]:
+        """Yield up to ``requested`` iteration indices, fewer if the budget runs out."""
+        for i in range(requested):
+            if not self.step():
+                return
+            yield i
+
+    def usage(self) -> dict[str, Any]:
+        return {"iterations": self.used_iterations, "seconds": self.elapsed}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the attacker sees in one trial."""
+
+    model: nn.Module  # the server's copy of the victim, in the state the client trained
+    update: Mapping[str, Tensor]  # parameter name -> shared gradient (after defenses)
+    input_shape: tuple[int, ...]  # (C, H, W) of one sample
+    num_classes: int
+    mean: tuple[float, ...]  # per-channel normalisation of the model input
+    std: tuple[float, ...]
+    budget: BudgetMeter
+    seed: int  # for the attack's own randomness (dummy init, restarts)
+    batch_size: int | None = None  # granted only with Capability.BATCH_SIZE
+    labels: Tensor | None = None  # granted only with Capability.LABELS
+    client_state: Any = None  # what the attack's own client_hook left (Capability.CLIENT_CODE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.update.values())).dtype
+
+    def gradients(self) -> list[Tensor]:
+        """The shared update in ``model.parameters()`` order; refuses an incomplete update."""
+        names = [name for name, _ in self.model.named_parameters()]
+        missing = [n for n in names if n not in self.update]
+        if missing:
+            raise ValueError(f"the shared update lacks gradients for parameters: {missing}")
+        return [self.update[n] for n in names]
+
+    def to_image_space(self, images: Tensor) -> Tensor:
+        """De-normalise model inputs to the [0, 1] pixel scale (not clamped)."""
+        return images * self._stats(self.std, images) + self._stats(self.mean, images)
+
+    def to_input_space(self, pixels: Tensor) -> Tensor:
+        """Normalise [0, 1] pixels into model inputs."""
+        return (pixels - self._stats(self.mean, pixels)) / self._stats(self.std, pixels)
+
+    @staticmethod
+    def _stats(values: tuple[float, ...], like: Tensor) -> Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+@dataclass
+class Reconstruction:
+    """An attack's answer. ``images`` live in the model-input (normalised) space."""
+
+    images: Tensor  # (N, C, H, W)
+    labels: Tensor | None = None  # (N,) inferred labels, if the attack infers them
+    batch_size: int | None = None  # inferred batch size, if the attack infers it
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable diagnostics
+
+
+def make_observation(
+    model: nn.Module,
+    update: Mapping[str, Tensor],
+    *,
+    granted: frozenset[Capability],
+    labels: Tensor,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    budget: Budget,
+    seed: int,
+    client_state: Any = None,
+) -> Observation:
+    """Build the attacker's view from the client's side, copying everything it hands over."""
+    server_model = copy.deepcopy(model)
+    server_model.zero_grad(set_to_none=True)
+    return Observation(
+        model=server_model,
+        update={name: g.detach().clone() for name, g in update.items()},
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        budget=BudgetMeter(budget),
+        seed=seed,
+        batch_size=int(labels.shape[0]) if Capability.BATCH_SIZE in granted else None,
+        labels=labels.detach().clone() if Capability.LABELS in granted else None,
+        client_state=copy.deepcopy(client_state),
+    )

@@ -1,0 +1,1 @@
+"""One LightningDataModule per dataset, registered by name with ``@register_datamodule``."""
