@@ -39,6 +39,7 @@ class Attack(ABC):
     registered_name: ClassVar[str]
     requires: ClassVar[frozenset[Capability]] = frozenset()
     threat_model: ClassVar[str] = "honest-but-curious server observing one FedSGD update"
+    max_batch_size: ClassVar[int | None] = None  # e.g. 1 for single-sample attacks
 
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams

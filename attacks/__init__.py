@@ -1,0 +1,1 @@
+"""One module per attack, registered by name with ``@register_attack``."""

@@ -1,0 +1,1 @@
+"""Analyses of a model and a batch (exclusivity, rank); registered covariates live here."""

@@ -1,0 +1,1 @@
+"""One module per defense, registered by name with ``@register_defense``."""
