@@ -161,6 +161,7 @@ def run(
     loggers = make_loggers(config, run_path)
 
     skipped: dict[str, str] = {}
+    trainer: Trainer | None = None
     for batch_size in config.batch_sizes:
         datamodule = build_datamodule(config, batch_size)
         for name, attack in attacks.items():
@@ -203,12 +204,17 @@ def run(
             if evaluator.gallery and trainer.global_rank == 0:
                 run_dir.write_grid(cell, evaluator.gallery)
 
+    rank = 0
+    if trainer is not None:
+        trainer.strategy.barrier()  # every rank's records are on disk before summarising
+        rank = trainer.global_rank
     summary = summarize(run_dir, config, skipped)
-    run_dir.write_summary(summary)
+    if rank == 0:
+        run_dir.write_summary(summary)
+        echo(format_summary(summary))
+        echo(f"results: {run_path}")
     for logger in loggers:
         logger.finalize("success")
-    echo(format_summary(summary))
-    echo(f"results: {run_path}")
     return summary
 
 
