@@ -156,6 +156,7 @@ class Evaluator(LightningModule):
             "trial": trial,
             "seed": seed,
             "sample_ids": list(batch["sample_ids"]),
+            "client": int(batch.get("client", 0)),
             "labels": labels.tolist(),
             "status": "ok" if ok else "failed",
             "error": error,
