@@ -27,7 +27,7 @@ class RunConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     split: str = "test"
     model: str = "fcn"
-    model_options: dict[str, Any] = field(default_factory=lambda: {"widths": [256]})
+    model_options: dict[str, Any] = field(default_factory=dict)
     model_seed: int = 0
     client_mode: str = "eval"  # victim mode on the client: "eval" or "train" (BatchNorm, dropout)
     attacks: list[str] = field(default_factory=lambda: ["bias", "idlg"])
@@ -53,6 +53,8 @@ class RunConfig:
     run_name: str | None = None
     logger: str = "wandb"  # "wandb" (+ CSV), "csv" or "none"
     wandb_project: str = "leakbench"
+    # Set by track files (leaderboards/tracks/*.yaml): name, kind, ranking metric, free keys.
+    track: dict[str, Any] | None = None
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
