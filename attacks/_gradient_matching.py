@@ -1,0 +1,47 @@
+"""Shared pieces of the gradient-matching attacks (DLG, iDLG, Inverting Gradients).
+
+These attacks optimise dummy inputs x' so that the gradient they induce,
+``∇θ ℓ(f_θ(x'), y')``, matches the shared update ``∇θ`` (the mean cross-entropy gradient of the
+private batch). The dummy gradient is built with ``create_graph=True`` so that a distance
+between gradients can itself be differentiated with respect to x' (and y').
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from leakbench.threat_model import Capability, Observation, RequirementsNotGranted
+
+
+def granted_batch_size(observation: Observation, attack: str) -> int:
+    """The batch size the run grants; attacks that size their dummies by it cannot run without."""
+    if observation.batch_size is None:
+        raise RequirementsNotGranted(
+            f"{attack} needs the batch size ({Capability.BATCH_SIZE.value}) to size its dummies"
+        )
+    return observation.batch_size
+
+
+def seeded_generator(observation: Observation) -> torch.Generator:
+    """The attack's only source of randomness, seeded by the trial."""
+    return torch.Generator().manual_seed(observation.seed)
+
+
+def gaussian_dummy(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """Trainable N(0, 1) dummy with ``like``'s dtype and device, drawn on the CPU generator."""
+    sample = torch.randn(shape, generator=generator, dtype=like.dtype)
+    return sample.to(like.device).requires_grad_()
+
+
+def dummy_gradients(observation: Observation, images: Tensor, targets: Tensor) -> list[Tensor]:
+    """∇θ of the mean cross-entropy of ``images`` against ``targets``, differentiable in both.
+
+    ``targets`` are class indices (B,) or class probabilities (B, K); with probabilities the loss
+    is the mean over the batch of −Σ_c p_c log softmax(f(x))_c, as in DLG. The gradients come
+    from ``torch.autograd.grad``, so no ``.grad`` is left on the model's parameters.
+    """
+    parameters = list(observation.model.parameters())
+    loss = F.cross_entropy(observation.model(images), targets)
+    return list(torch.autograd.grad(loss, parameters, create_graph=True))
