@@ -27,7 +27,11 @@ class RunConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     split: str = "test"
     model: str = "fcn"
-    model_options: dict[str, Any] = field(default_factory=dict)
+    # Quickstart victim: FCN d-256-K with biases and sigmoid activations, DLG's activation; with
+    # ReLU, L-BFGS drives iDLG's dummy into dead units. Dropped when another model is chosen.
+    model_options: dict[str, Any] = field(
+        default_factory=lambda: {"widths": [256], "activation_name": "sigmoid"}
+    )
     model_seed: int = 0
     client_mode: str = "eval"  # victim mode on the client: "eval" or "train" (BatchNorm, dropout)
     attacks: list[str] = field(default_factory=lambda: ["bias", "idlg"])
@@ -59,12 +63,12 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
         known = {f.name for f in fields(cls)}
+        defaults = cls()
+        if "model" in values and "model_options" not in values and values["model"] != "fcn":
+            values = {**values, "model_options": {}}
         if "attack_options" not in values and "attacks" in values:
-            defaults = cls().attack_options
-            values = {
-                **values,
-                "attack_options": {k: v for k, v in defaults.items() if k in values["attacks"]},
-            }
+            kept = {k: v for k, v in defaults.attack_options.items() if k in values["attacks"]}
+            values = {**values, "attack_options": kept}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
