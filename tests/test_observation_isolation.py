@@ -36,7 +36,8 @@ def storage_of(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def test_observation_holds_no_reference_to_the_private_batch(tmp_path):
+def observe(tmp_path, granted):
+    """Run one trial with a spying attack; return (private batch, attacker's observation)."""
     dm = DATAMODULES.get("synthetic-uniform")(input_shape=(1, 6, 6), num_classes=3, batch_size=2)
     batch = dm.trials()[0]
     victim = build_victim("fcn", (1, 6, 6), 3, seed=0, widths=(8,))
@@ -49,7 +50,7 @@ def test_observation_holds_no_reference_to_the_private_batch(tmp_path):
         num_classes=3,
         mean=(0.0,),
         std=(1.0,),
-        granted=frozenset(Capability),
+        granted=granted,
         budget=Budget(),
         dtype=torch.float32,
         client_mode="eval",
@@ -57,10 +58,12 @@ def test_observation_holds_no_reference_to_the_private_batch(tmp_path):
         success_psnr=30.0,
     )
     spy = ATTACKS.get("spy-test")()
-    evaluator = Evaluator(victim, spy, Defense(), setting, RunDirectory(tmp_path))
-    evaluator.run_trial(batch)
-    observation = type(spy).last_observation
+    Evaluator(victim, spy, Defense(), setting, RunDirectory(tmp_path)).run_trial(batch)
+    return batch, type(spy).last_observation
 
+
+def test_observation_holds_no_reference_to_the_private_batch(tmp_path):
+    batch, observation = observe(tmp_path, frozenset(Capability))
     private = [batch["images"], batch["labels"]]
     private_storages = {storage_of(t) for t in private}
     tensors = reachable_tensors(observation)
@@ -75,25 +78,5 @@ def test_observation_holds_no_reference_to_the_private_batch(tmp_path):
 
 
 def test_ungranted_metadata_is_absent(tmp_path):
-    dm = DATAMODULES.get("synthetic-uniform")(input_shape=(1, 6, 6), num_classes=3, batch_size=2)
-    victim = build_victim("fcn", (1, 6, 6), 3, seed=0, widths=(8,))
-    setting = TrialSetting(
-        cell="spy",
-        attack_name="spy-test",
-        defense_name="none",
-        batch_size=2,
-        input_shape=(1, 6, 6),
-        num_classes=3,
-        mean=(0.0,),
-        std=(1.0,),
-        granted=frozenset(),
-        budget=Budget(),
-        dtype=torch.float32,
-        client_mode="eval",
-        seed=0,
-        success_psnr=30.0,
-    )
-    spy = ATTACKS.get("spy-test")()
-    Evaluator(victim, spy, Defense(), setting, RunDirectory(tmp_path)).run_trial(dm.trials()[0])
-    observation = type(spy).last_observation
+    _, observation = observe(tmp_path, frozenset())
     assert observation.labels is None and observation.batch_size is None
