@@ -14,7 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 # Modules that contribute subcommands through an ``add_command(subparsers)`` function.
-COMMAND_MODULES: tuple[str, ...] = ("leakbench.datamodules.check", "leakbench.leaderboard")
+COMMAND_MODULES: tuple[str, ...] = (
+    "leakbench.datamodules.check",
+    "leakbench.leaderboard",
+    "leakbench.analysis.rank",
+)
 
 
 def add_run_command(subparsers: Any) -> None:
