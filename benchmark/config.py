@@ -53,6 +53,7 @@ class RunConfig:
     accelerator: str = "auto"  # Lightning accelerator: "cpu", "gpu", "auto", ...
     devices: int | str = "auto"  # Lightning devices; trials are sharded over them
     success_psnr: float = 30.0
+    covariates: list[str] | None = None  # analyses recorded per trial; None = all registered
     output_dir: str = "runs"
     run_name: str | None = None
     logger: str = "wandb"  # "wandb" (+ CSV), "csv" or "none"

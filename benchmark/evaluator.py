@@ -49,6 +49,7 @@ class TrialSetting:
     client_mode: str
     seed: int
     success_psnr: float
+    covariates: tuple[str, ...] = ()
     with_lpips: bool = False
 
 
@@ -195,7 +196,8 @@ class Evaluator(LightningModule):
 
     def _covariates(self, images: Tensor, labels: Tensor) -> dict[str, Any]:
         covariates: dict[str, Any] = {}
-        for name, covariate in COVARIATES.items():
+        for name in self.setting.covariates:
+            covariate = COVARIATES.get(name)
             try:
                 value = covariate(copy.deepcopy(self.victim).eval(), images, labels)
             except Exception as exc:  # a covariate must never cost the trial

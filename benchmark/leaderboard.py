@@ -34,7 +34,15 @@ from leakbench.results import atomic_write_text
 SCHEMA_VERSION = 1
 LEADERBOARDS = Path(__file__).resolve().parent.parent / "leaderboards"
 # Keys that change where and how results are written, never what is measured.
-BOOKKEEPING_KEYS = {"output_dir", "run_name", "logger", "wandb_project", "accelerator", "devices"}
+BOOKKEEPING_KEYS = {
+    "output_dir",
+    "run_name",
+    "logger",
+    "wandb_project",
+    "accelerator",
+    "devices",
+    "covariates",
+}
 PROTOCOL_KEYS = (
     "dataset",
     "dataset_options",

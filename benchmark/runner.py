@@ -28,7 +28,7 @@ from leakbench.config import ConfigError, RunConfig
 from leakbench.evaluator import Evaluator, TrialSetting
 from leakbench.interfaces import Attack, Defense
 from leakbench.metrics import aggregate, lpips_status
-from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
+from leakbench.registry import ATTACKS, COVARIATES, DATAMODULES, DEFENSES
 from leakbench.results import RunDirectory, cell_key
 from leakbench.threat_model import RequirementsNotGranted
 
@@ -146,6 +146,9 @@ def run(
     )
     for attack in attacks.values():
         attack.check_model(victim)
+    covariates = tuple(COVARIATES.names() if config.covariates is None else config.covariates)
+    for name in covariates:
+        COVARIATES.get(name)  # an unknown name is refused before any trial
 
     if resume is not None:
         run_path = Path(resume)
@@ -186,6 +189,7 @@ def run(
                 client_mode=config.client_mode,
                 seed=config.seed,
                 success_psnr=config.success_psnr,
+                covariates=covariates,
                 with_lpips=with_lpips,
             )
             trainer = Trainer(

@@ -136,3 +136,20 @@ def test_other_loggers(tmp_path, logger):
         echo=lambda _: None,
     )
     assert len(records(tmp_path / "run")) == 1
+
+
+def test_covariates_are_recorded_as_configured(tmp_path):
+    run(
+        config(tmp_path, run_name="all", batch_sizes=[1], trials=1),
+        progress=False,
+        echo=lambda _: None,
+    )
+    assert "rank_index" in records(tmp_path / "all")[0]["covariates"]
+    run(
+        config(tmp_path, run_name="none", batch_sizes=[1], trials=1, covariates=[]),
+        progress=False,
+        echo=lambda _: None,
+    )
+    assert records(tmp_path / "none")[0]["covariates"] == {}
+    with pytest.raises(KeyError, match="unknown covariate 'nope'"):
+        run(config(tmp_path, covariates=["nope"]), progress=False, echo=lambda _: None)
