@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "leakbench.datamodules.check",
     "leakbench.leaderboard",
     "leakbench.analysis.rank",
+    "leakbench.analysis.boundary",
 )
 
 

@@ -68,7 +68,7 @@ def relu_inputs(model: nn.Module, images: Tensor) -> list[Tensor]:
 
 
 def exclusivity_surrogate(pre_activations: list[Tensor], margin: float) -> tuple[Tensor, Tensor]:
-    """Σ φ over the ExANs of every sample's weakest layer, and the per-sample condition."""
+    """Σ φ over the ExANs of every sample's weakest layer, and the ExAN counts (B, L)."""
     exans = [exan_mask(pre.detach() > 0) for pre in pre_activations]
     counts = torch.stack([mask.sum(dim=1) for mask in exans], dim=1)
     required = torch.full((counts.shape[1],), MIN_EXANS_OTHER_LAYERS, dtype=counts.dtype)
@@ -86,7 +86,7 @@ def exclusivity_surrogate(pre_activations: list[Tensor], margin: float) -> tuple
         else:
             penalty = (pre[0, units] + margin).relu()
         loss = loss + penalty.sum()
-    return loss, condition_per_sample(counts)
+    return loss, counts
 
 
 def reduce_exclusivity(
@@ -98,9 +98,8 @@ def reduce_exclusivity(
     with torch.enable_grad(), buffers_restored(model):
         for step in range(steps + 1):
             pre_activations = relu_inputs(model, images + delta)
-            loss, condition = exclusivity_surrogate(pre_activations, margin)
-            total = sum(int(exan_mask(p.detach() > 0).sum()) for p in pre_activations)
-            score = (int(condition.sum()), total)
+            loss, counts = exclusivity_surrogate(pre_activations, margin)
+            score = (int(condition_per_sample(counts).sum()), int(counts.sum()))
             if best is None or score < best[:2]:
                 best = (*score, delta.detach().clone())
             if step == steps or not loss.requires_grad:
