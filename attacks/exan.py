@@ -788,9 +788,9 @@ class ExAN(Attack):
         images = recovery.inputs.reshape(-1, *observation.input_shape)
         info = dict(recovery.info)
         info["gradient_residual"] = checked_residual(observation, images, recovery, tolerance)
-        info["inferred_label_probability"] = (
-            1.0 - recovery.loss_vectors.gather(1, recovery.labels[:, None]).abs().flatten()
-        ).tolist()
+        if recovery.loss_scale == "bias":  # the victim's confidence p_y in each sample
+            label_entries = recovery.loss_vectors.gather(1, recovery.labels[:, None]).flatten()
+            info["inferred_label_probability"] = (1.0 + label_entries).tolist()
         return Reconstruction(
             images=images,
             labels=recovery.labels,

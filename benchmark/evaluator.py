@@ -105,11 +105,13 @@ class Evaluator(LightningModule):
         generator = torch.Generator(device=images.device).manual_seed(seed)
 
         model = copy.deepcopy(self.victim).train(s.client_mode == "train")
+        # The model transform comes first: batch transforms may depend on the model the client
+        # trains (input-side exclusivity reduction does).
+        model = self.defense.transform_model(model)
         client_images, client_labels = self.defense.transform_batch(images, labels, generator)
         client_state = None
         if Capability.CLIENT_CODE in self.attack.requires:
             client_images, client_state = self.attack.client_hook(model, client_images)
-        model = self.defense.transform_model(model)
         update = fedsgd_update(model, client_images, client_labels)
         update = self.defense.transform_update(update, generator)
 
@@ -169,7 +171,8 @@ class Evaluator(LightningModule):
             ),
             "attack_info": reconstruction.info if ok else {},
             "metrics": scores,
-            "covariates": self._covariates(images, labels),
+            # Analyses of what produced the update: the client's model and (defended) batch.
+            "covariates": self._covariates(model, client_images.detach(), client_labels),
         }
         return record, list(zip(truth, matched, strict=True))
 
@@ -194,12 +197,12 @@ class Evaluator(LightningModule):
             return None, "reconstruction contains NaN or inf"
         return reconstruction, None
 
-    def _covariates(self, images: Tensor, labels: Tensor) -> dict[str, Any]:
+    def _covariates(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Any]:
         covariates: dict[str, Any] = {}
         for name in self.setting.covariates:
             covariate = COVARIATES.get(name)
             try:
-                value = covariate(copy.deepcopy(self.victim).eval(), images, labels)
+                value = covariate(copy.deepcopy(model), images, labels)
             except Exception as exc:  # a covariate must never cost the trial
                 value = {"error": f"{type(exc).__name__}: {exc}"}
             if value is not None:

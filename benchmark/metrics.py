@@ -9,7 +9,7 @@ Conventions (fixed, so that results are comparable across attacks and papers):
    uniform mid-grey image (0.5), and counts as a failure.
 3. Per image: MSE; PSNR = 10·log10(1/MSE), capped at ``PSNR_CAP`` dB (MSE floored at 1e-30) so
    exact reconstructions stay finite in JSON; SSIM (torchmetrics, Gaussian window σ = 1.5, data
-   range 1, window 11 or the largest odd size that fits smaller images); scale-aligned PSNR: the
+   range 1; smaller images get the largest odd window that fits); scale-aligned PSNR: the
    reconstruction in model-input space is first multiplied by its least-squares gain
    a = <r, t> / <r, r> against the matched truth t (this removes a pure brightness/scale error,
    such as the ExAN attack's without biases; it is an oracle alignment and is reported only
@@ -69,11 +69,18 @@ def psnr_from_mse(mse: float) -> float:
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image SSIM of two (N, C, H, W) pixel batches in [0, 1]."""
+    """Per-image SSIM of two (N, C, H, W) pixel batches in [0, 1].
+
+    Gaussian window σ = 1.5 (11 taps). Images smaller than 11 px use the largest odd window k
+    that fits and σ = (k − 1)/7, so that torchmetrics' Gaussian has exactly k taps.
+    """
     side = min(a.shape[-2:])
+    if side < 3:
+        raise ValueError(f"SSIM needs images of at least 3×3 pixels, got {tuple(a.shape[-2:])}")
     kernel = min(11, side if side % 2 else side - 1)
+    sigma = 1.5 if kernel == 11 else (kernel - 1) / 7
     return structural_similarity_index_measure(
-        a, b, data_range=1.0, kernel_size=kernel, sigma=1.5, reduction="none"
+        a, b, data_range=1.0, kernel_size=kernel, sigma=sigma, reduction="none"
     ).reshape(-1)
 
 

@@ -249,15 +249,18 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    cells = list(summary["cells"].values())
+    wa = max([len("attack")] + [len(c["attack"]) for c in cells]) + 2
+    wd = max([len("defense")] + [len(c["defense"]) for c in cells]) + 2
     header = (
-        f"{'attack':<22}{'defense':<14}{'B':>3}{'trials':>7}{'failed':>7}"
+        f"{'attack':<{wa}}{'defense':<{wd}}{'B':>3}{'trials':>7}{'failed':>7}"
         f"{'PSNR med':>9}{'mean':>7}{'worst':>7}{'SSIM med':>9}{'label':>7}{'B ok':>6}"
         f"{'succ@' + _fmt(summary['success_psnr'], 0):>8}{'time med':>9}"
     )
     lines = [f"{summary['dataset']} / {summary['model']}", header, "-" * len(header)]
-    for cell in summary["cells"].values():
+    for cell in cells:
         lines.append(
-            f"{cell['attack']:<22}{cell['defense']:<14}{cell['batch_size']:>3}"
+            f"{cell['attack']:<{wa}}{cell['defense']:<{wd}}{cell['batch_size']:>3}"
             f"{cell['trials']:>7}{cell['failed']:>7}"
             f"{_fmt(cell['psnr']['median']):>9}{_fmt(cell['psnr']['mean']):>7}"
             f"{_fmt(cell['psnr']['worst']):>7}{_fmt(cell['ssim']['median'], 3):>9}"

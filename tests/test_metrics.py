@@ -65,6 +65,13 @@ def test_ssim_matches_an_independent_gaussian_window_implementation():
     assert np.allclose(interior, ssim_map[5:-5, 5:-5], atol=1e-12)
 
 
+@pytest.mark.parametrize("side", [3, 4, 7, 10])
+def test_ssim_works_on_small_images(side):
+    x = torch.rand(2, 1, side, side, generator=torch.Generator().manual_seed(side)).double()
+    assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    assert (ssim(x, 1 - x) < 1).all()
+
+
 def test_hungarian_matching_recovers_a_known_permutation():
     g = torch.Generator().manual_seed(1)
     truth = torch.rand(6, 1, 8, 8, generator=g, dtype=torch.float64)

@@ -14,7 +14,9 @@ For one victim and one dataset it measures, and writes to a run folder (and to W
 * ``--compare-attacks exan,dlg,inverting-gradients`` (``compare.csv``): the attacks on the same
   batches, only batches inside the insecure boundary (chosen by the harness-side analysis, which
   holds the ground truth: a selection of the protocol, not of any reconstruction). Each attack
-  is granted exactly the capabilities it requires. Median PSNR and median wall time per attack.
+  is granted exactly the capabilities it requires; the attacks run interleaved, batch by batch,
+  so that machine load hits them alike. Median PSNR, median wall time per attack, and that time
+  as a multiple of the ExAN attack's.
 * ``--defenses a,b,c`` (``defenses.csv``): the exclusivity-reduction defenses, each with ExANs
   per sample and the condition rate measured on the batch the client actually trains on, the
   ExAN attack's PSNR against the private batch, and the utility cost: test accuracy of a victim
