@@ -186,22 +186,9 @@ class ExANCNN(ExAN):
         "batch size and the labels. ExAN-CNN is our extension, not the paper's method"
     )
 
-    def __init__(
-        self,
-        tolerance: float | None = None,
-        min_group_size: int = 2,
-        assumed_label_probability: float = 1 / 3,
-        support_tolerance: float = 0.0,
-        rank_tolerance: float = 1e-10,
-        max_unknowns: int = 20_000,
-    ) -> None:
-        super().__init__(
-            tolerance=tolerance,
-            min_group_size=min_group_size,
-            assumed_label_probability=assumed_label_probability,
-            support_tolerance=support_tolerance,
-            rank_tolerance=rank_tolerance,
-        )
+    def __init__(self, max_unknowns: int = 20_000, **exan_options: Any) -> None:
+        """``exan_options`` are the ExAN attack's hyperparameters (tolerance, ...)."""
+        super().__init__(**exan_options)
         if isinstance(max_unknowns, bool) or not isinstance(max_unknowns, int) or max_unknowns < 1:
             raise ValueError(f"max_unknowns must be a positive integer, got {max_unknowns!r}")
         self.max_unknowns = max_unknowns

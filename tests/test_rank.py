@@ -26,14 +26,6 @@ from leakbench.interfaces import UnsupportedModelError
 from leakbench.registry import COVARIATES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def conv_case(
     c_in: int, c_out: int, hw: int, kernel: int, stride: int, padding: int, seed: int = 0
 ) -> tuple[nn.Conv2d, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:

@@ -20,15 +20,6 @@ from leakbench.threat_model import Budget, Capability, Observation, make_observa
 LFW_SHAPE = (1, 25, 25)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense solves: one intra-op thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def observe(
     model: nn.Module,
     images: torch.Tensor,
