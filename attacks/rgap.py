@@ -519,6 +519,8 @@ class RGAP(Attack):
         self.root = root
         self.label = label
         self.allow_combination = bool(allow_combination)
+        # One sample per update, unless the caller asked for R-GAP's documented combination.
+        self.max_batch_size = None if self.allow_combination else 1
         if label == "known":
             self.requires = frozenset({Capability.LABELS})
 

@@ -252,3 +252,9 @@ def test_ssras_refuses_batches_and_models_without_a_route() -> None:
     relu_conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(200, 3))
     with pytest.raises(UnsupportedModelError, match=r"Improved R-GAP cannot invert layer '1'"):
         ImprovedRGAP().check_model(relu_conv)
+
+
+def test_single_sample_limit_is_declared_so_runs_skip_larger_batches():
+    assert ATTACKS.get("rgap")().max_batch_size == 1
+    assert ATTACKS.get("rgap")(allow_combination=True).max_batch_size is None
+    assert ATTACKS.get("improved-rgap")().max_batch_size == 1
