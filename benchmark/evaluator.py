@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +63,9 @@ class Evaluator(LightningModule):
         attack: Attack,
         defense: Defense,
         setting: TrialSetting,
-        run_dir: RunDirectory,
+        run_dir: RunDirectory | None = None,  # None: trials run in-process by a study
         skip: set[tuple[str, int]] | None = None,
         gallery_size: int = 4,
-        on_record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         super().__init__()
         self.victim = victim
@@ -78,7 +76,6 @@ class Evaluator(LightningModule):
         self.skip = skip or set()
         self.gallery_size = gallery_size
         self.gallery: list[tuple[Tensor, Tensor]] = []
-        self.on_record = on_record
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         trial = int(batch["trial"])
@@ -86,12 +83,11 @@ class Evaluator(LightningModule):
             return
         with torch.enable_grad():
             record, pairs = self.run_trial(batch)
-        self.run_dir.append_trial(record)
+        if self.run_dir is not None:
+            self.run_dir.append_trial(record)
         if len(self.gallery) < self.gallery_size:
             self.gallery.extend(pairs[: self.gallery_size - len(self.gallery)])
         self._log(record, pairs)
-        if self.on_record is not None:
-            self.on_record(record)
 
     def run_trial(
         self, batch: dict[str, Any]

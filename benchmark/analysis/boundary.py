@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import math
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -42,15 +41,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from leakbench.analysis.exclusivity import analyse_exclusivity
 from leakbench.client import build_victim, fedsgd_update
+from leakbench.evaluator import Evaluator, TrialSetting
 from leakbench.interfaces import Attack, Defense
-from leakbench.metrics import score_trial
+from leakbench.metrics import DEFAULT_SUCCESS_PSNR
 from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
-from leakbench.results import atomic_write_bytes, atomic_write_text
-from leakbench.threat_model import Budget, Observation, make_observation
+from leakbench.results import atomic_write_bytes, atomic_write_text, cell_key
+from leakbench.threat_model import Budget
 
 # Bins of a sample's fewest ExANs over its ReLU layers (lower edges; the last is open).
 EXAN_BINS = (0, 1, 2, 3, 5, 9, 17, 33, 65)
@@ -113,42 +113,6 @@ class Study:
             {**t, "images": t["images"].to(self.dtype)}
             for t in self.datamodule(batch_size, trials).trials()
         ]
-
-    def observe(
-        self,
-        model: nn.Module,
-        update: dict[str, Tensor],
-        attack: Attack,
-        batch: dict,
-        labels: Tensor,
-    ) -> Observation:
-        """The attacker's view, granting exactly what the attack requires."""
-        dm = self.reference
-        return make_observation(
-            model,
-            update,
-            granted=attack.requires,
-            labels=labels,
-            input_shape=tuple(dm.input_shape),
-            num_classes=dm.num_classes,
-            mean=tuple(dm.mean),
-            std=tuple(dm.std),
-            budget=Budget(),
-            seed=int(batch["trial"]),
-        )
-
-    def score(self, batch: dict, reconstruction: Any | None) -> dict[str, Any]:
-        dm = self.reference
-        return score_trial(
-            truth_images=batch["images"],
-            truth_labels=batch["labels"],
-            sample_ids=batch["sample_ids"],
-            mean=tuple(dm.mean),
-            std=tuple(dm.std),
-            reconstructed_images=None if reconstruction is None else reconstruction.images,
-            reconstructed_labels=None if reconstruction is None else reconstruction.labels,
-            inferred_batch_size=None if reconstruction is None else reconstruction.batch_size,
-        )
 
 
 def train_victim(
@@ -230,9 +194,8 @@ def attack_sample_rows(
     for b in batch_sizes:
         for batch in study.trials(b, trials):
             report = analyse_exclusivity(model, batch["images"])
-            reconstruction, _, _ = run_attack(model, study, attack, batch)
-            scores = study.score(batch, reconstruction)
-            for i, sample in enumerate(scores["samples"]):
+            record = run_trial(model, study, attack, batch)
+            for i, sample in enumerate(record["metrics"]["samples"]):
                 rows.append(
                     {
                         "state": state,
@@ -241,31 +204,49 @@ def attack_sample_rows(
                         "min_exans": int(report.counts[i].min()),
                         "condition": bool(report.condition[i]),
                         "psnr": sample["psnr"],
-                        "failed": reconstruction is None,
+                        "failed": record["status"] != "ok",
                     }
                 )
     return rows
 
 
-def run_attack(
+def run_trial(
     model: nn.Module,
     study: Study,
     attack: Attack,
     batch: dict[str, Any],
-    update: dict[str, Tensor] | None = None,
-    labels: Tensor | None = None,
-) -> tuple[Any | None, float, str | None]:
-    """Attack one batch; returns the reconstruction (None on failure), seconds and the error."""
-    labels = batch["labels"] if labels is None else labels
-    if update is None:
-        update = fedsgd_update(model, batch["images"], labels)
-    observation = study.observe(model, update, attack, batch, labels)
-    start = time.perf_counter()
-    try:
-        reconstruction = attack.reconstruct(observation)
-    except Exception as exc:  # a failing trial is a result of the study, never its end
-        return None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
-    return reconstruction, time.perf_counter() - start, None
+    defense: Defense | None = None,
+) -> dict[str, Any]:
+    """One trial through the harness's own pipeline: defense, FedSGD update, Observation
+    (granting exactly what the attack requires), failure handling, canonical scoring and the
+    exclusivity covariate of the batch the client trained on. Returns the trial record."""
+    dm = study.reference
+    attack_name = getattr(attack, "registered_name", type(attack).__name__)
+    defense = defense or Defense()
+    defense_name = getattr(defense, "registered_name", "none")
+    setting = TrialSetting(
+        cell=cell_key(attack_name, defense_name, len(batch["labels"])),
+        attack_name=attack_name,
+        defense_name=defense_name,
+        batch_size=len(batch["labels"]),
+        input_shape=tuple(dm.input_shape),
+        num_classes=dm.num_classes,
+        mean=tuple(dm.mean),
+        std=tuple(dm.std),
+        granted=attack.requires,
+        budget=Budget(),
+        dtype=study.dtype,
+        client_mode="eval",
+        seed=study.seed,
+        success_psnr=DEFAULT_SUCCESS_PSNR,
+        covariates=("exclusivity",),
+    )
+    record, _ = Evaluator(model, attack, defense, setting).run_trial(batch)
+    return record
+
+
+def sample_psnrs(record: dict[str, Any]) -> list[float]:
+    return [s["psnr"] for s in record["metrics"]["samples"]]
 
 
 def psnr_by_exans(sample_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -316,12 +297,10 @@ def compare_attacks(
         }
         for batch in chosen:  # attacks interleaved per batch: machine load hits all alike
             for name, attack in attacks.items():
-                reconstruction, elapsed, _ = run_attack(model, study, attack, batch)
-                results[name]["failed"].append(reconstruction is None)
-                results[name]["seconds"].append(elapsed)
-                results[name]["psnr"] += [
-                    s["psnr"] for s in study.score(batch, reconstruction)["samples"]
-                ]
+                record = run_trial(model, study, attack, batch)
+                results[name]["failed"].append(record["status"] != "ok")
+                results[name]["seconds"].append(record["time_s"])
+                results[name]["psnr"] += sample_psnrs(record)
         exan_time = np.median(results["exan"]["seconds"]) if "exan" in results else None
         for name, result in results.items():
             seconds = float(np.median(result["seconds"]))
@@ -366,21 +345,12 @@ def defense_rows(
         for b in batch_sizes:
             exans, conditions, psnr, failures = [], [], [], 0
             for batch in study.trials(b, trials):
-                defense = DEFENSES.get(name)(**options)
-                generator = torch.Generator().manual_seed(
-                    study.seed * 100_003 + int(batch["trial"])
-                )
-                client = defense.transform_model(model)
-                images, labels = defense.transform_batch(
-                    batch["images"], batch["labels"], generator
-                )
-                update = defense.transform_update(fedsgd_update(client, images, labels), generator)
-                report = analyse_exclusivity(model, images)
-                exans.append(float(report.counts.float().mean()))
-                conditions.append(report.holds)
-                reconstruction, _, _ = run_attack(model, study, attack, batch, update, labels)
-                failures += reconstruction is None
-                psnr += [s["psnr"] for s in study.score(batch, reconstruction)["samples"]]
+                record = run_trial(model, study, attack, batch, DEFENSES.get(name)(**options))
+                exclusivity = record["covariates"]["exclusivity"]
+                exans.append(float(np.mean(exclusivity["exans_per_sample"])))
+                conditions.append(exclusivity["condition"])
+                failures += record["status"] != "ok"
+                psnr += sample_psnrs(record)
             rows.append(
                 {
                     "defense": label,
