@@ -44,7 +44,7 @@ from leakbench.attacks._gradient_matching import (
     granted_batch_size,
     seeded_generator,
 )
-from leakbench.interfaces import Attack, TrialFailure
+from leakbench.interfaces import Attack, TrialFailure, positive_int
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, Observation, Reconstruction
 
@@ -54,12 +54,6 @@ LINE_SEARCHES = (None, "strong_wolfe")
 def l2_gradient_distance(dummy: list[Tensor], target: list[Tensor]) -> Tensor:
     """DLG's objective Σ_layers ‖∇θ' − ∇θ‖²."""
     return torch.stack([((d - t) ** 2).sum() for d, t in zip(dummy, target, strict=True)]).sum()
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 @register_attack("dlg")
@@ -85,9 +79,9 @@ class DLG(Attack):
             max_iter=max_iter,
             line_search=line_search,
         )
-        self.iterations = _positive_int("iterations", iterations)
-        self.history_size = _positive_int("history_size", history_size)
-        self.max_iter = _positive_int("max_iter", max_iter)
+        self.iterations = positive_int("iterations", iterations)
+        self.history_size = positive_int("history_size", history_size)
+        self.max_iter = positive_int("max_iter", max_iter)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         self.lr = float(lr)

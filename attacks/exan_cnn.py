@@ -69,7 +69,7 @@ from leakbench.attacks.exan import (
     resolve_tolerance,
     sequential_children,
 )
-from leakbench.interfaces import TrialFailure, UnsupportedModelError
+from leakbench.interfaces import TrialFailure, UnsupportedModelError, positive_int
 from leakbench.registry import register_attack
 from leakbench.threat_model import Observation, Reconstruction
 
@@ -189,9 +189,7 @@ class ExANCNN(ExAN):
     def __init__(self, max_unknowns: int = 20_000, **exan_options: Any) -> None:
         """``exan_options`` are the ExAN attack's hyperparameters (tolerance, ...)."""
         super().__init__(**exan_options)
-        if isinstance(max_unknowns, bool) or not isinstance(max_unknowns, int) or max_unknowns < 1:
-            raise ValueError(f"max_unknowns must be a positive integer, got {max_unknowns!r}")
-        self.max_unknowns = max_unknowns
+        self.max_unknowns = positive_int("max_unknowns", max_unknowns)
         self.hparams["max_unknowns"] = max_unknowns
 
     def check_model(self, model: nn.Module) -> None:

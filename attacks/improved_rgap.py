@@ -49,7 +49,7 @@ from leakbench.attacks.bias import BiasAttack, first_linear_layer
 from leakbench.attacks.dlg import DLG
 from leakbench.attacks.idlg import idlg_label
 from leakbench.attacks.rgap import ROOTS, check_invertible, rgap_reconstruct
-from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError
+from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError, positive_int
 from leakbench.registry import register_attack
 from leakbench.threat_model import Observation, Reconstruction
 
@@ -91,10 +91,7 @@ class ImprovedRGAP(Attack):
 
     def __init__(self, dlg_iterations: int = 300, root: str = "auto") -> None:
         super().__init__(dlg_iterations=dlg_iterations, root=root)
-        if isinstance(dlg_iterations, bool) or not isinstance(dlg_iterations, int):
-            raise ValueError(f"dlg_iterations must be a positive integer, got {dlg_iterations!r}")
-        if dlg_iterations < 1:
-            raise ValueError(f"dlg_iterations must be a positive integer, got {dlg_iterations!r}")
+        positive_int("dlg_iterations", dlg_iterations)
         if root not in ROOTS:
             raise ValueError(f"root must be one of {ROOTS}, got {root!r}")
         self.dlg_iterations = dlg_iterations

@@ -58,7 +58,7 @@ from leakbench.attacks._gradient_matching import (
     seeded_generator,
 )
 from leakbench.attacks.idlg import idlg_label, output_layer_gradients
-from leakbench.interfaces import Attack, TrialFailure
+from leakbench.interfaces import Attack, TrialFailure, positive_int
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, Observation, Reconstruction
 
@@ -117,9 +117,8 @@ class InvertingGradients(Attack):
         self, iterations: int = 2000, lr: float = 0.1, tv_weight: float = 1e-4, restarts: int = 1
     ) -> None:
         super().__init__(iterations=iterations, lr=lr, tv_weight=tv_weight, restarts=restarts)
-        for name, value in (("iterations", iterations), ("restarts", restarts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int("iterations", iterations)
+        positive_int("restarts", restarts)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if not tv_weight >= 0:

@@ -25,6 +25,13 @@ from torch import Tensor, nn
 from leakbench.threat_model import Capability, Observation, Reconstruction
 
 
+def positive_int(name: str, value: int) -> int:
+    """Validate an integer hyperparameter that must be at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 class UnsupportedModelError(ValueError):
     """The attack cannot run on this victim (checked before any trial runs)."""
 
