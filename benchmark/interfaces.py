@@ -10,19 +10,27 @@ An attack module subclasses :class:`Attack`, declares what it needs, and registe
         def reconstruct(self, observation: Observation) -> Reconstruction: ...
 
 Constructor keyword arguments are the attack's hyperparameters; they are recorded with every
-trial. A defense subclasses :class:`Defense` and overrides the transforms it needs.
+trial, and an isolated trial rebuilds the attack from them (``type(attack)(**attack.hparams)``)
+in a fresh worker process.
+
+A defense subclasses :class:`Defense`. It is stateless: :meth:`Defense.apply` sees the client's
+model, its batch and the trial's generator in one call, and returns what the client trained on
+and what it shares. Most defenses only override :meth:`Defense.defend_batch` or
+:meth:`Defense.defend_update`; a defense that changes how the update is computed (per-sample
+clipping, say) overrides ``apply``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from leakbench.threat_model import Capability, Observation, Reconstruction
+from leakbench.threat_model import Capability, ClientContext, Observation, Reconstruction
 
 
 def positive_int(name: str, value: int) -> int:
@@ -54,11 +62,16 @@ class Attack(ABC):
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` naming the layer this attack cannot handle."""
 
-    def client_hook(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Any]:
-        """Runs on the client, only for attacks that require ``Capability.CLIENT_CODE``.
+    def client_hook(
+        self, model: nn.Module, images: Tensor, context: ClientContext
+    ) -> tuple[Tensor, Any]:
+        """Runs on the client, only for attacks whose class requires ``Capability.CLIENT_CODE``
+        on a run that grants it (checked once, from the class, before any trial).
 
-        Returns the (possibly modified) batch the client trains on and a state that reaches the
-        server in ``Observation.client_state``.
+        ``images`` are the client's private batch in model-input space. Returns the batch the
+        client trains on instead and a state that reaches the server in
+        ``Observation.client_state`` and is recorded with the trial: it must carry only what the
+        attack's threat model says travels to the server.
         """
         return images, None
 
@@ -67,23 +80,55 @@ class Attack(ABC):
         """Rebuild the private batch from what the server observed."""
 
 
+UpdateFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+@dataclass
+class ClientShare:
+    """What one client did in a trial: the batch it trained on and the update it shares."""
+
+    images: Tensor
+    labels: Tensor
+    update: dict[str, Tensor]
+
+
 class Defense:
-    """A client-side defense; the identity unless a transform is overridden."""
+    """A client-side defense; the identity unless a step is overridden. Stateless: everything
+    a step needs arrives as an argument, so calls never depend on one another."""
 
     registered_name: ClassVar[str]
 
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams
 
-    def transform_batch(
-        self, images: Tensor, labels: Tensor, generator: torch.Generator
+    def apply(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        generator: torch.Generator,
+        compute_update: UpdateFn,
+    ) -> ClientShare:
+        """The client's round under this defense; ``compute_update`` is the client protocol
+        (e.g. the FedSGD gradient of the mean loss)."""
+        images, labels = self.defend_batch(model, images, labels, generator)
+        update = compute_update(model, images, labels)
+        update = self.defend_update(model, images, labels, update, generator)
+        return ClientShare(images=images, labels=labels, update=update)
+
+    def defend_batch(
+        self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
+        """The batch the client trains on instead of its private one."""
         return images, labels
 
-    def transform_model(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def transform_update(
-        self, update: Mapping[str, Tensor], generator: torch.Generator
+    def defend_update(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        update: Mapping[str, Tensor],
+        generator: torch.Generator,
     ) -> dict[str, Tensor]:
+        """The update the client shares, given the one it computed on ``images``."""
         return dict(update)

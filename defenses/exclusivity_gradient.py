@@ -20,9 +20,6 @@ update is unchanged, so the shared update is the true one minus the ExANs' contr
 Only ReLU layers fed by an ``nn.Linear`` (called just before the ReLU, with one output per unit)
 are suppressed; units of convolutional layers own no gradient row and are left as they are.
 
-Needs the batch and the model: the harness must call ``transform_batch`` and
-``transform_model`` before ``transform_update`` for every trial (references are used once and
-dropped).
 """
 
 from __future__ import annotations
@@ -71,27 +68,13 @@ class GradientExclusivityReduction(Defense):
         if not isinstance(zero_outgoing_columns, bool):
             raise ValueError(f"zero_outgoing_columns must be a bool, got {zero_outgoing_columns!r}")
         self.zero_outgoing_columns = zero_outgoing_columns
-        self._images: Tensor | None = None
-        self._model: nn.Module | None = None
 
-    def transform_batch(
-        self, images: Tensor, labels: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
-        self._images = images
-        return images, labels
-
-    def transform_model(self, model: nn.Module) -> nn.Module:
-        self._model = model
-        return model
-
-    def transform_update(
-        self, update: Mapping[str, Tensor], generator: torch.Generator
+    def defend_update(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        update: Mapping[str, Tensor],
+        generator: torch.Generator,
     ) -> dict[str, Tensor]:
-        if self._images is None or self._model is None:
-            raise RuntimeError(
-                "exclusivity-reduction-gradient needs the client's batch and model: call "
-                "transform_batch and transform_model before transform_update"
-            )
-        model, images = self._model, self._images
-        self._model = self._images = None
         return suppress_exan_gradients(model, images, update, self.zero_outgoing_columns)

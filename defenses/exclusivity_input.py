@@ -134,21 +134,10 @@ class InputExclusivityReduction(Defense):
         self.steps = steps
         self.step_size = float(step_size) if step_size is not None else self.epsilon / 10
         self.margin = float(margin)
-        self._model: nn.Module | None = None
 
-    def transform_model(self, model: nn.Module) -> nn.Module:
-        self._model = model
-        return model
-
-    def transform_batch(
-        self, images: Tensor, labels: Tensor, generator: torch.Generator
+    def defend_batch(
+        self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
-        if self._model is None:
-            raise RuntimeError(
-                "exclusivity-reduction-input needs the victim model to perturb the batch: "
-                "call transform_model before transform_batch"
-            )
-        model, self._model = self._model, None
         if self.epsilon == 0 or self.steps == 0:
             return images, labels
         perturbed = reduce_exclusivity(

@@ -28,7 +28,7 @@ would have reconstructed exactly.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from leakbench.interfaces import Defense
 from leakbench.registry import register_defense
@@ -53,7 +53,7 @@ class MixingExclusivityReduction(Defense):
             raise ValueError(f"mix_weight must be in [0, 0.5), got {mix_weight!r}")
         self.mix_weight = float(mix_weight)
 
-    def transform_batch(
-        self, images: Tensor, labels: Tensor, generator: torch.Generator
+    def defend_batch(
+        self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
         return mix_with_partners(images, self.mix_weight, generator), labels

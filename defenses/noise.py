@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from leakbench.interfaces import Defense
 from leakbench.registry import register_defense
@@ -64,8 +64,13 @@ class NoiseDefense(Defense):
         self.distribution = distribution
         self.clip_norm = None if clip_norm is None else float(clip_norm)
 
-    def transform_update(
-        self, update: Mapping[str, Tensor], generator: torch.Generator
+    def defend_update(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        update: Mapping[str, Tensor],
+        generator: torch.Generator,
     ) -> dict[str, Tensor]:
         result = dict(update)
         if self.clip_norm is not None:

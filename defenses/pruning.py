@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from leakbench.interfaces import Defense
 from leakbench.registry import register_defense
@@ -51,8 +51,13 @@ class PruningDefense(Defense):
         self.keep_fraction = float(keep_fraction)
         self.scope = scope
 
-    def transform_update(
-        self, update: Mapping[str, Tensor], generator: torch.Generator
+    def defend_update(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        update: Mapping[str, Tensor],
+        generator: torch.Generator,
     ) -> dict[str, Tensor]:
         if self.scope == "layer":
             return {name: keep_largest(g, self.keep_fraction) for name, g in update.items()}

@@ -65,7 +65,7 @@ _register("sleeper-test", Sleeper)
 
 
 class PoisonUpdate(Defense):
-    def transform_update(self, update, generator):
+    def defend_update(self, model, images, labels, update, generator):
         update = dict(update)
         name = next(iter(update))
         update[name] = update[name].clone()

@@ -33,7 +33,7 @@ def test_registered_names() -> None:
 
 def test_none_is_the_identity() -> None:
     update = random_update()
-    shared = NoDefense().transform_update(update, generator())
+    shared = NoDefense().defend_update(None, None, None, update, generator())
     assert shared.keys() == update.keys()
     assert all(shared[n] is update[n] for n in update)
 
@@ -44,7 +44,9 @@ def test_none_is_the_identity() -> None:
 @pytest.mark.parametrize("keep_fraction", [0.05, 0.3, 0.5, 1.0])
 def test_layer_pruning_keeps_the_largest_fraction_of_each_tensor(keep_fraction: float) -> None:
     update = random_update()
-    pruned = PruningDefense(keep_fraction=keep_fraction).transform_update(update, generator())
+    pruned = PruningDefense(keep_fraction=keep_fraction).defend_update(
+        None, None, None, update, generator()
+    )
     for name, original in update.items():
         kept = pruned[name] != 0
         assert int(kept.sum()) == math.ceil(keep_fraction * original.numel())
@@ -56,7 +58,9 @@ def test_layer_pruning_keeps_the_largest_fraction_of_each_tensor(keep_fraction: 
 def test_global_pruning_keeps_the_largest_fraction_of_the_whole_update() -> None:
     update = random_update()
     update["2.bias"] = update["2.bias"] * 100  # dominates globally, so is kept entirely
-    pruned = PruningDefense(keep_fraction=0.2, scope="global").transform_update(update, generator())
+    pruned = PruningDefense(keep_fraction=0.2, scope="global").defend_update(
+        None, None, None, update, generator()
+    )
     total = sum(g.numel() for g in update.values())
     kept = {n: pruned[n] != 0 for n in update}
     assert sum(int(k.sum()) for k in kept.values()) == math.ceil(0.2 * total)
@@ -87,20 +91,24 @@ def test_pruning_rejects_bad_hyperparameters(options: dict, message: str) -> Non
 def test_clipping_brings_the_norm_down_to_the_bound_and_no_further() -> None:
     update = random_update()
     norm = total_norm(update)
-    clipped = NoiseDefense(scale=0.0, clip_norm=norm / 3).transform_update(update, generator())
+    clipped = NoiseDefense(scale=0.0, clip_norm=norm / 3).defend_update(
+        None, None, None, update, generator()
+    )
     assert total_norm(clipped) == pytest.approx(norm / 3, rel=1e-12)
     for name, g in update.items():  # one common factor: directions are kept
         assert torch.allclose(clipped[name] * 3, g, rtol=1e-12, atol=0)
-    loose = NoiseDefense(scale=0.0, clip_norm=2 * norm).transform_update(update, generator())
+    loose = NoiseDefense(scale=0.0, clip_norm=2 * norm).defend_update(
+        None, None, None, update, generator()
+    )
     assert all(torch.equal(loose[n], update[n]) for n in update)
 
 
 def test_noise_is_seeded_and_keeps_dtype_and_shape() -> None:
     update = random_update(torch.float32)
     defense = NoiseDefense(scale=0.1, distribution="laplace", clip_norm=1.0)
-    first = defense.transform_update(update, generator(7))
-    second = defense.transform_update(update, generator(7))
-    other = defense.transform_update(update, generator(8))
+    first = defense.defend_update(None, None, None, update, generator(7))
+    second = defense.defend_update(None, None, None, update, generator(7))
+    other = defense.defend_update(None, None, None, update, generator(8))
     assert all(torch.equal(first[n], second[n]) for n in update)
     assert not any(torch.equal(first[n], other[n]) for n in update)
     assert all(
@@ -117,8 +125,8 @@ def test_noise_has_the_stated_spread(
 ) -> None:
     scale = 0.25
     update = {"w": torch.zeros(400_000, dtype=torch.float64)}
-    noise = NoiseDefense(scale=scale, distribution=distribution).transform_update(
-        update, generator()
+    noise = NoiseDefense(scale=scale, distribution=distribution).defend_update(
+        None, None, None, update, generator()
     )["w"]
     assert abs(noise.mean().item()) < 0.01 * scale
     assert noise.std().item() == pytest.approx(std_per_scale * scale, rel=0.01)

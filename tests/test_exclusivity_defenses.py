@@ -11,6 +11,7 @@ from leakbench.analysis.exclusivity import activation_patterns, analyse_exclusiv
 from leakbench.attacks.exan import ExAN
 from leakbench.client import build_victim, fedsgd_update
 from leakbench.interfaces import TrialFailure
+from leakbench.protocol import prepare_attack
 from leakbench.registry import DATAMODULES, DEFENSES
 from leakbench.threat_model import Budget, make_observation
 
@@ -36,13 +37,8 @@ def lfw_batches(batch_size=4, count=4):
 
 def defended_update(defense, model, images, labels, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    client = defense.transform_model(model)
-    images, labels = defense.transform_batch(images, labels, generator)
-    return (
-        images,
-        labels,
-        defense.transform_update(fedsgd_update(client, images, labels), generator),
-    )
+    share = defense.apply(model, images, labels, generator, fedsgd_update)
+    return share.images, share.labels, share.update
 
 
 def attack(model, datamodule, update, labels):
@@ -85,18 +81,18 @@ def test_input_side_reduction_stays_in_budget_and_breaks_the_condition():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_input_side_reduction_is_deterministic_and_needs_the_model_first():
+def test_input_side_reduction_is_deterministic_and_stateless():
     model, _, batches = lfw_batches()
     images, labels = batches[0]
     defense = DEFENSES.get("exclusivity-reduction-input")(epsilon=0.05, steps=10)
     first = defended_update(defense, model, images, labels)[0]
     second = defended_update(defense, model, images, labels)[0]
     assert torch.equal(first, second)
-    with pytest.raises(RuntimeError, match="call transform_model before transform_batch"):
-        defense.transform_batch(images, labels, torch.Generator())
+    # Calls are independent: one on another batch in between changes nothing.
+    defended_update(defense, model, batches[1][0], batches[1][1])
+    assert torch.equal(defended_update(defense, model, images, labels)[0], first)
     unchanged = DEFENSES.get("exclusivity-reduction-input")(epsilon=0.0)
-    unchanged.transform_model(model)
-    assert unchanged.transform_batch(images, labels, torch.Generator())[0] is images
+    assert unchanged.defend_batch(model, images, labels, torch.Generator())[0] is images
 
 
 def test_gradient_side_suppression_zeroes_exactly_the_exan_rows_and_columns():
@@ -118,25 +114,19 @@ def test_gradient_side_suppression_zeroes_exactly_the_exan_rows_and_columns():
         attack(model, datamodule, update, labels)
 
 
-def test_gradient_side_suppression_needs_batch_and_model():
-    defense = DEFENSES.get("exclusivity-reduction-gradient")(zero_outgoing_columns=False)
-    with pytest.raises(RuntimeError, match="call transform_batch and transform_model"):
-        defense.transform_update({}, torch.Generator())
-
-
 def test_mixing_blends_each_sample_with_another_and_keeps_labels():
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2).clone()
     labels = torch.tensor([0, 1, 0, 1])
     defense = DEFENSES.get("exclusivity-reduction-mixing")(mix_weight=0.25)
-    mixed, kept = defense.transform_batch(images, labels, torch.Generator().manual_seed(3))
+    mixed, kept = defense.defend_batch(None, images, labels, torch.Generator().manual_seed(3))
     assert torch.equal(kept, labels)
     partner = (mixed[:, 0, 0, 0] - 0.75 * images[:, 0, 0, 0]) / 0.25
     assert sorted(partner.round().long().tolist()) == [0, 1, 2, 3]  # a permutation
     assert all(int(p) != i for i, p in enumerate(partner.round().long()))  # no fixed point
-    again, _ = defense.transform_batch(images, labels, torch.Generator().manual_seed(3))
+    again, _ = defense.defend_batch(None, images, labels, torch.Generator().manual_seed(3))
     assert torch.equal(mixed, again)
     single = images[:1]
-    assert defense.transform_batch(single, labels[:1], torch.Generator())[0] is single
+    assert defense.defend_batch(None, single, labels[:1], torch.Generator())[0] is single
     with pytest.raises(ValueError, match=r"mix_weight must be in \[0, 0.5\)"):
         DEFENSES.get("exclusivity-reduction-mixing")(mix_weight=0.5)
 
@@ -170,7 +160,7 @@ def test_utility_cost_smoke(tmp_path):
         batch_sizes=[2],
         trials=2,
         utility_epochs=1,
-        attack=ExAN(),
+        attack=prepare_attack("exan", {}, frozenset()),
     )
     assert [r["defense"] for r in rows] == ["none", NAMES[2]]
     assert rows[0]["utility_cost"] == 0.0
