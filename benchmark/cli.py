@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # Modules that contribute subcommands through an ``add_command(subparsers)`` function.
@@ -19,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "leakbench.leaderboard",
     "leakbench.analysis.rank",
     "leakbench.analysis.boundary",
+    "leakbench.analysis.overhead",
 )
 
 
@@ -36,14 +38,26 @@ def add_run_command(subparsers: Any) -> None:
     p.add_argument("--run-name")
     p.add_argument("--logger", choices=["wandb", "csv", "none"])
     p.add_argument("--grant", dest="grants", action="append", help="capability; repeatable")
-    p.add_argument("--resume", help="an earlier run folder: skip the trials it already holds")
+    p.add_argument(
+        "--isolation",
+        choices=["process", "in-process"],
+        help="where attacks run: a fresh worker process per trial (default), or in-process "
+        "(debugging; isolates nothing)",
+    )
+    p.add_argument("--threads", type=int, help="intra-op threads per process (default: cores)")
+    p.add_argument("--devices", type=int, help="processes (Lightning devices) sharing the trials")
+    p.add_argument(
+        "--resume",
+        help="an earlier run folder: continue the run its config.yaml describes, skipping the "
+        "trials it already holds (flags that change what it measures are refused)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from leakbench.config import RunConfig
-    from leakbench.runner import run
+    from leakbench.config import ConfigError, RunConfig
+    from leakbench.runner import protocol_differences, run, saved_config
 
     overrides = {
         key: getattr(args, key)
@@ -59,9 +73,26 @@ def run_command(args: argparse.Namespace) -> int:
             "run_name",
             "logger",
             "grants",
+            "isolation",
+            "threads",
+            "devices",
         )
     }
-    config = RunConfig.load(args.config, overrides)
+    if args.resume is None:
+        config = RunConfig.load(args.config, overrides)
+    else:
+        config = saved_config(Path(args.resume))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if args.config is not None:
+            given = {**RunConfig.load(args.config).to_dict(), **given}
+        changed = RunConfig.from_mapping({**config.to_dict(), **given}, source="command line")
+        differing = protocol_differences(config, changed)
+        if differing:
+            raise ConfigError(
+                f"--resume continues the run saved in {args.resume}; these options would "
+                f"change what it measures: {', '.join(differing)}"
+            )
+        config = changed
     run(config, resume=args.resume, progress=not args.no_progress)
     return 0
 

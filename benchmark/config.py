@@ -51,7 +51,11 @@ class RunConfig:
     )
     dtype: str = "float32"
     accelerator: str = "auto"  # Lightning accelerator: "cpu", "gpu", "auto", ...
-    devices: int | str = "auto"  # Lightning devices; trials are sharded over them
+    devices: int | str = "auto"  # Lightning devices; trials are sharded over them exactly
+    # Where attacks run: "process" (a fresh worker per trial, isolated from the ground truth)
+    # or "in-process" (debugging, overhead measurements; isolates nothing, recorded per trial).
+    isolation: str = "process"
+    threads: int | None = None  # intra-op threads per process; None: the cores / processes
     success_psnr: float = 30.0
     covariates: list[str] | None = None  # analyses recorded per trial; None = all registered
     output_dir: str = "runs"
@@ -105,6 +109,14 @@ class RunConfig:
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.client_mode not in ("eval", "train"):
             raise ConfigError(f"client_mode must be 'eval' or 'train', got {self.client_mode!r}")
+        if self.isolation not in ("process", "in-process"):
+            raise ConfigError(
+                f"isolation must be 'process' or 'in-process', got {self.isolation!r}"
+            )
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ConfigError(f"threads must be a positive integer or null, got {self.threads!r}")
         if self.logger not in ("wandb", "csv", "none"):
             raise ConfigError(f"logger must be 'wandb', 'csv' or 'none', got {self.logger!r}")
         valid_grants = {c.value for c in Capability}
@@ -120,6 +132,11 @@ class RunConfig:
         unused = sorted(set(self.attack_options) - set(self.attacks))
         if unused:
             raise ConfigError(f"attack_options given for attacks not in the run: {unused}")
+
+    def processes(self) -> int:
+        """The number of processes the run's trials are sharded over (1 unless ``devices`` is
+        a number above 1)."""
+        return self.devices if isinstance(self.devices, int) and self.devices > 1 else 1
 
     @property
     def granted(self) -> frozenset[Capability]:

@@ -188,6 +188,28 @@ def score_trial(
     }
 
 
+def perturbation(
+    original: Tensor, trained: Tensor, mean: Sequence[float], std: Sequence[float]
+) -> list[dict[str, float]]:
+    """What changing the private batch into the batch the client trained on cost each image.
+
+    Both batches are given in model-input space and compared in [0, 1] pixels (clamped), sample
+    by sample in the same order: L∞ and L2 distances and the PSNR of the trained image against
+    the original.
+    """
+    a = to_pixels(original, mean, std).flatten(1)
+    b = to_pixels(trained, mean, std).flatten(1)
+    difference = b - a
+    return [
+        {
+            "linf": float(d.abs().max()),
+            "l2": float(d.norm()),
+            "psnr": psnr_from_mse(float((d**2).mean())),
+        }
+        for d in difference
+    ]
+
+
 def _stats(values: list[float], worst: str) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "median": None, "worst": None}
@@ -210,12 +232,15 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     records = list(records)
     samples = [s for r in records for s in r["metrics"]["samples"]]
     failed = [r for r in records if r["status"] != "ok"]
+    trained = [s for r in records for s in r.get("metrics_vs_trained", {}).get("samples", [])]
+    changes = [p for r in records for p in r.get("perturbation", [])]
     # Labels / batch size: scored when the attack reports them; failed trials count as wrong.
     labels = [s["label_correct"] for s in samples]
     batch_sizes = [r["metrics"]["batch_size_correct"] for r in records]
     summary: dict[str, Any] = {
         "trials": len(records),
         "failed": len(failed),
+        "timeouts": sum(r["status"] == "timeout" for r in records),
         "failure_rate": len(failed) / len(records) if records else None,
         "failure_reasons": sorted({r["error"] for r in failed if r.get("error")}),
         "images": len(samples),
@@ -229,6 +254,12 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "time_s": _stats([r["time_s"] for r in records], "max"),
         "iterations": _stats([r["budget"]["used"]["iterations"] for r in records], "max"),
     }
+    if trained:  # the client trained on a changed batch (client code, or the defense)
+        summary["psnr_vs_trained"] = _stats([s["psnr"] for s in trained], "min")
+        summary["perturbation"] = {
+            "linf": _stats([p["linf"] for p in changes], "max"),
+            "psnr": _stats([p["psnr"] for p in changes], "min"),
+        }
     if samples and all("lpips" in s for s in samples):
         summary["lpips"] = _stats([s["lpips"] for s in samples], "max")
     return summary

@@ -1,10 +1,14 @@
-"""The results folder of a run. Every file is written atomically (temporary file + rename), so a
-crash never leaves a half-written record and a resumed run skips what is already there.
+"""The results folder of a run, shared by every process (rank) of the run.
 
     <run>/config.yaml          the resolved configuration
     <run>/trials.jsonl         one JSON record per trial (``trials-rank<k>.jsonl`` on rank k > 0)
     <run>/summary.json         aggregates per cell
     <run>/grid-<cell>.png      ground truth (odd columns) next to matched reconstructions
+
+Whole files are written atomically (temporary file + rename). Trial records are appended, one
+line each, flushed and synced, so appending never rewrites the file. A process killed mid-write
+leaves at most a truncated last line: :meth:`RunDirectory.repair` reports it and cuts it off, so
+that the trial runs again on resume instead of being merged.
 """
 
 from __future__ import annotations
@@ -44,27 +48,69 @@ def cell_key(attack: str, defense: str, batch_size: int) -> str:
     return f"{attack}__{defense}__b{batch_size}"
 
 
+class DamagedRecordsError(ValueError):
+    """A records file holds a line that is not a record, other than a truncated last one."""
+
+
+def records_file(rank: int) -> str:
+    return "trials.jsonl" if rank == 0 else f"trials-rank{rank}.jsonl"
+
+
 class RunDirectory:
-    def __init__(self, path: str | Path, rank: int = 0) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        name = "trials.jsonl" if rank == 0 else f"trials-rank{rank}.jsonl"
-        self.trials_path = self.path / name
-        self._lines = self.trials_path.read_text().splitlines() if self.trials_path.exists() else []
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    def append_trial(self, record: dict[str, Any]) -> None:
-        self._lines.append(json.dumps(record, allow_nan=False))
-        atomic_write_text(self.trials_path, "\n".join(self._lines) + "\n")
+    def read_config(self) -> dict[str, Any] | None:
+        path = self.path / "config.yaml"
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+    def append_trial(self, record: dict[str, Any], rank: int = 0) -> None:
+        line = json.dumps(record, allow_nan=False) + "\n"
+        with open(self.path / records_file(rank), "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def repair(self) -> list[str]:
+        """Cut off truncated last records (a process killed mid-write); say what was cut."""
+        notes = []
+        for path in sorted(self.path.glob("trials*.jsonl")):
+            data = path.read_bytes()
+            if not data or data.endswith(b"\n"):
+                continue
+            keep = data.rfind(b"\n") + 1
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+            notes.append(
+                f"{path.name}: its last record was cut short ({len(data) - keep} bytes, "
+                "a process stopped mid-write); dropped, its trial runs again"
+            )
+        return notes
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """All trial records of the run, from every rank's file."""
+        """Every complete trial record of the run, from every rank's file, each trial once."""
+        seen: set[tuple[str, int]] = set()
         for path in sorted(self.path.glob("trials*.jsonl")):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    yield json.loads(line)
+            lines = path.read_text(encoding="utf-8").split("\n")
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines):  # truncated last line: never merged
+                        continue
+                    raise DamagedRecordsError(
+                        f"{path}: line {number} is not a trial record; repair or remove it"
+                    ) from None
+                key = (record["cell"], record["trial"])
+                if key not in seen:
+                    seen.add(key)
+                    yield record
 
     def completed(self) -> set[tuple[str, int]]:
         return {(r["cell"], r["trial"]) for r in self.records()}

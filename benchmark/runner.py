@@ -2,7 +2,12 @@
 
 Everything that can be refused is refused before the first trial: unknown names, options an
 attack does not take, capabilities the threat model does not grant, victims an attack cannot
-handle, batch sizes the split cannot supply.
+handle, batch sizes the split cannot supply, a run folder that holds another configuration.
+
+Every process of a run (``devices: N`` gives N ranks) writes into one run folder: the first
+process names it and hands the name to the ranks Lightning starts. Trials are sharded exactly,
+trial ``i`` on rank ``i mod N``, with no padding and no duplicates; the summary is written once
+every rank is done. Resuming skips the trials already recorded, from any rank.
 """
 
 from __future__ import annotations
@@ -19,24 +24,31 @@ from typing import Any
 
 import lightning
 import torch
-from lightning import Trainer
+from lightning import LightningDataModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import leakbench
-from leakbench.client import build_victim
 from leakbench.config import ConfigError, RunConfig
-from leakbench.evaluator import Evaluator, TrialSetting
-from leakbench.interfaces import Attack, Defense
+from leakbench.evaluator import Evaluator
+from leakbench.interfaces import Defense
 from leakbench.metrics import aggregate, lpips_status
-from leakbench.registry import ATTACKS, COVARIATES, DATAMODULES, DEFENSES
+from leakbench.protocol import TrialSetting, Victim, default_threads, prepare_attack
+from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES
 from leakbench.results import RunDirectory, cell_key
-from leakbench.threat_model import RequirementsNotGranted
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 # Lightning's hardware banner and product tips would bury the results table.
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+# Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
+RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
+# Keys that may differ when a run is resumed: they change how it runs, not what it measures.
+NOT_PROTOCOL_KEYS = frozenset(
+    {"logger", "wandb_project", "output_dir", "run_name", "threads", "isolation", "devices"}
+)
 
 
 def instantiate(kind: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> Any:
@@ -45,17 +57,6 @@ def instantiate(kind: str, name: str, factory: Callable[..., Any], options: dict
         return factory(**options)
     except TypeError as exc:
         raise ConfigError(f"bad options for {kind} {name!r}: {exc}") from None
-
-
-def build_attack(name: str, options: dict[str, Any], config: RunConfig) -> Attack:
-    attack: Attack = instantiate("attack", name, ATTACKS.get(name), options)
-    missing = sorted(c.value for c in attack.requires - config.granted)
-    if missing:
-        raise RequirementsNotGranted(
-            f"attack {name!r} requires {', '.join(missing)}, which this run does not grant "
-            f"(grants: {', '.join(config.grants) or 'nothing'}); add them to 'grants'"
-        )
-    return attack
 
 
 def build_datamodule(config: RunConfig, batch_size: int) -> Any:
@@ -88,7 +89,7 @@ def make_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def environment() -> dict[str, Any]:
+def environment(threads: int, processes: int) -> dict[str, Any]:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -106,7 +107,45 @@ def environment() -> dict[str, Any]:
         "lightning": lightning.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "processes": processes,
+        "threads_per_process": threads,
     }
+
+
+def saved_config(run_path: Path) -> RunConfig:
+    """The configuration a run folder was started with."""
+    saved = RunDirectory(run_path).read_config() if run_path.is_dir() else None
+    if saved is None:
+        raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
+    values = {k: v for k, v in saved.items() if k not in ("environment", "datamodule", "lpips")}
+    return RunConfig.from_mapping(values, source=str(run_path / "config.yaml"))
+
+
+def protocol_differences(saved: RunConfig, config: RunConfig) -> list[str]:
+    """The keys on which two configurations differ in what they measure."""
+    a, b = saved.to_dict(), config.to_dict()
+    return sorted(k for k in a if k not in NOT_PROTOCOL_KEYS and a[k] != b.get(k))
+
+
+class TrialShard(LightningDataModule):
+    """The trials of one cell that this rank runs: trial ``i`` on rank ``i mod world size``,
+    minus those already recorded. Exact: no padding, no duplicates (Lightning's distributed
+    sampler, which pads the last shard, is switched off)."""
+
+    def __init__(self, trials: Dataset, cell: str, done: set[tuple[str, int]]) -> None:
+        super().__init__()
+        self.trials = trials
+        self.cell = cell
+        self.done = done
+
+    def test_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        indices = [
+            i
+            for i in range(rank, len(self.trials), world)  # type: ignore[arg-type]
+            if (self.cell, i) not in self.done
+        ]
+        return DataLoader(Subset(self.trials, indices), batch_size=None, shuffle=False)
 
 
 def run(
@@ -115,13 +154,20 @@ def run(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every cell of ``config``; returns the summary also written to ``summary.json``."""
+    """Run every cell of ``config``; returns the summary also written to ``summary.json``.
+
+    With ``resume``, ``config`` must be the run's saved configuration (see :func:`saved_config`)
+    up to keys that do not change what is measured.
+    """
     dtype = getattr(torch, config.dtype)
+    processes = config.processes()
+    threads = config.threads or default_threads(processes)
+    torch.set_num_threads(threads)
     defense: Defense = instantiate(
         "defense", config.defense, DEFENSES.get(config.defense), config.defense_options
     )
     attacks = {
-        name: build_attack(name, config.attack_options.get(name, {}), config)
+        name: prepare_attack(name, config.attack_options.get(name, {}), config.granted)
         for name in config.attacks
     }
     probe = build_datamodule(config, max(config.batch_sizes))
@@ -131,48 +177,94 @@ def run(
             probe.trials()
         except ValueError as exc:
             raise ConfigError(f"{config.dataset} ({config.split} split): {exc}") from None
-    victim = instantiate(
-        "model",
+    victim = Victim(
         config.model,
-        lambda **o: build_victim(
-            config.model,
-            probe.input_shape,
-            probe.num_classes,
-            seed=config.model_seed,
-            dtype=dtype,
-            **o,
-        ),
-        config.model_options,
+        tuple(probe.input_shape),
+        probe.num_classes,
+        dict(config.model_options),
+        config.model_seed,
+        dtype,
     )
+    model = instantiate("model", config.model, lambda **_: victim.build(), {})
     for attack in attacks.values():
-        attack.check_model(victim)
+        attack.instance().check_model(model)
     covariates = tuple(COVARIATES.names() if config.covariates is None else config.covariates)
     for name in covariates:
         COVARIATES.get(name)  # an unknown name is refused before any trial
 
-    if resume is not None:
-        run_path = Path(resume)
-        if not (run_path / "config.yaml").is_file():
-            raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        run_path = Path(config.output_dir) / (config.run_name or stamp)
+    run_path, first_process = _run_folder(config, resume)
+    try:
+        return _run_cells(
+            config,
+            run_path,
+            first_process,
+            attacks,
+            defense,
+            victim,
+            probe,
+            covariates,
+            threads,
+            processes,
+            progress,
+            echo,
+        )
+    finally:
+        if first_process:
+            os.environ.pop(RUN_DIR_VARIABLE, None)
+
+
+def _run_cells(
+    config: RunConfig,
+    run_path: Path,
+    first_process: bool,
+    attacks: dict[str, Any],
+    defense: Defense,
+    victim: Victim,
+    probe: Any,
+    covariates: tuple[str, ...],
+    threads: int,
+    processes: int,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    dtype = getattr(torch, config.dtype)
     run_dir = RunDirectory(run_path)
     with_lpips, lpips_reason = lpips_status()
-    run_dir.write_config({**config.to_dict(), "environment": environment(), "lpips": lpips_reason})
+    if first_process:
+        for note in run_dir.repair():
+            echo(f"note: {note}")
+        run_dir.write_config(
+            {
+                **config.to_dict(),
+                "environment": environment(threads, processes),
+                "datamodule": probe.describe(),
+                "lpips": lpips_reason,
+            }
+        )
     done = run_dir.completed()
     loggers = make_loggers(config, run_path)
+    trainer = Trainer(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        logger=loggers or False,
+        inference_mode=False,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+    )
 
     skipped: dict[str, str] = {}
-    trainer: Trainer | None = None
     for batch_size in config.batch_sizes:
         datamodule = build_datamodule(config, batch_size)
+        trials = datamodule.trials()
         for name, attack in attacks.items():
             cell = cell_key(name, config.defense, batch_size)
             limit = attack.max_batch_size
             if limit is not None and batch_size > limit:
                 skipped[cell] = f"{name} handles batches of at most {limit}"
-                echo(f"skipping {cell}: {skipped[cell]}")
+                if first_process:
+                    echo(f"skipping {cell}: {skipped[cell]}")
                 continue
             setting = TrialSetting(
                 cell=cell,
@@ -191,29 +283,17 @@ def run(
                 success_psnr=config.success_psnr,
                 covariates=covariates,
                 with_lpips=with_lpips,
+                isolation=config.isolation,
+                threads=threads,
             )
-            trainer = Trainer(
-                accelerator=config.accelerator,
-                devices=config.devices,
-                logger=loggers or False,
-                inference_mode=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=progress,
-            )
-            evaluator = Evaluator(
-                victim, attack, defense, setting, RunDirectory(run_path, trainer.global_rank), done
-            )
-            trainer.test(evaluator, datamodule=datamodule, verbose=False)
+            evaluator = Evaluator(victim, attack, defense, setting, run_dir)
+            trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
             if evaluator.gallery and trainer.global_rank == 0:
                 run_dir.write_grid(cell, evaluator.gallery)
 
-    rank = 0
-    if trainer is not None:
-        trainer.strategy.barrier()  # every rank's records are on disk before summarising
-        rank = trainer.global_rank
+    trainer.strategy.barrier()  # every rank's records are on disk before summarising
     summary = summarize(run_dir, config, skipped)
-    if rank == 0:
+    if trainer.global_rank == 0:
         run_dir.write_summary(summary)
         echo(format_summary(summary))
         echo(f"results: {run_path}")
@@ -222,9 +302,37 @@ def run(
     return summary
 
 
+def _run_folder(config: RunConfig, resume: str | Path | None) -> tuple[Path, bool]:
+    """The run folder, and whether this is the process that prepares it.
+
+    The ranks Lightning starts inherit the folder from the first process. A folder that already
+    holds a run continues it only if that run measured the same thing; otherwise it is refused.
+    """
+    inherited = os.environ.get(RUN_DIR_VARIABLE)
+    if inherited:
+        return Path(inherited), False
+    if resume is not None:
+        run_path = Path(resume)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        run_path = Path(config.output_dir) / (config.run_name or stamp)
+    if (run_path / "config.yaml").is_file():
+        differing = protocol_differences(saved_config(run_path), config)
+        if differing:
+            raise ConfigError(
+                f"{run_path} holds a run with another configuration (differs in: "
+                f"{', '.join(differing)}); use another run_name or output_dir"
+            )
+    elif resume is not None:
+        raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
+    os.environ[RUN_DIR_VARIABLE] = str(run_path.resolve())
+    return run_path, True
+
+
 def summarize(run_dir: RunDirectory, config: RunConfig, skipped: dict[str, str]) -> dict[str, Any]:
     by_cell: dict[str, list[dict[str, Any]]] = {}
-    for record in run_dir.records():
+    # In trial order, whichever rank wrote them: the same sums on any process count.
+    for record in sorted(run_dir.records(), key=lambda r: (r["cell"], r["trial"])):
         by_cell.setdefault(record["cell"], []).append(record)
     cells = {}
     for cell, records in by_cell.items():

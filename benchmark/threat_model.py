@@ -37,7 +37,13 @@ class RequirementsNotGranted(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
-    """Compute budget of one trial; ``None`` means unlimited on that axis."""
+    """Compute budget of one trial; ``None`` means unlimited on that axis.
+
+    ``max_iterations`` decides a trial's result: it counts work, not time, so the same trial
+    gives the same record on a quiet or a loaded machine. ``max_seconds`` is a hard wall-clock
+    limit enforced by the harness: a trial that runs past it is recorded as ``timeout``, never
+    stopped early with a partial answer.
+    """
 
     max_iterations: int | None = None
     max_seconds: float | None = None
@@ -47,11 +53,11 @@ class Budget:
 
 
 class BudgetMeter:
-    """Counts the iterations and seconds an attack spends and stops it at the budget.
+    """Counts the iterations an attack spends and stops it at the iteration budget.
 
     Iterative attacks draw their iterations from :meth:`iterations` (or call :meth:`step`), which
-    stop yielding when the iteration or time budget is spent; restarts share one meter. The
-    evaluator records what was used and fails a trial that overran the time budget by ignoring it.
+    stop yielding when the iteration budget is spent; restarts share one meter. Time is measured
+    and recorded, but it never changes what the attack computes (see :class:`Budget`).
     """
 
     def __init__(self, budget: Budget) -> None:
@@ -65,10 +71,8 @@ class BudgetMeter:
 
     @property
     def exhausted(self) -> bool:
-        b = self.budget
-        return (b.max_iterations is not None and self.used_iterations >= b.max_iterations) or (
-            b.max_seconds is not None and self.elapsed >= b.max_seconds
-        )
+        limit = self.budget.max_iterations
+        return limit is not None and self.used_iterations >= limit
 
     def step(self) -> bool:
         """Claim one iteration; False (and nothing claimed) once the budget is spent."""
@@ -89,6 +93,19 @@ class BudgetMeter:
 
 
 @dataclass(frozen=True)
+class ClientContext:
+    """What an attack's client code (``Attack.client_hook``) knows besides the model and the
+    batch: public facts of the run, the trial's budget, and a seed for its own randomness."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    mean: tuple[float, ...]  # per-channel normalisation: pixels = x * std + mean
+    std: tuple[float, ...]
+    budget: Budget
+    seed: int
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything the attacker sees in one trial."""
 
@@ -99,7 +116,9 @@ class Observation:
     mean: tuple[float, ...]  # per-channel normalisation of the model input
     std: tuple[float, ...]
     budget: BudgetMeter
-    seed: int  # for the attack's own randomness (dummy init, restarts)
+    # For the attack's own randomness (dummy init, restarts). The same for every trial of a
+    # cell, so it says nothing about which trial, or which samples, the attack is looking at.
+    seed: int
     batch_size: int | None = None  # granted only with Capability.BATCH_SIZE
     labels: Tensor | None = None  # granted only with Capability.LABELS
     client_state: Any = None  # what the attack's own client_hook left (Capability.CLIENT_CODE)

@@ -245,14 +245,60 @@ class TrialDataset(Dataset):
         return len(self.plan)
 
     def __getitem__(self, trial: int) -> dict[str, Any]:
-        items = [self.samples[int(i)] for i in self.plan[trial]]
-        return {
+        """The trial's batch; a sample that cannot be read fails this trial, not the run: the
+        item then carries ``error`` (naming the file) and placeholder images of the right shape."""
+        items, errors = [], []
+        for i in self.plan[trial]:
+            try:
+                items.append(self.samples[int(i)])
+            except Exception as exc:
+                sample = _describe_sample(self.samples, int(i))
+                errors.append(f"cannot read sample {sample}: {type(exc).__name__}: {exc}")
+                items.append(None)
+        if errors:
+            shape = next((x.shape for x, _, _ in filter(None, items)), None)
+            if shape is None:  # no sample of the batch was readable: read its shape elsewhere
+                shape = self.samples[_first_readable(self.samples)][0].shape
+            ids = getattr(self.samples, "sample_ids", None)
+            labels = getattr(self.samples, "labels", None)
+            items = [
+                item
+                if item is not None
+                else (
+                    torch.zeros(shape),
+                    int(labels[int(i)]) if labels is not None else 0,
+                    ids[int(i)] if ids is not None else str(int(i)),
+                )
+                for item, i in zip(items, self.plan[trial], strict=True)
+            ]
+        result = {
             "trial": trial,
             "client": int(self.trial_clients[trial]),
             "images": torch.stack([x for x, _, _ in items]),
             "labels": torch.tensor([y for _, y, _ in items], dtype=torch.long),
             "sample_ids": [sid for _, _, sid in items],
         }
+        if errors:
+            result["error"] = "; ".join(errors)
+        return result
+
+
+def _describe_sample(samples: Dataset, index: int) -> str:
+    """A sample's id and, for samples read from files, its path."""
+    ids = getattr(samples, "sample_ids", None)
+    paths = getattr(samples, "paths", None)
+    name = str(ids[index]) if ids is not None else f"#{index}"
+    return f"{name} ({paths[index]})" if paths is not None else name
+
+
+def _first_readable(samples: Dataset) -> int:
+    for index in range(len(samples)):  # type: ignore[arg-type]
+        try:
+            samples[index]
+        except Exception:
+            continue
+        return index
+    raise ValueError("no sample of the split can be read")
 
 
 class TrialDataModule(LightningDataModule):

@@ -6,11 +6,9 @@ import torch
 from torch import Tensor
 
 import tests.components  # noqa: F401
-from leakbench.client import build_victim
-from leakbench.evaluator import Evaluator, TrialSetting
 from leakbench.interfaces import Defense
+from leakbench.protocol import TrialSetting, Victim, prepare_attack, run_trial
 from leakbench.registry import ATTACKS, DATAMODULES
-from leakbench.results import RunDirectory
 from leakbench.threat_model import Budget, Capability
 
 
@@ -37,10 +35,12 @@ def storage_of(t: Tensor) -> int:
 
 
 def observe(tmp_path, granted):
-    """Run one trial with a spying attack; return (private batch, attacker's observation)."""
+    """Run one in-process trial with a spying attack; return (private batch, attacker's
+    observation). In-process, so the spy can keep the Observation for the walk; in the default
+    mode it would not even share a process with the batch."""
     dm = DATAMODULES.get("synthetic-uniform")(input_shape=(1, 6, 6), num_classes=3, batch_size=2)
     batch = dm.trials()[0]
-    victim = build_victim("fcn", (1, 6, 6), 3, seed=0, widths=(8,))
+    victim = Victim("fcn", (1, 6, 6), 3, {"widths": (8,)})
     setting = TrialSetting(
         cell="spy",
         attack_name="spy-test",
@@ -56,10 +56,11 @@ def observe(tmp_path, granted):
         client_mode="eval",
         seed=0,
         success_psnr=30.0,
+        isolation="in-process",
     )
-    spy = ATTACKS.get("spy-test")()
-    Evaluator(victim, spy, Defense(), setting, RunDirectory(tmp_path)).run_trial(batch)
-    return batch, type(spy).last_observation
+    spy = prepare_attack("spy-test", {}, granted)
+    run_trial(victim, spy, Defense(), setting, batch)
+    return batch, ATTACKS.get("spy-test").last_observation
 
 
 def test_observation_holds_no_reference_to_the_private_batch(tmp_path):

@@ -22,9 +22,8 @@ For one victim and one dataset it measures, and writes to a run folder (and to W
   ExAN attack's PSNR against the private batch, and the utility cost: test accuracy of a victim
   trained ``--utility-epochs`` epochs with the defense minus the same without it.
 
-Every number comes from the canonical metrics (:mod:`leakbench.metrics`). The client update is
-the harness's (:func:`leakbench.client.fedsgd_update`), the attacker's view is
-:func:`leakbench.threat_model.make_observation`.
+Every trial is the protocol's (:func:`leakbench.protocol.run_trial`): the same client, defense,
+isolated attack and canonical scoring as ``leakbench run``; this module only chooses the trials.
 """
 
 from __future__ import annotations
@@ -44,10 +43,11 @@ import torch
 from torch import nn
 
 from leakbench.analysis.exclusivity import analyse_exclusivity
-from leakbench.client import build_victim, fedsgd_update
-from leakbench.evaluator import Evaluator, TrialSetting
-from leakbench.interfaces import Attack, Defense
+from leakbench.client import fedsgd_update
+from leakbench.interfaces import Defense
 from leakbench.metrics import DEFAULT_SUCCESS_PSNR
+from leakbench.protocol import PreparedAttack, TrialSetting, Victim, prepare_attack
+from leakbench.protocol import run_trial as run_protocol_trial
 from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
 from leakbench.results import atomic_write_bytes, atomic_write_text, cell_key
 from leakbench.threat_model import Budget
@@ -69,8 +69,10 @@ class Study:
         model_seed: int = 0,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        isolation: str = "process",
     ) -> None:
         self.dataset = dataset
+        self.isolation = isolation
         self.dataset_options = dict(dataset_options or {})
         self.split = split
         self.model_name = model
@@ -94,17 +96,20 @@ class Study:
         except TypeError as exc:
             raise ValueError(f"bad options for dataset {self.dataset!r}: {exc}") from None
 
-    def victim(self) -> nn.Module:
+    def victim_spec(self) -> Victim:
         dm = self.reference
+        return Victim(
+            self.model_name,
+            tuple(dm.input_shape),
+            dm.num_classes,
+            self.model_options,
+            self.model_seed,
+            self.dtype,
+        )
+
+    def victim(self) -> nn.Module:
         try:
-            return build_victim(
-                self.model_name,
-                tuple(dm.input_shape),
-                dm.num_classes,
-                seed=self.model_seed,
-                dtype=self.dtype,
-                **self.model_options,
-            )
+            return self.victim_spec().build()
         except TypeError as exc:
             raise ValueError(f"bad options for model {self.model_name!r}: {exc}") from None
 
@@ -125,8 +130,8 @@ def train_victim(
 ) -> nn.Module:
     """FedSGD on the train split: every mini-batch's (defended) update is one SGD step.
 
-    The defense sees every mini-batch as a client batch: ``transform_model``, then
-    ``transform_batch``, then ``transform_update``. Its randomness comes from the study seed.
+    The defense sees every mini-batch as a client batch (``Defense.apply``). Its randomness
+    comes from the study seed.
     """
     dm = study.datamodule(1, 1, train_batch_size=train_batch_size)
     generator = torch.Generator().manual_seed(study.seed)
@@ -134,12 +139,9 @@ def train_victim(
     for _ in range(epochs):
         for images, labels, _ in dm.train_dataloader():
             images = images.to(study.dtype)
-            client = model if defense is None else defense.transform_model(model)
-            if defense is not None:
-                images, labels = defense.transform_batch(images, labels, generator)
-            update = fedsgd_update(client, images, labels)
-            if defense is not None:
-                update = defense.transform_update(update, generator)
+            update = (
+                (defense or Defense()).apply(model, images, labels, generator, fedsgd_update).update
+            )
             with torch.no_grad():
                 for name, parameter in model.named_parameters():
                     parameter -= lr * update[name].to(parameter.dtype)
@@ -186,7 +188,7 @@ def attack_sample_rows(
     study: Study,
     batch_sizes: Sequence[int],
     trials: int,
-    attack: Attack,
+    attack: PreparedAttack,
     state: str,
 ) -> list[dict[str, Any]]:
     """Per ground-truth sample: its fewest ExANs over the layers and the attack's PSNR."""
@@ -213,20 +215,18 @@ def attack_sample_rows(
 def run_trial(
     model: nn.Module,
     study: Study,
-    attack: Attack,
+    attack: PreparedAttack,
     batch: dict[str, Any],
     defense: Defense | None = None,
 ) -> dict[str, Any]:
-    """One trial through the harness's own pipeline: defense, FedSGD update, Observation
-    (granting exactly what the attack requires), failure handling, canonical scoring and the
-    exclusivity covariate of the batch the client trained on. Returns the trial record."""
+    """One trial of the protocol on ``model`` in its current state, granting exactly what the
+    attack requires, with the exclusivity covariate. Returns the trial record."""
     dm = study.reference
-    attack_name = getattr(attack, "registered_name", type(attack).__name__)
     defense = defense or Defense()
     defense_name = getattr(defense, "registered_name", "none")
     setting = TrialSetting(
-        cell=cell_key(attack_name, defense_name, len(batch["labels"])),
-        attack_name=attack_name,
+        cell=cell_key(attack.name, defense_name, len(batch["labels"])),
+        attack_name=attack.name,
         defense_name=defense_name,
         batch_size=len(batch["labels"]),
         input_shape=tuple(dm.input_shape),
@@ -240,9 +240,10 @@ def run_trial(
         seed=study.seed,
         success_psnr=DEFAULT_SUCCESS_PSNR,
         covariates=("exclusivity",),
+        isolation=study.isolation,
     )
-    record, _ = Evaluator(model, attack, defense, setting).run_trial(batch)
-    return record
+    victim = Victim.of(study.victim_spec(), model)
+    return run_protocol_trial(victim, attack, defense, setting, batch).record
 
 
 def sample_psnrs(record: dict[str, Any]) -> list[float]:
@@ -279,7 +280,7 @@ def psnr_by_exans(sample_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def compare_attacks(
     model: nn.Module,
     study: Study,
-    attacks: dict[str, Attack],
+    attacks: dict[str, PreparedAttack],
     batch_sizes: Sequence[int],
     batches_per_size: int,
     pool: int,
@@ -326,7 +327,7 @@ def defense_rows(
     batch_sizes: Sequence[int],
     trials: int,
     utility_epochs: int,
-    attack: Attack,
+    attack: PreparedAttack,
 ) -> list[dict[str, Any]]:
     """Exclusivity, ExAN-attack PSNR and utility cost of each defense (``"none"`` included)."""
     baseline_accuracy = None
@@ -453,6 +454,11 @@ def log_to_wandb(mode: str, run_dir: Path, config: dict[str, Any], tables: dict[
     run.finish()
 
 
+def _prepared(name: str, options: dict[str, Any]) -> PreparedAttack:
+    """The attack ``name``, granted exactly what it requires."""
+    return prepare_attack(name, options.get(name, {}), frozenset(ATTACKS.get(name).requires))
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -489,6 +495,7 @@ def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
         model_seed=args.model_seed,
         dtype=getattr(torch, args.dtype),
         seed=args.seed,
+        isolation=args.isolation,
     )
     batch_sizes = _ints(args.batch_sizes)
     if any(b < 1 for b in batch_sizes):
@@ -497,21 +504,17 @@ def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
     attack_options = _json(args.attack_options, "--attack-options")
     defense_options = _json(args.defense_options, "--defense-options")
     psnr_attack = (
-        None
-        if args.psnr_attack == "none"
-        else ATTACKS.get(args.psnr_attack)(**attack_options.get(args.psnr_attack, {}))
+        None if args.psnr_attack == "none" else _prepared(args.psnr_attack, attack_options)
     )
-    compared = {
-        n: ATTACKS.get(n)(**attack_options.get(n, {})) for n in _names(args.compare_attacks)
-    }
+    compared = {n: _prepared(n, attack_options) for n in _names(args.compare_attacks)}
     defenses = {"none": ("none", {})}
     for name in _names(args.defenses):
         DEFENSES.get(name)
         defenses[name] = (name, defense_options.get(name, {}))
-    exan = ATTACKS.get("exan")(**attack_options.get("exan", {}))
+    exan = _prepared("exan", attack_options)
     probe = study.victim()
     for attack in [a for a in (psnr_attack, *compared.values()) if a is not None]:
-        attack.check_model(probe)
+        attack.instance().check_model(probe)
 
     run_dir = Path(args.output_dir) / (
         args.run_name or datetime.now().strftime("boundary-%Y%m%d-%H%M%S")
@@ -613,6 +616,12 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--defense-batch-sizes", default="4")
     p.add_argument("--defense-trials", type=int, default=20)
     p.add_argument("--utility-epochs", type=int, default=0, help="0: skip the utility cost")
+    p.add_argument(
+        "--isolation",
+        choices=["process", "in-process"],
+        default="process",
+        help="where attacks run: a fresh worker process per trial, or in-process (debugging)",
+    )
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--run-name")
     p.add_argument(

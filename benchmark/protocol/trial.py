@@ -1,0 +1,274 @@
+"""One trial, end to end, as plain code: the only place that holds the private batch.
+
+Lightning's evaluator, the studies (``leakbench boundary``, ...) and verification all call
+:func:`run_trial`; none of them has a second copy of these steps:
+
+1. the client builds a fresh victim from its specification;
+2. the attack's client code runs, only where the run granted it to the attack's class;
+3. the defense turns the batch into what the client trains on and the update it shares
+   (FedSGD: the gradient of the mean cross-entropy);
+4. the server's Observation is assembled as plain data: the victim's specification and state,
+   the shared update, the granted metadata, the budget and an attacker seed that does not
+   identify the trial;
+5. the attack reconstructs, isolated in a worker process by default
+   (:mod:`leakbench.protocol.isolation`);
+6. scoring through the canonical metrics module, against the private batch and, when the client
+   trained on a changed batch, against that batch too, with what the change cost each image;
+7. covariates (analyses of the model and the batch the client trained on) and the record.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from leakbench.client import fedsgd_update
+from leakbench.interfaces import Defense
+from leakbench.metrics import perturbation, score_trial, to_pixels
+from leakbench.protocol.attack import PreparedAttack, attack_seed, trial_seed
+from leakbench.protocol.isolation import (
+    AttackOutcome,
+    default_threads,
+    observation_payload,
+    reconstruct,
+)
+from leakbench.protocol.victim import Victim
+from leakbench.registry import COVARIATES
+from leakbench.threat_model import Budget, Capability, ClientContext
+
+
+@dataclass(frozen=True)
+class TrialSetting:
+    """What is fixed for every trial of one cell."""
+
+    cell: str
+    attack_name: str
+    defense_name: str
+    batch_size: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    granted: frozenset[Capability]
+    budget: Budget
+    dtype: torch.dtype
+    client_mode: str
+    seed: int
+    success_psnr: float
+    covariates: tuple[str, ...] = ()
+    with_lpips: bool = False
+    isolation: str = "process"  # or "in-process" (debugging, overhead measurements)
+    threads: int | None = None  # the attack worker's intra-op threads; None: all cores
+
+
+@dataclass
+class TrialOutcome:
+    """The trial's JSON record and (ground truth, matched reconstruction) pixel pairs."""
+
+    record: dict[str, Any]
+    pairs: list[tuple[Tensor, Tensor]]
+
+
+def run_trial(
+    victim: Victim,
+    attack: PreparedAttack,
+    defense: Defense,
+    setting: TrialSetting,
+    batch: dict[str, Any],
+) -> TrialOutcome:
+    """Run one trial on ``batch`` (a ``TrialDataset`` item) and return its record."""
+    started = time.perf_counter()
+    s = setting
+    trial = int(batch["trial"])
+    seed = trial_seed(s.seed, trial)
+    attacker_seed = attack_seed(s.seed, s.cell)
+    private = batch["images"].to(s.dtype)
+    labels = batch["labels"]
+    generator = torch.Generator().manual_seed(seed)
+    record: dict[str, Any] = {
+        "cell": s.cell,
+        "attack": s.attack_name,
+        "defense": s.defense_name,
+        "batch_size": s.batch_size,
+        "trial": trial,
+        "seed": seed,
+        "attack_seed": attacker_seed,
+        "isolation": s.isolation,
+        "sample_ids": list(batch["sample_ids"]),
+        "client": int(batch.get("client", 0)),
+        "labels": labels.tolist(),
+    }
+    if batch.get("error"):  # a sample could not be read: nothing to attack
+        return _failed(record, setting, private, labels, batch["sample_ids"], batch["error"])
+
+    # 1-3. The client: a fresh victim, the attack's client code where granted, the defense.
+    model = victim.build().train(s.client_mode == "train")
+    trained_images, client_state = private, None
+    if attack.runs_client_code and Capability.CLIENT_CODE in s.granted:
+        context = ClientContext(
+            input_shape=s.input_shape,
+            num_classes=s.num_classes,
+            mean=s.mean,
+            std=s.std,
+            budget=s.budget,
+            seed=attacker_seed,
+        )
+        try:
+            # The hook gets copies: the client's own model and batch stay as they were.
+            trained_images, client_state = attack.instance().client_hook(
+                copy.deepcopy(model), private.clone(), context
+            )
+            _check_images(trained_images, private)
+        except Exception as exc:
+            return _failed(
+                record, setting, private, labels, batch["sample_ids"], f"client code: {exc}"
+            )
+    share = defense.apply(model, trained_images, labels, generator, fedsgd_update)
+
+    # 4-5. The server: the Observation as plain data, the attack in its worker.
+    payload = observation_payload(
+        victim=victim,
+        client_mode=s.client_mode,
+        update=share.update,
+        input_shape=s.input_shape,
+        num_classes=s.num_classes,
+        mean=s.mean,
+        std=s.std,
+        budget=s.budget,
+        seed=attacker_seed,
+        batch_size=int(labels.shape[0]) if Capability.BATCH_SIZE in s.granted else None,
+        labels=share.labels if Capability.LABELS in s.granted else None,
+        client_state=client_state,
+    )
+    outcome = _attack(attack, payload, setting)
+
+    # 6. Scoring against the private batch (and against what the client trained on).
+    answer = outcome.reconstruction
+    scores = _score(setting, private, labels, batch["sample_ids"], answer)
+    matched = scores.pop("matched_pixels")
+    record.update(
+        status="ok" if answer is not None else ("timeout" if outcome.timed_out else "failed"),
+        error=outcome.error,
+        time_s=outcome.usage.get("seconds"),
+        budget={"limits": s.budget.to_dict(), "used": outcome.usage},
+        inferred_batch_size=answer.batch_size if answer is not None else None,
+        inferred_labels=(
+            answer.labels.tolist() if answer is not None and answer.labels is not None else None
+        ),
+        attack_info=answer.info if answer is not None else {},
+        client_state=client_state,
+        metrics=scores,
+    )
+    if not torch.equal(share.images, private):
+        trained = _score(setting, share.images, share.labels, batch["sample_ids"], answer)
+        trained.pop("matched_pixels")
+        record["metrics_vs_trained"] = trained
+        record["perturbation"] = perturbation(private, share.images.detach(), s.mean, s.std)
+
+    # 7. Covariates of what produced the update: the client's model and trained batch.
+    record["covariates"] = _covariates(s.covariates, model, share.images.detach(), share.labels)
+    record["wall_s"] = time.perf_counter() - started  # the whole trial, as the harness saw it
+    truth = to_pixels(private, s.mean, s.std)
+    return TrialOutcome(record, list(zip(truth, matched, strict=True)))
+
+
+def _check_images(images: Any, like: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.shape != like.shape:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"it returned a batch of {shape}, expected {tuple(like.shape)}")
+    if images.dtype != like.dtype:
+        raise ValueError(f"it returned a {images.dtype} batch, expected {like.dtype}")
+
+
+def _attack(attack: PreparedAttack, payload: dict[str, Any], s: TrialSetting) -> AttackOutcome:
+    bad = [n for n, g in payload["update"].items() if not torch.isfinite(g).all()]
+    if bad:
+        message = f"the shared update contains NaN or inf (in {', '.join(bad)})"
+        return AttackOutcome(None, message, False, {"iterations": 0, "seconds": 0.0})
+    outcome = reconstruct(
+        attack.cls,
+        attack.hparams,
+        payload,
+        isolation=s.isolation,
+        max_seconds=s.budget.max_seconds,
+        threads=s.threads or default_threads(),
+    )
+    answer = outcome.reconstruction
+    if answer is None:
+        return outcome
+    images = answer.images
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(s.input_shape):
+        message = f"reconstruction has shape {tuple(images.shape)}, expected (N, *{s.input_shape})"
+        return AttackOutcome(None, message, False, outcome.usage)
+    if not torch.isfinite(images).all():
+        return AttackOutcome(None, "reconstruction contains NaN or inf", False, outcome.usage)
+    return outcome
+
+
+def _score(
+    s: TrialSetting,
+    truth: Tensor,
+    labels: Tensor,
+    sample_ids: Sequence[str],
+    answer: Any,
+) -> dict[str, Any]:
+    return score_trial(
+        truth_images=truth.detach(),
+        truth_labels=labels,
+        sample_ids=sample_ids,
+        mean=s.mean,
+        std=s.std,
+        reconstructed_images=answer.images if answer is not None else None,
+        reconstructed_labels=answer.labels if answer is not None else None,
+        inferred_batch_size=answer.batch_size if answer is not None else None,
+        success_psnr=s.success_psnr,
+        with_lpips=s.with_lpips,
+    )
+
+
+def _failed(
+    record: dict[str, Any],
+    s: TrialSetting,
+    images: Tensor,
+    labels: Tensor,
+    sample_ids: Sequence[str],
+    error: str,
+) -> TrialOutcome:
+    """A trial that failed before the attack ran: scored as failed, with its reason."""
+    scores = _score(s, images, labels, sample_ids, None)
+    matched = scores.pop("matched_pixels")
+    record.update(
+        status="failed",
+        error=error,
+        time_s=0.0,
+        budget={"limits": s.budget.to_dict(), "used": {"iterations": 0, "seconds": 0.0}},
+        inferred_batch_size=None,
+        inferred_labels=None,
+        attack_info={},
+        client_state=None,
+        metrics=scores,
+        covariates={},
+        wall_s=0.0,
+    )
+    truth = to_pixels(images, s.mean, s.std)
+    return TrialOutcome(record, list(zip(truth, matched, strict=True)))
+
+
+def _covariates(
+    names: Sequence[str], model: nn.Module, images: Tensor, labels: Tensor
+) -> dict[str, Any]:
+    covariates: dict[str, Any] = {}
+    for name in names:
+        try:
+            value = COVARIATES.get(name)(copy.deepcopy(model), images, labels)
+        except Exception as exc:  # a covariate must never cost the trial
+            value = {"error": f"{type(exc).__name__}: {exc}"}
+        if value is not None:
+            covariates[name] = value
+    return covariates
