@@ -57,7 +57,7 @@ def add_run_command(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from leakbench.config import ConfigError, RunConfig
-    from leakbench.runner import protocol_differences, run, saved_config
+    from leakbench.runner import NOT_PROTOCOL_KEYS, run, saved_config
 
     overrides = {
         key: getattr(args, key)
@@ -81,18 +81,19 @@ def run_command(args: argparse.Namespace) -> int:
     if args.resume is None:
         config = RunConfig.load(args.config, overrides)
     else:
-        config = saved_config(Path(args.resume))
+        saved = saved_config(Path(args.resume)).to_dict()
         given = {k: v for k, v in overrides.items() if v is not None}
         if args.config is not None:
             given = {**RunConfig.load(args.config).to_dict(), **given}
-        changed = RunConfig.from_mapping({**config.to_dict(), **given}, source="command line")
-        differing = protocol_differences(config, changed)
+        differing = sorted(
+            k for k, v in given.items() if k not in NOT_PROTOCOL_KEYS and saved.get(k) != v
+        )
         if differing:
             raise ConfigError(
                 f"--resume continues the run saved in {args.resume}; these options would "
                 f"change what it measures: {', '.join(differing)}"
             )
-        config = changed
+        config = RunConfig.from_mapping({**saved, **given}, source="command line")
     run(config, resume=args.resume, progress=not args.no_progress)
     return 0
 

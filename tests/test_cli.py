@@ -1,5 +1,6 @@
 """The command line: listing, and one clear line for every kind of bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -116,3 +117,57 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[0]]
     assert "unknown model 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def interrupted_dlg_run(capsys, tmp_path):
+    """A DLG / LeNet-Zhu run that was interrupted after its first trial."""
+    config = tmp_path / "dlg.yaml"
+    config.write_text(
+        "model: lenet-zhu\nattacks: [dlg]\nattack_options: {dlg: {iterations: 2}}\n"
+        "covariates: []\n"
+        f"batch_sizes: [1]\ntrials: 3\nlogger: none\noutput_dir: {tmp_path}\nrun_name: dlg\n"
+    )
+    assert run_cli(capsys, ["run", "--config", str(config), "--no-progress"])[0] == 0
+    run_dir = tmp_path / "dlg"
+    records = run_dir / "trials.jsonl"
+    records.write_text(records.read_text().splitlines(keepends=True)[0])
+    return run_dir
+
+
+def test_resume_alone_continues_the_saved_configuration(capsys, tmp_path):
+    run_dir = interrupted_dlg_run(capsys, tmp_path)
+    saved = (run_dir / "config.yaml").read_text()
+    code, out, _ = run_cli(capsys, ["run", "--resume", str(run_dir), "--no-progress"])
+    assert code == 0 and "lenet-zhu" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["cells"]) == ["dlg__none__b1"]  # not the quickstart's cells
+    assert summary["cells"]["dlg__none__b1"]["trials"] == 3
+    # The saved protocol is unchanged (only the environment block is rewritten).
+    assert (
+        saved.split("environment:")[0]
+        == (run_dir / "config.yaml").read_text().split("environment:")[0]
+    )
+
+
+def test_resume_refuses_flags_that_change_the_protocol(capsys, tmp_path):
+    run_dir = interrupted_dlg_run(capsys, tmp_path)
+    before = (run_dir / "trials.jsonl").read_text()
+    code, _, err = run_cli(
+        capsys, ["run", "--resume", str(run_dir), "--attack", "bias", "--seed", "3"]
+    )
+    assert code == 2
+    assert err.strip() == (
+        f"leakbench: error: --resume continues the run saved in {run_dir}; these options "
+        "would change what it measures: attacks, seed"
+    )
+    assert (run_dir / "trials.jsonl").read_text() == before
+    # Options that do not change the measurement are accepted.
+    code, _, _ = run_cli(
+        capsys, ["run", "--resume", str(run_dir), "--isolation", "in-process", "--no-progress"]
+    )
+    assert code == 0
+
+
+def test_resume_of_a_folder_without_a_run(capsys, tmp_path):
+    code, _, err = run_cli(capsys, ["run", "--resume", str(tmp_path / "nothing")])
+    assert code == 2 and "cannot resume" in err and "holds no config.yaml" in err

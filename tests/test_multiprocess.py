@@ -12,6 +12,8 @@ from collections import Counter
 import pytest
 import yaml
 
+from leakbench.protocol import MEASURED_FIELDS
+
 CONFIG = {
     "dataset": "lfw-subset",
     "model": "fcn",
@@ -58,7 +60,7 @@ def comparable(summary):
 
 
 def strip(rows):
-    keep = [{k: v for k, v in r.items() if k not in ("time_s", "wall_s", "budget")} for r in rows]
+    keep = [{k: v for k, v in r.items() if k not in MEASURED_FIELDS} for r in rows]
     return sorted(keep, key=lambda r: (r["cell"], r["trial"]))
 
 

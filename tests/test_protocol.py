@@ -11,9 +11,10 @@ import pytest
 import tests.components  # noqa: F401  (registers the test attacks)
 import tests.hostile_attacks as hostile
 from leakbench.config import ConfigError, RunConfig
+from leakbench.protocol import MEASURED_FIELDS
 from leakbench.runner import run
 
-TIMING = ("time_s", "wall_s", "budget", "isolation")
+TIMING = (*MEASURED_FIELDS, "isolation")
 
 
 def config(tmp_path, **overrides):

@@ -6,6 +6,7 @@ import pytest
 
 import tests.components  # noqa: F401  (registers the test attacks)
 from leakbench.config import RunConfig
+from leakbench.protocol import MEASURED_FIELDS
 from leakbench.runner import run
 
 
@@ -56,9 +57,7 @@ def test_same_seed_gives_identical_trial_metrics(tmp_path):
     run(config(tmp_path, run_name="c", seed=1), progress=False, echo=lambda _: None)
 
     def strip(rows):
-        return [
-            {k: v for k, v in r.items() if k not in ("time_s", "wall_s", "budget")} for r in rows
-        ]
+        return [{k: v for k, v in r.items() if k not in MEASURED_FIELDS} for r in rows]
 
     a, b, c = (strip(records(tmp_path / n)) for n in "abc")
     assert a == b

@@ -27,6 +27,7 @@ import io
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import time
 import traceback
@@ -51,6 +52,15 @@ class AttackOutcome:
     error: str | None
     timed_out: bool
     usage: dict[str, Any]
+    memory: dict[str, float | None] | None = None
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak resident memory of this process so far (MiB) and, where there is a GPU, the peak
+    GPU memory torch allocated."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mb": rss, "gpu_peak_mb": gpu}
 
 
 def observation_payload(
@@ -122,7 +132,8 @@ def reconstruct(
         raise ValueError(f"unknown isolation mode {isolation!r}; valid: {ISOLATION_MODES}")
     if outcome.error is None and max_seconds is not None:
         if outcome.usage.get("seconds", 0.0) > max_seconds:
-            return AttackOutcome(None, _timeout_message(max_seconds), True, outcome.usage)
+            message = _timeout_message(max_seconds)
+            return AttackOutcome(None, message, True, outcome.usage, outcome.memory)
     return outcome
 
 
@@ -144,8 +155,10 @@ def _reconstruct_here(
         answer = attack_cls(**hparams).reconstruct(observation)
         result = _answer_to_plain(answer)
     except Exception as exc:  # a failing attack fails its trial, never the run
-        return AttackOutcome(None, _describe(exc), False, observation.budget.usage())
-    return AttackOutcome(_plain_to_answer(result), None, False, observation.budget.usage())
+        return AttackOutcome(None, _describe(exc), False, observation.budget.usage(), peak_memory())
+    return AttackOutcome(
+        _plain_to_answer(result), None, False, observation.budget.usage(), peak_memory()
+    )
 
 
 def _answer_to_plain(answer: Any) -> dict[str, Any]:
@@ -205,6 +218,7 @@ def _worker_main(connection: Any, request: bytes) -> None:
         reply = {"result": _answer_to_plain(answer), "usage": observation.budget.usage()}
     except Exception as exc:
         reply = {"error": _describe(exc), "usage": observation.budget.usage()}
+    reply["memory"] = peak_memory()
     connection.send_bytes(_dumps(reply))
 
 
@@ -276,9 +290,10 @@ def _reconstruct_in_worker(
         worker.kill()
         worker.join()
     usage = reply.get("usage", {"iterations": None, "seconds": time.perf_counter() - start})
+    memory = reply.get("memory")
     if "error" in reply:
-        return AttackOutcome(None, str(reply["error"]), False, usage)
-    return AttackOutcome(_plain_to_answer(reply["result"]), None, False, usage)
+        return AttackOutcome(None, str(reply["error"]), False, usage, memory)
+    return AttackOutcome(_plain_to_answer(reply["result"]), None, False, usage, memory)
 
 
 def _exit(code: int | None) -> str:

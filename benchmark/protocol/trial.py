@@ -36,11 +36,16 @@ from leakbench.protocol.isolation import (
     AttackOutcome,
     default_threads,
     observation_payload,
+    peak_memory,
     reconstruct,
 )
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
 from leakbench.threat_model import Budget, Capability, ClientContext
+
+# Record fields that measure the machine rather than the attack: they differ between two runs
+# of the same configuration, and only they do.
+MEASURED_FIELDS = ("time_s", "wall_s", "budget", "memory")
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,11 @@ def run_trial(
     # 7. Covariates of what produced the update: the client's model and trained batch.
     record["covariates"] = _covariates(s.covariates, model, share.images.detach(), share.labels)
     record["wall_s"] = time.perf_counter() - started  # the whole trial, as the harness saw it
+    # Peak memory: the attack's worker (in-process: the harness, over its lifetime so far).
+    record["memory"] = {
+        **(outcome.memory or {}),
+        "harness_peak_rss_mb": peak_memory()["peak_rss_mb"],
+    }
     truth = to_pixels(private, s.mean, s.std)
     return TrialOutcome(record, list(zip(truth, matched, strict=True)))
 
@@ -205,9 +215,10 @@ def _attack(attack: PreparedAttack, payload: dict[str, Any], s: TrialSetting) ->
     images = answer.images
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(s.input_shape):
         message = f"reconstruction has shape {tuple(images.shape)}, expected (N, *{s.input_shape})"
-        return AttackOutcome(None, message, False, outcome.usage)
+        return AttackOutcome(None, message, False, outcome.usage, outcome.memory)
     if not torch.isfinite(images).all():
-        return AttackOutcome(None, "reconstruction contains NaN or inf", False, outcome.usage)
+        message = "reconstruction contains NaN or inf"
+        return AttackOutcome(None, message, False, outcome.usage, outcome.memory)
     return outcome
 
 
