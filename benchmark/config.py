@@ -56,6 +56,9 @@ class RunConfig:
     # or "in-process" (debugging, overhead measurements; isolates nothing, recorded per trial).
     isolation: str = "process"
     threads: int | None = None  # intra-op threads per process; None: the cores / processes
+    # Leaderboard verification: {seed, max_shift, flip, brightness} of a secret change of every
+    # private sample (leakbench.protocol.private_transform); null for ordinary runs.
+    private_transform: dict[str, Any] | None = None
     success_psnr: float = 30.0
     covariates: list[str] | None = None  # analyses recorded per trial; None = all registered
     output_dir: str = "runs"

@@ -12,12 +12,15 @@ every rank is done. Resuming skips the trials already recorded, from any rank.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
 import subprocess
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,14 @@ from leakbench.config import ConfigError, RunConfig
 from leakbench.evaluator import Evaluator
 from leakbench.interfaces import Defense
 from leakbench.metrics import aggregate, lpips_status
-from leakbench.protocol import TrialSetting, Victim, default_threads, prepare_attack
+from leakbench.protocol import (
+    PreparedAttack,
+    PrivateTransform,
+    TrialSetting,
+    Victim,
+    default_threads,
+    prepare_attack,
+)
 from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES
 from leakbench.results import RunDirectory, cell_key
 
@@ -68,7 +78,16 @@ def build_datamodule(config: RunConfig, batch_size: int) -> Any:
     return instantiate("dataset", config.dataset, factory, options)
 
 
-def make_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
+def public_config(config: RunConfig, secret_keys: Sequence[str]) -> dict[str, Any]:
+    """The configuration with each secret value replaced by a SHA-256 commitment to it."""
+    values = config.to_dict()
+    for key in secret_keys:
+        text = json.dumps(values[key], sort_keys=True)
+        values[key] = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return values
+
+
+def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> list[Logger]:
     if config.logger == "none":
         return []
     # A fresh CSV version per invocation: resuming must not overwrite earlier logs.
@@ -83,7 +102,7 @@ def make_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
                 name=run_dir.name,
                 save_dir=str(run_dir),
                 offline=offline,
-                config=config.to_dict(),
+                config=public,
             )
         )
     return loggers
@@ -148,21 +167,25 @@ class TrialShard(LightningDataModule):
         return DataLoader(Subset(self.trials, indices), batch_size=None, shuffle=False)
 
 
-def run(
-    config: RunConfig,
-    resume: str | Path | None = None,
-    progress: bool = True,
-    echo: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run every cell of ``config``; returns the summary also written to ``summary.json``.
+@dataclass
+class PreparedRun:
+    """Everything a run needs, built and checked before its folder exists."""
 
-    With ``resume``, ``config`` must be the run's saved configuration (see :func:`saved_config`)
-    up to keys that do not change what is measured.
-    """
-    dtype = getattr(torch, config.dtype)
+    config: RunConfig
+    public: dict[str, Any]  # the configuration as written to disk and to the loggers
+    attacks: dict[str, PreparedAttack]
+    defense: Defense
+    victim: Victim
+    datamodule: dict[str, Any]  # the datamodule's describe()
+    covariates: tuple[str, ...]
+    private_transform: PrivateTransform | None
+    threads: int
+    processes: int
+
+
+def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
+    """Build and check every part of the run; anything that can be refused is refused here."""
     processes = config.processes()
-    threads = config.threads or default_threads(processes)
-    torch.set_num_threads(threads)
     defense: Defense = instantiate(
         "defense", config.defense, DEFENSES.get(config.defense), config.defense_options
     )
@@ -183,7 +206,7 @@ def run(
         probe.num_classes,
         dict(config.model_options),
         config.model_seed,
-        dtype,
+        getattr(torch, config.dtype),
     )
     model = instantiate("model", config.model, lambda **_: victim.build(), {})
     for attack in attacks.values():
@@ -191,42 +214,60 @@ def run(
     covariates = tuple(COVARIATES.names() if config.covariates is None else config.covariates)
     for name in covariates:
         COVARIATES.get(name)  # an unknown name is refused before any trial
+    try:
+        private_transform = (
+            None
+            if config.private_transform is None
+            else PrivateTransform.from_options(config.private_transform)
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    return PreparedRun(
+        config=config,
+        public=public_config(config, secret_keys),
+        attacks=attacks,
+        defense=defense,
+        victim=victim,
+        datamodule=probe.describe(),
+        covariates=covariates,
+        private_transform=private_transform,
+        threads=config.threads or default_threads(processes),
+        processes=processes,
+    )
 
+
+def run(
+    config: RunConfig,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    secret_keys: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run every cell of ``config``; returns the summary also written to ``summary.json``.
+
+    With ``resume``, ``config`` must be the run's saved configuration (see :func:`saved_config`)
+    up to keys that do not change what is measured. ``secret_keys`` (verification's seeds) are
+    never written where an attack could read them during the run: ``config.yaml`` and the
+    loggers get a SHA-256 commitment instead of each value.
+    """
+    prepared = prepare(config, secret_keys)
+    torch.set_num_threads(prepared.threads)
     run_path, first_process = _run_folder(config, resume)
     try:
-        return _run_cells(
-            config,
-            run_path,
-            first_process,
-            attacks,
-            defense,
-            victim,
-            probe,
-            covariates,
-            threads,
-            processes,
-            progress,
-            echo,
-        )
+        return _run_cells(prepared, run_path, first_process, progress, echo)
     finally:
         if first_process:
             os.environ.pop(RUN_DIR_VARIABLE, None)
 
 
 def _run_cells(
-    config: RunConfig,
+    prepared: PreparedRun,
     run_path: Path,
     first_process: bool,
-    attacks: dict[str, Any],
-    defense: Defense,
-    victim: Victim,
-    probe: Any,
-    covariates: tuple[str, ...],
-    threads: int,
-    processes: int,
     progress: bool,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
+    config = prepared.config
     dtype = getattr(torch, config.dtype)
     run_dir = RunDirectory(run_path)
     with_lpips, lpips_reason = lpips_status()
@@ -235,14 +276,14 @@ def _run_cells(
             echo(f"note: {note}")
         run_dir.write_config(
             {
-                **config.to_dict(),
-                "environment": environment(threads, processes),
-                "datamodule": probe.describe(),
+                **prepared.public,
+                "environment": environment(prepared.threads, prepared.processes),
+                "datamodule": prepared.datamodule,
                 "lpips": lpips_reason,
             }
         )
     done = run_dir.completed()
-    loggers = make_loggers(config, run_path)
+    loggers = make_loggers(config, prepared.public, run_path)
     trainer = Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
@@ -258,7 +299,7 @@ def _run_cells(
     for batch_size in config.batch_sizes:
         datamodule = build_datamodule(config, batch_size)
         trials = datamodule.trials()
-        for name, attack in attacks.items():
+        for name, attack in prepared.attacks.items():
             cell = cell_key(name, config.defense, batch_size)
             limit = attack.max_batch_size
             if limit is not None and batch_size > limit:
@@ -281,12 +322,13 @@ def _run_cells(
                 client_mode=config.client_mode,
                 seed=config.seed,
                 success_psnr=config.success_psnr,
-                covariates=covariates,
+                covariates=prepared.covariates,
                 with_lpips=with_lpips,
                 isolation=config.isolation,
-                threads=threads,
+                threads=prepared.threads,
+                private_transform=prepared.private_transform,
             )
-            evaluator = Evaluator(victim, attack, defense, setting, run_dir)
+            evaluator = Evaluator(prepared.victim, attack, prepared.defense, setting, run_dir)
             trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
             if evaluator.gallery and trainer.global_rank == 0:
                 run_dir.write_grid(cell, evaluator.gallery)

@@ -7,6 +7,7 @@ trials run where; the studies and verification call the same function.
 
 from leakbench.protocol.attack import PreparedAttack, attack_seed, prepare_attack, trial_seed
 from leakbench.protocol.isolation import ISOLATION_MODES, default_threads
+from leakbench.protocol.private_transform import PrivateTransform
 from leakbench.protocol.trial import MEASURED_FIELDS, TrialOutcome, TrialSetting, run_trial
 from leakbench.protocol.victim import Victim
 
@@ -14,6 +15,7 @@ __all__ = [
     "ISOLATION_MODES",
     "MEASURED_FIELDS",
     "PreparedAttack",
+    "PrivateTransform",
     "TrialOutcome",
     "TrialSetting",
     "Victim",

@@ -3,6 +3,7 @@
 Lightning's evaluator, the studies (``leakbench boundary``, ...) and verification all call
 :func:`run_trial`; none of them has a second copy of these steps:
 
+0. (verification only) the private samples are changed by a secret, seeded transform;
 1. the client builds a fresh victim from its specification;
 2. the attack's client code runs, only where the run granted it to the attack's class;
 3. the defense turns the batch into what the client trains on and the update it shares
@@ -39,6 +40,7 @@ from leakbench.protocol.isolation import (
     peak_memory,
     reconstruct,
 )
+from leakbench.protocol.private_transform import PrivateTransform
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
 from leakbench.threat_model import Budget, Capability, ClientContext
@@ -69,6 +71,8 @@ class TrialSetting:
     covariates: tuple[str, ...] = ()
     with_lpips: bool = False
     isolation: str = "process"  # or "in-process" (debugging, overhead measurements)
+    # Verification only: a secret change of every sample before the client sees it.
+    private_transform: PrivateTransform | None = None
     threads: int | None = None  # the attack worker's intra-op threads; None: all cores
 
 
@@ -94,6 +98,8 @@ def run_trial(
     seed = trial_seed(s.seed, trial)
     attacker_seed = attack_seed(s.seed, s.cell)
     private = batch["images"].to(s.dtype)
+    if s.private_transform is not None and not batch.get("error"):
+        private = s.private_transform(private, trial, s.mean, s.std)
     labels = batch["labels"]
     generator = torch.Generator().manual_seed(seed)
     record: dict[str, Any] = {
