@@ -1,10 +1,11 @@
 """What isolating attacks costs, as ``leakbench overhead``.
 
-Runs one configuration twice, with attacks in a fresh worker process per trial (the default)
-and in-process, and prints per cell the median wall time of a whole trial (as the harness sees
-it: client, defense, attack, scoring) in each mode, their difference and that difference as a
-share of the in-process trial. The fork server that workers are forked from starts once per
-process; its start-up is measured first and reported on its own line.
+Runs one configuration with attacks in a fresh worker process per trial (the default) and
+in-process, alternating the two modes over a few rounds, and prints per cell the median wall
+time of a whole trial (as the harness sees it: client, defense, attack, scoring) in each mode,
+their difference and that difference as a share of the in-process trial. The fork server that
+workers are forked from starts once per process; its start-up is measured first and reported on
+its own line.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ def warm_fork_server() -> float:
     return time.perf_counter() - started
 
 
-def overhead_rows(config: RunConfig, output_dir: Path) -> list[dict[str, Any]]:
+def overhead_rows(config: RunConfig, output_dir: Path, rounds: int = 2) -> list[dict[str, Any]]:
+    """Median whole-trial wall time per cell and mode. The modes alternate over ``rounds``
+    rounds, so that a change in machine load hits both alike."""
     walls: dict[str, dict[str, list[float]]] = {}
-    for mode in ("in-process", "process"):
+    for round_, mode in enumerate(["in-process", "process"] * rounds):
         values = {**config.to_dict(), "isolation": mode, "logger": "none"}
-        values.update(output_dir=str(output_dir), run_name=f"overhead-{mode}")
+        values.update(output_dir=str(output_dir), run_name=f"overhead-{mode}-{round_}")
         run(RunConfig.from_mapping(values), progress=False, echo=lambda _: None)
-        for path in (output_dir / f"overhead-{mode}").glob("trials*.jsonl"):
+        for path in (output_dir / f"overhead-{mode}-{round_}").glob("trials*.jsonl"):
             for record in map(json.loads, path.read_text().splitlines()):
                 walls.setdefault(record["cell"], {}).setdefault(mode, []).append(record["wall_s"])
     rows = []
@@ -50,7 +53,7 @@ def overhead_rows(config: RunConfig, output_dir: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "cell": cell,
-                "trials": len(by_mode["process"]),
+                "trials": len(by_mode["process"]),  # per mode, over all rounds
                 "in_process_s": here,
                 "process_s": isolated,
                 "overhead_s": isolated - here,
@@ -65,7 +68,7 @@ def overhead_command(args: argparse.Namespace, echo: Any = print) -> int:
     config = RunConfig.load(args.config, overrides)
     echo(f"fork server start-up (once per process): {warm_fork_server():.2f} s")
     with tempfile.TemporaryDirectory() as folder:
-        rows = overhead_rows(config, Path(folder))
+        rows = overhead_rows(config, Path(folder), args.rounds)
     echo(f"{'cell':<36}{'trials':>7}{'in-process':>12}{'process':>10}{'overhead':>10}{'%':>8}")
     for r in rows:
         echo(
@@ -81,4 +84,5 @@ def add_command(subparsers: Any) -> None:
     )
     p.add_argument("--config", help="YAML run configuration (default: the quickstart)")
     p.add_argument("--trials", type=int, help="trials per cell (default: the config's)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both modes")
     p.set_defaults(func=overhead_command)
