@@ -77,12 +77,15 @@ def observation_payload(
     batch_size: int | None,
     labels: torch.Tensor | None,
     client_state: Any,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Everything the attacker may see, as plain data (copies, never references)."""
+    """Everything the attacker may see, as plain data (copies on the CPU, never references);
+    ``device`` is where the attack's tensors go (the device the client trained on)."""
     return {
+        "device": device,
         "victim": victim.spec(),
         "client_mode": client_mode,
-        "update": {name: g.detach().clone() for name, g in update.items()},
+        "update": {name: g.detach().cpu().clone() for name, g in update.items()},
         "input_shape": list(input_shape),
         "num_classes": num_classes,
         "mean": list(mean),
@@ -90,18 +93,20 @@ def observation_payload(
         "budget": budget.to_dict(),
         "seed": seed,
         "batch_size": batch_size,
-        "labels": None if labels is None else labels.detach().clone(),
+        "labels": None if labels is None else labels.detach().cpu().clone(),
         "client_state": client_state,
     }
 
 
 def observation_from_payload(payload: dict[str, Any]) -> Observation:
     """The attacker's :class:`Observation`, built from scratch out of the payload."""
-    model = Victim.from_spec(payload["victim"]).build()
+    device = torch.device(payload["device"])
+    model = Victim.from_spec(payload["victim"]).build().to(device)
     model.train(payload["client_mode"] == "train")
+    labels = payload["labels"]
     return Observation(
         model=model,
-        update=payload["update"],
+        update={name: g.to(device) for name, g in payload["update"].items()},
         input_shape=tuple(payload["input_shape"]),
         num_classes=payload["num_classes"],
         mean=tuple(payload["mean"]),
@@ -109,7 +114,7 @@ def observation_from_payload(payload: dict[str, Any]) -> Observation:
         budget=BudgetMeter(Budget(**payload["budget"])),
         seed=payload["seed"],
         batch_size=payload["batch_size"],
-        labels=payload["labels"],
+        labels=None if labels is None else labels.to(device),
         client_state=payload["client_state"],
     )
 

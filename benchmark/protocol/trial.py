@@ -119,7 +119,7 @@ def run_trial(
         return _failed(record, setting, private, labels, batch["sample_ids"], batch["error"])
 
     # 1-3. The client: a fresh victim, the attack's client code where granted, the defense.
-    model = victim.build().train(s.client_mode == "train")
+    model = victim.build().to(private.device).train(s.client_mode == "train")
     trained_images, client_state = private, None
     if attack.runs_client_code and Capability.CLIENT_CODE in s.granted:
         context = ClientContext(
@@ -156,6 +156,7 @@ def run_trial(
         batch_size=int(labels.shape[0]) if Capability.BATCH_SIZE in s.granted else None,
         labels=share.labels if Capability.LABELS in s.granted else None,
         client_state=client_state,
+        device=str(private.device),
     )
     outcome = _attack(attack, payload, setting)
 
