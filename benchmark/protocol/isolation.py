@@ -155,15 +155,25 @@ def _describe(exc: BaseException) -> str:
 def _reconstruct_here(
     attack_cls: type, hparams: dict[str, Any], payload: dict[str, Any]
 ) -> AttackOutcome:
-    observation = observation_from_payload(payload)
+    reply = _answer(attack_cls, hparams, observation_from_payload(payload))
+    return _outcome(_loads(_dumps(reply)), reply["usage"])  # the same round trip as a worker's
+
+
+def _answer(attack_cls: type, hparams: dict[str, Any], observation: Observation) -> dict[str, Any]:
+    """Run the attack; its answer, or its error, as plain data with what it used."""
     try:
-        answer = attack_cls(**hparams).reconstruct(observation)
-        result = _answer_to_plain(answer)
+        reply = {"result": _answer_to_plain(attack_cls(**hparams).reconstruct(observation))}
     except Exception as exc:  # a failing attack fails its trial, never the run
-        return AttackOutcome(None, _describe(exc), False, observation.budget.usage(), peak_memory())
-    return AttackOutcome(
-        _plain_to_answer(result), None, False, observation.budget.usage(), peak_memory()
-    )
+        reply = {"error": _describe(exc)}
+    reply.update(usage=observation.budget.usage(), memory=peak_memory())
+    return reply
+
+
+def _outcome(reply: dict[str, Any], usage: dict[str, Any]) -> AttackOutcome:
+    usage = reply.get("usage", usage)
+    if "error" in reply:
+        return AttackOutcome(None, str(reply["error"]), False, usage, reply.get("memory"))
+    return AttackOutcome(_plain_to_answer(reply["result"]), None, False, usage, reply["memory"])
 
 
 def _answer_to_plain(answer: Any) -> dict[str, Any]:
@@ -216,15 +226,10 @@ def _worker_main(connection: Any, request: bytes) -> None:
             attack_cls = getattr(attack_cls, part)
         observation = observation_from_payload(message["payload"])
     except Exception as exc:
-        connection.send_bytes(_dumps({"error": f"worker setup failed: {_describe(exc)}"}))
+        hint = "attack classes must be importable by module and name in a fresh process"
+        connection.send_bytes(_dumps({"error": f"worker setup failed ({hint}): {_describe(exc)}"}))
         return
-    try:
-        answer = attack_cls(**message["hparams"]).reconstruct(observation)
-        reply = {"result": _answer_to_plain(answer), "usage": observation.budget.usage()}
-    except Exception as exc:
-        reply = {"error": _describe(exc), "usage": observation.budget.usage()}
-    reply["memory"] = peak_memory()
-    connection.send_bytes(_dumps(reply))
+    connection.send_bytes(_dumps(_answer(attack_cls, message["hparams"], observation)))
 
 
 _CONTEXT: Any = None
@@ -294,11 +299,7 @@ def _reconstruct_in_worker(
     if worker.is_alive():  # answered but does not exit (a thread left running): stop it
         worker.kill()
         worker.join()
-    usage = reply.get("usage", {"iterations": None, "seconds": time.perf_counter() - start})
-    memory = reply.get("memory")
-    if "error" in reply:
-        return AttackOutcome(None, str(reply["error"]), False, usage, memory)
-    return AttackOutcome(_plain_to_answer(reply["result"]), None, False, usage, memory)
+    return _outcome(reply, {"iterations": None, "seconds": time.perf_counter() - start})
 
 
 def _exit(code: int | None) -> str:
