@@ -21,6 +21,7 @@ Lightning's evaluator, the studies (``leakbench boundary``, ...) and verificatio
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ def run_trial(
                 copy.deepcopy(model), private.clone(), context
             )
             _check_images(trained_images, private)
+            client_state = _plain(client_state)
         except Exception as exc:
             return _failed(
                 record, setting, private, labels, batch["sample_ids"], f"client code: {exc}"
@@ -193,6 +195,14 @@ def run_trial(
     }
     truth = to_pixels(private, s.mean, s.std)
     return TrialOutcome(record, list(zip(truth, matched, strict=True)))
+
+
+def _plain(state: Any) -> Any:
+    """The client's state as JSON data: it is recorded, and it is all that reaches the server."""
+    try:
+        return json.loads(json.dumps(state, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"its state for the server is not JSON data ({exc})") from None
 
 
 def _check_images(images: Any, like: Tensor) -> None:
