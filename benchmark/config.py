@@ -65,6 +65,9 @@ class RunConfig:
     run_name: str | None = None
     logger: str = "wandb"  # "wandb" (+ CSV), "csv" or "none"
     wandb_project: str = "leakbench"
+    # Set by `leakbench sweep`: every run of a grid in one W&B group, a job type per track.
+    wandb_group: str | None = None
+    wandb_job_type: str | None = None
     # Set by track files (leaderboards/tracks/*.yaml): name, kind, ranking metric, free keys.
     track: dict[str, Any] | None = None
 

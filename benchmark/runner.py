@@ -57,7 +57,17 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
 # Keys that may differ when a run is resumed: they change how it runs, not what it measures.
 NOT_PROTOCOL_KEYS = frozenset(
-    {"logger", "wandb_project", "output_dir", "run_name", "threads", "isolation", "devices"}
+    {
+        "logger",
+        "wandb_project",
+        "wandb_group",
+        "wandb_job_type",
+        "output_dir",
+        "run_name",
+        "threads",
+        "isolation",
+        "devices",
+    }
 )
 
 
@@ -100,6 +110,8 @@ def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> li
             WandbLogger(
                 project=config.wandb_project,
                 name=run_dir.name,
+                group=config.wandb_group,
+                job_type=config.wandb_job_type,
                 save_dir=str(run_dir),
                 offline=offline,
                 config=public,
@@ -128,6 +140,7 @@ def environment(threads: int, processes: int) -> dict[str, Any]:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "processes": processes,
         "threads_per_process": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 
