@@ -156,3 +156,16 @@ def test_covariates_are_recorded_as_configured(tmp_path):
     assert records(tmp_path / "none")[0]["covariates"] == {}
     with pytest.raises(KeyError, match="unknown covariate 'nope'"):
         run(config(tmp_path, covariates=["nope"]), progress=False, echo=lambda _: None)
+
+
+def test_output_files_respect_the_umask(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        run(config(tmp_path, batch_sizes=[1], trials=1), progress=False, echo=lambda _: None)
+    finally:
+        os.umask(previous)
+    for name in ("config.yaml", "trials.jsonl", "summary.json"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
