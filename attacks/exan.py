@@ -29,8 +29,10 @@ Algorithm (float64 throughout):
    Units are linked when both directions agree within ``tolerance`` (chord distance, the row up
    to sign): ExANs of one sample share their signature. Connected components with at least
    ``min_group_size`` units are candidate groups; a candidate is valid only if its column
-   direction is a softmax-minus-one-hot vector (exactly one negative entry, entries summing to
-   zero within ``tolerance``). Its negative entry is its label (Algorithm B.2). The row half of
+   direction is a softmax-minus-one-hot vector (exactly one negative entry; without a bias in
+   the last ReLU layer also entries summing to zero within ``tolerance``, with one the scale
+   test checks the direction against an actual one). Its negative entry is its label
+   (Algorithm B.2). The row half of
    the signature is our addition: it removes the spurious groups of mixed columns that
    papers.md §2.4 reports for column-only grouping, and the column alone cannot separate two
    samples of one class when K = 2 (every g_m of class 0 is a multiple of (−1, 1)).
@@ -46,6 +48,18 @@ Algorithm (float64 throughout):
    found, which lets the attack return the samples it can recover outside the insecure
    boundary and still report the right batch size. The loss vectors g_g are exact. Without that
    bias, every valid group is a sample (with K = 2 the batch size may then be overestimated).
+
+   Tolerances relative to each candidate's scale (trained, confident victims). An ExAN column
+   or row is a single product, exact to a few machine epsilons of the update, so signatures are
+   also compared exactly (difference of unit vectors, not cosines, which resolve only
+   ~sqrt(eps)) within ``LINK_EPS`` = 1024 epsilons: a unit shared with a sample whose loss
+   vector is 1e-8 of the other's is no longer taken for an ExAN of the other, which made that
+   sample inexact (MSE 1e-15 instead of 1e-32). A loss vector g = softmax(z) − e_y is known
+   only to ~eps in probability units (the cancellation p_y − 1), i.e. to eps/‖g‖ relative, so
+   each group's proportionality and 1/M tests allow 1024 eps + ``LOSS_EPS`` (64) eps/‖g_g‖ (in
+   float32 at most ``tolerance`` for the first term), and only groups precise enough to tell
+   M from M ± 1 vote on M; the others are kept when they fit the voted M to their precision.
+   The final gradient-residual check allows the same widening for the largest loss vector.
 3. Top-down (Algorithm B.3). For l = L..1 and each sample, the rows of Ḡ_l at its ExANs give
    v_m^{l-1}: with a bias the least-squares ratio Σ_j ḡ_l[j] Ḡ_l[j, :] / Σ_j ḡ_l[j]² (exactly
    h_m^{l-1}); without one the leading right singular vector (h_m^{l-1} up to a positive scale,
@@ -107,8 +121,25 @@ from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError
 from leakbench.registry import register_attack
 from leakbench.threat_model import Observation, Reconstruction
 
-DEFAULT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+DEFAULT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}  # cosine-resolved comparisons
 FALLBACK_TOLERANCE = 1e-3  # float16 / bfloat16 updates
+# Chord distances between units compare exact single products (ExAN columns h_j g, rows
+# δ_j x), equal to a few machine epsilons of the update: anything further apart is another
+# sample's contribution, however small that sample's loss vector.
+LINK_EPS = 1024
+# A loss vector g = softmax(z) − e_y is known to ~eps in probability units (the cancellation
+# p_y − 1), i.e. to eps / ‖g‖ relative: a confident sample's checks widen by that much.
+LOSS_EPS = 64
+
+
+def link_tolerance(tolerance: float, precision: float) -> float:
+    """The chord tolerance of grouping and row agreement (``precision``: the update's eps)."""
+    return min(tolerance, LINK_EPS * precision) if precision > 0 else tolerance
+
+
+def loss_tolerance(tolerance: float, precision: float, loss_norm: Tensor) -> Tensor:
+    """Per candidate: ``tolerance`` widened by the relative precision of its loss vector."""
+    return tolerance + LOSS_EPS * precision / loss_norm
 
 
 @dataclass
@@ -255,23 +286,62 @@ def _components(links: Tensor) -> list[Tensor]:
     return [torch.nonzero(label == c).flatten() for c in range(count)]
 
 
-def _agreeing_sets(vectors: Tensor, tolerance: float, up_to_sign: bool) -> list[Tensor]:
-    """Sets of rows whose directions agree; one set at once when all agree with the first."""
+def _agreeing_sets(
+    vectors: Tensor, tolerance: float, up_to_sign: bool, link: float | None = None
+) -> list[Tensor]:
+    """Sets of rows whose directions agree; one set at once when all agree with the first.
+
+    Directions are compared through cosines, which resolve chord distances only down to
+    ~sqrt(eps) (1e-8 in float64). With ``link`` below ``tolerance`` every such set is split
+    further by exact chord distances (:func:`_exact_split`).
+    """
     unit = vectors / vectors.norm(dim=1, keepdim=True)
     cosine = unit @ unit[0]
     if up_to_sign:
         cosine = cosine.abs()
     if bool((cosine >= 1.0 - 0.5 * tolerance**2).all()):
-        return [torch.arange(len(vectors))]
-    return _components(_links(vectors, tolerance, up_to_sign))
+        sets = [torch.arange(len(vectors))]
+    else:
+        sets = _components(_links(vectors, tolerance, up_to_sign))
+    if link is None or link >= tolerance:
+        return sets
+    return [part for members in sets for part in _exact_split(unit, members, link, up_to_sign)]
+
+
+def _exact_split(unit: Tensor, members: Tensor, link: float, up_to_sign: bool) -> list[Tensor]:
+    """Components of ``members`` linked within ``link``, measured as the norm of the difference
+    of their unit vectors (signs aligned to the first when ``up_to_sign``), exact to rounding."""
+    if members.numel() == 1:
+        return [members]
+    u = unit[members]
+    if up_to_sign:  # the set agrees up to sign: align every direction with the first
+        u = u * torch.where(u @ u[0] < 0, -1.0, 1.0).to(u.dtype)[:, None]
+    chords = torch.cdist(u, u, compute_mode="donot_use_mm_for_euclid_dist")
+    return [members[part] for part in _components(chords <= link)]
+
+
+def units_agree(columns: Tensor, rows: Tensor, tolerance: float, link: float | None = None) -> bool:
+    """Whether units could be ExANs of one sample: their columns of Ḡ_H agree in direction and
+    their rows of Ḡ_L up to sign (chord distances within ``tolerance``, and ``link``)."""
+    return (
+        len(_agreeing_sets(columns, tolerance, False, link)) == 1
+        and len(_agreeing_sets(rows, tolerance, True, link)) == 1
+    )
 
 
 def group_last_layer(
-    output_grad: Tensor, last_relu_grad: Tensor, tolerance: float, min_group_size: int
+    output_grad: Tensor,
+    last_relu_grad: Tensor,
+    tolerance: float,
+    min_group_size: int,
+    link: float | None = None,
+    check_sum: bool = True,
 ) -> Grouping:
     """Group the units of the last ReLU layer (step 1 of the module docstring).
 
-    ``output_grad`` is Ḡ_H (K × n), ``last_relu_grad`` is Ḡ_L (n × d).
+    ``output_grad`` is Ḡ_H (K × n), ``last_relu_grad`` is Ḡ_L (n × d); units are linked within
+    ``tolerance`` and, exactly, within ``link`` (see :func:`_agreeing_sets`); the direction's
+    sum is checked only with ``check_sum``.
     """
     columns = output_grad.T
     units = torch.nonzero((columns.norm(dim=1) > 0) & (last_relu_grad.norm(dim=1) > 0)).flatten()
@@ -282,9 +352,33 @@ def group_last_layer(
     for column_set in _components(_links(columns[units], tolerance, False)):
         if column_set.numel() >= min_group_size:
             linked = units[column_set]
-            groups += [
-                linked[rows] for rows in _agreeing_sets(last_relu_grad[linked], tolerance, True)
-            ]
+            for rows in _agreeing_sets(last_relu_grad[linked], tolerance, True, link):
+                members = linked[rows]
+                # Columns too, exactly: a tiny loss vector tilts a shared unit's column alone.
+                groups += [
+                    members[c] for c in _agreeing_sets(columns[members], tolerance, False, link)
+                ]
+    groups.sort(key=lambda g: int(g.min()))
+    return validated_grouping(columns, groups, tolerance, min_group_size, check_sum)
+
+
+def validated_grouping(
+    columns: Tensor,
+    groups: list[Tensor],
+    tolerance: float,
+    min_group_size: int,
+    check_sum: bool = True,
+) -> Grouping:
+    """Keep the candidate groups whose summed column is a softmax-minus-one-hot direction.
+
+    ``columns`` are the units' columns of Ḡ_H (n × K); ``groups`` are candidate unit sets, kept
+    in the given order; those with fewer than ``min_group_size`` units are no candidates. A
+    valid direction has one negative entry and, with ``check_sum``, sums to zero within
+    ``tolerance``. The sum is only as exact as the loss vector's scale allows (a confident
+    sample's g_y = p_y − 1 cancels), so where the scale test follows (a bias in the last ReLU
+    layer) it is left to that test, which compares each group with an actual softmax-minus-
+    one-hot vector to its own precision.
+    """
     exans, directions = [], []
     candidates = rejected = 0
     for members in groups:
@@ -293,7 +387,8 @@ def group_last_layer(
         candidates += 1
         direction = columns[members].sum(dim=0)
         direction = direction / direction.norm()
-        if int((direction < 0).sum()) != 1 or abs(float(direction.sum())) > tolerance:
+        bad_sum = check_sum and abs(float(direction.sum())) > tolerance
+        if int((direction < 0).sum()) != 1 or bad_sum:
             rejected += 1
             continue
         exans.append(members)
@@ -303,10 +398,9 @@ def group_last_layer(
             f"no valid group of last-layer gradient columns ({candidates} candidate groups of "
             f"≥ {min_group_size} units, {rejected} rejected as invalid loss vectors)"
         )
-    order = sorted(range(len(exans)), key=lambda i: int(exans[i].min()))
     return Grouping(
-        exans=[exans[i] for i in order],
-        directions=torch.stack([directions[i] for i in order]),
+        exans=exans,
+        directions=torch.stack(directions),
         candidates=candidates,
         rejected=rejected,
     )
@@ -318,6 +412,7 @@ def previous_activation(
     tolerance: float,
     support_tolerance: float,
     trust_single_row: bool,
+    link: float | None = None,
 ) -> Tensor | None:
     """v^{l-1} of one sample from its ExAN rows in ``layer`` (step 2), or None if ambiguous.
 
@@ -331,13 +426,13 @@ def previous_activation(
         if exans.numel() == 0:
             raise TrialFailure(f"every ExAN of a sample in {layer.name} has a zero bias gradient")
         rows, bias_rows = layer.weight_grad[exans], layer.bias_grad[exans]
-        sets = _agreeing_sets(rows / bias_rows[:, None], tolerance, False)
+        sets = _agreeing_sets(rows / bias_rows[:, None], tolerance, False, link)
     else:
         exans = exans[layer.weight_grad[exans].norm(dim=1) > 0]
         if exans.numel() == 0:
             raise TrialFailure(f"every ExAN row of a sample in {layer.name} is zero")
         rows = layer.weight_grad[exans]
-        sets = _agreeing_sets(rows, tolerance, True)
+        sets = _agreeing_sets(rows, tolerance, True, link)
     sizes = sorted((len(s) for s in sets), reverse=True)
     if (len(sizes) > 1 and sizes[0] == sizes[1]) or (sizes[0] == 1 and not trust_single_row):
         return None
@@ -397,6 +492,7 @@ def select_by_gradient_scale(
     last_relu: LayerTensors,
     output: LayerTensors,
     tolerance: float,
+    precision: float = 0.0,
 ) -> ScaleSelection:
     """Keep the groups that are samples, and infer M (needs a bias in the last ReLU layer L).
 
@@ -412,6 +508,11 @@ def select_by_gradient_scale(
     needs a strict majority, and a lone fitting group must be the only proportional one;
     otherwise the trial fails as ambiguous (when only one sample is found nothing tells it from
     such a group).
+
+    Each group's tolerance is relative to its own scale (:func:`loss_tolerance`): a confident
+    sample's loss vector, hence its observed gradients, is known only to ``precision`` / ‖g_g‖.
+    Only groups precise enough to tell M from M ± 1 vote on the batch size; a less precise
+    group is kept when it is proportional with the voted factor 1/M within its tolerance.
     """
     labels = grouping.directions.argmin(dim=1)
     pre = inputs @ last_relu.weight.T + last_relu.bias  # (groups, n)
@@ -437,12 +538,23 @@ def select_by_gradient_scale(
     pp = per_group(h**2 * (loss_g**2).sum(dim=1) + bias_predicted**2)
     oo = per_group((observed_columns**2).sum(dim=1) + observed_bias**2)
     rho = po / pp
-    residual = ((oo - rho * po).clamp(min=0) / oo).sqrt()  # ‖o − ρp‖ / ‖o‖
-    proportional = (pp > 0) & (rho > 0) & (residual <= tolerance) & torch.isfinite(rho)
+    # ‖o − ρp‖ / ‖o‖ from the differences themselves: through oo − ρ·po it would resolve only
+    # ~sqrt(eps), too coarse for exact products.
+    r = rho[group_of]
+    miss = ((observed_columns - (r * h)[:, None] * loss_g) ** 2).sum(dim=1)
+    miss = miss + (observed_bias - r * bias_predicted) ** 2
+    residual = (per_group(miss) / oo).sqrt()
+    # Observed and predicted values are exact products up to rounding and the loss vector's
+    # own precision: the fit's tolerance is the chord one widened to each group's scale.
+    allowed = loss_tolerance(link_tolerance(tolerance, precision), precision, loss.norm(dim=1))
+    proportional = (pp > 0) & (rho > 0) & (residual <= allowed) & torch.isfinite(rho)
     factors: dict[int, list[int]] = {}
+    coarse = []
     for g in torch.nonzero(proportional).flatten().tolist():
         m = round(1 / float(rho[g]))
-        if m >= 1 and abs(float(rho[g]) * m - 1) <= tolerance:
+        if float(allowed[g]) * (m + 1) >= 0.5:  # cannot tell M from M ± 1
+            coarse.append(g)
+        elif m >= 1 and abs(float(rho[g]) * m - 1) <= float(allowed[g]):
             factors.setdefault(m, []).append(g)
     feasible = sorted(
         (m for m, groups in factors.items() if len(groups) <= m), key=lambda m: -len(factors[m])
@@ -460,12 +572,16 @@ def select_by_gradient_scale(
         )
     batch_size = feasible[0]
     keep = factors[batch_size]
-    others = int(proportional.sum()) - 1
+    others = int(proportional.sum()) - len(coarse) - 1
     if len(keep) == 1 and others > 0:
         raise TrialFailure(
             f"ambiguous batch size: a single group fits M = {batch_size}, and {others} other "
             f"groups are proportional to their reconstructions with other factors"
         )
+    # Less precise groups join when they fit the voted M, best fits first, up to M groups.
+    fits = {g: abs(float(rho[g]) * batch_size - 1) / float(allowed[g]) for g in coarse}
+    extra = sorted((g for g, fit in fits.items() if fit <= 1), key=lambda g: fits[g])
+    keep = sorted(keep + extra[: batch_size - len(keep)])
     return ScaleSelection(
         keep=keep,
         batch_size=batch_size,
@@ -496,11 +612,29 @@ def recover_fcn(
     assumed_label_probability: float,
     support_tolerance: float,
     rank_tolerance: float,
+    precision: float = 0.0,
+    grouping: Grouping | None = None,
 ) -> FCNRecovery:
-    """Steps 1-4 of the module docstring on a head given as its Linear layers."""
+    """Steps 1-4 of the module docstring on a head given as its Linear layers.
+
+    ``precision`` is the machine epsilon of the update's dtype (0: use ``tolerance`` alone);
+    it sets the chord tolerance (:func:`link_tolerance`) and each group's loss-vector
+    tolerance (:func:`loss_tolerance`). ``grouping`` replaces step 1 when the last ReLU
+    layer's groups are known beforehand (the fishing attack assigns them; see
+    :func:`validated_grouping`).
+    """
     relu_layers = layers[:-1]
     last, output = relu_layers[-1], layers[-1]
-    grouping = group_last_layer(output.weight_grad, last.weight_grad, tolerance, min_group_size)
+    link = link_tolerance(tolerance, precision)
+    if grouping is None:
+        grouping = group_last_layer(
+            output.weight_grad,
+            last.weight_grad,
+            tolerance,
+            min_group_size,
+            link=link,
+            check_sum=last.bias_grad is None,
+        )
     info: dict[str, Any] = {
         "groups_candidate": grouping.candidates,
         "groups_rejected": grouping.rejected,
@@ -516,7 +650,7 @@ def recover_fcn(
                 f"ratio exists"
             )
         info["groups_with_zero_bias_gradient"] = zero_bias
-        selection = select_by_gradient_scale(grouping, top, last, output, tolerance)
+        selection = select_by_gradient_scale(grouping, top, last, output, tolerance, precision)
         keep, batch_size = selection.keep, selection.batch_size
         loss_vectors, loss_scale = selection.loss_vectors, "bias"
         info["groups_dropped_by_scale_test"] = len(grouping.exans) - len(keep)
@@ -524,7 +658,7 @@ def recover_fcn(
     else:
         # Without the scale test every group counts as a sample.
         estimates = [
-            previous_activation(last, exans, tolerance, support_tolerance, True)
+            previous_activation(last, exans, tolerance, support_tolerance, True, link)
             for exans in grouping.exans
         ]
         if any(v is None for v in estimates):
@@ -554,7 +688,7 @@ def recover_fcn(
             v = None
             if alive[sample] and sample_exans.numel() > 0:
                 v = previous_activation(
-                    relu_layers[k], sample_exans, tolerance, support_tolerance, complete
+                    relu_layers[k], sample_exans, tolerance, support_tolerance, complete, link
                 )
             if v is None:
                 alive[sample] = False
@@ -679,24 +813,37 @@ def gradient_residual(
 
 
 def checked_residual(
-    observation: Observation, images: Tensor, recovery: FCNRecovery, tolerance: float
+    observation: Observation,
+    images: Tensor,
+    recovery: FCNRecovery,
+    tolerance: float,
+    precision: float = 0.0,
 ) -> float:
     """:func:`gradient_residual`, refusing an exact and complete answer that does not fit.
 
     An answer with exact inputs and loss vectors for every one of the M samples reproduces the
-    update to rounding; a residual above ``tolerance`` then means the samples were not what
-    they seemed (e.g. two near-identical images taken for one sample counted twice).
+    update to rounding; a residual above ``tolerance`` (widened to the precision of the
+    largest loss vector, which dominates the update) then means the samples were not what they
+    seemed (e.g. two near-identical images taken for one sample counted twice).
     """
     residual = gradient_residual(
         observation.model, observation, images, recovery.labels, recovery.batch_size
     )
     claims_exact = recovery.inputs_exact and recovery.loss_scale == "bias"
+    largest = recovery.loss_vectors.norm(dim=1).max() if len(recovery.loss_vectors) else None
+    if largest is not None and precision > 0:
+        tolerance = float(loss_tolerance(tolerance, precision, largest))
     if claims_exact and len(images) == recovery.batch_size and residual > tolerance:
         raise TrialFailure(
             f"the reconstruction of all {recovery.batch_size} samples leaves {residual:.1e} of "
             f"the update unexplained: the groups were not single samples"
         )
     return residual
+
+
+def update_precision(dtype: torch.dtype) -> float:
+    """Machine epsilon of the update's dtype (what its exact products are rounded to)."""
+    return float(torch.finfo(dtype).eps)
 
 
 def resolve_tolerance(tolerance: float | None, dtype: torch.dtype) -> float:
@@ -777,6 +924,7 @@ class ExAN(Attack):
             )
         layers = gather_layers(observation, linears)
         tolerance = resolve_tolerance(self.tolerance, observation.dtype)
+        precision = update_precision(observation.dtype)
         recovery = recover_fcn(
             layers,
             tolerance=tolerance,
@@ -784,10 +932,13 @@ class ExAN(Attack):
             assumed_label_probability=self.assumed_label_probability,
             support_tolerance=self.support_tolerance,
             rank_tolerance=self.rank_tolerance,
+            precision=precision,
         )
         images = recovery.inputs.reshape(-1, *observation.input_shape)
         info = dict(recovery.info)
-        info["gradient_residual"] = checked_residual(observation, images, recovery, tolerance)
+        info["gradient_residual"] = checked_residual(
+            observation, images, recovery, tolerance, precision
+        )
         if recovery.loss_scale == "bias":  # the victim's confidence p_y in each sample
             label_entries = recovery.loss_vectors.gather(1, recovery.labels[:, None]).flatten()
             info["inferred_label_probability"] = (1.0 + label_entries).tolist()

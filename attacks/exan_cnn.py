@@ -68,6 +68,7 @@ from leakbench.attacks.exan import (
     recover_fcn,
     resolve_tolerance,
     sequential_children,
+    update_precision,
 )
 from leakbench.interfaces import TrialFailure, UnsupportedModelError, positive_int
 from leakbench.registry import register_attack
@@ -215,6 +216,7 @@ class ExANCNN(ExAN):
         conv_layers = gather_layers(observation, list(convs), NAME)
         head = gather_layers(observation, list(linears), NAME)
         tolerance = resolve_tolerance(self.tolerance, observation.dtype)
+        precision = update_precision(observation.dtype)
         recovery = recover_fcn(
             head,
             tolerance=tolerance,
@@ -222,6 +224,7 @@ class ExANCNN(ExAN):
             assumed_label_probability=self.assumed_label_probability,
             support_tolerance=self.support_tolerance,
             rank_tolerance=self.rank_tolerance,
+            precision=precision,
         )
         found, batch_size = len(recovery.inputs), recovery.batch_size
         if found != batch_size:
@@ -255,7 +258,9 @@ class ExANCNN(ExAN):
             active = outputs > tolerance * outputs.abs().amax(dim=(1, 2, 3), keepdim=True)
         info = dict(recovery.info)
         info["conv_layers"] = layers_info
-        info["gradient_residual"] = checked_residual(observation, outputs, recovery, tolerance)
+        info["gradient_residual"] = checked_residual(
+            observation, outputs, recovery, tolerance, precision
+        )
         return Reconstruction(
             images=outputs, labels=recovery.labels, batch_size=batch_size, info=info
         )

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "leakbench.analysis.rank",
     "leakbench.analysis.boundary",
     "leakbench.analysis.overhead",
+    "leakbench.analysis.fishing_study",
     "leakbench.sweep",
 )
 

@@ -103,6 +103,9 @@ class ClientContext:
     std: tuple[float, ...]
     budget: Budget
     seed: int
+    # Diagnostics the client code may add (solver statuses, times): recorded with the trial
+    # under ``client_report``, never sent to the server.
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

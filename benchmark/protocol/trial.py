@@ -48,7 +48,8 @@ from leakbench.threat_model import Budget, Capability, ClientContext
 
 # Record fields that measure the machine rather than the attack: they differ between two runs
 # of the same configuration, and only they do.
-MEASURED_FIELDS = ("time_s", "wall_s", "budget", "memory")
+# (The client code's report holds its own timings, such as an LP solver's.)
+MEASURED_FIELDS = ("time_s", "wall_s", "client_code_s", "client_report", "budget", "memory")
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def run_trial(
 
     # 1-3. The client: a fresh victim, the attack's client code where granted, the defense.
     model = victim.build().to(private.device).train(s.client_mode == "train")
-    trained_images, client_state = private, None
+    trained_images, client_state, client_seconds, client_report = private, None, None, None
     if attack.runs_client_code and Capability.CLIENT_CODE in s.granted:
         context = ClientContext(
             input_shape=s.input_shape,
@@ -131,13 +132,16 @@ def run_trial(
             budget=s.budget,
             seed=attacker_seed,
         )
+        hook_started = time.perf_counter()
         try:
             # The hook gets copies: the client's own model and batch stay as they were.
             trained_images, client_state = attack.instance().client_hook(
                 copy.deepcopy(model), private.clone(), context
             )
+            client_seconds = time.perf_counter() - hook_started
             _check_images(trained_images, private)
             client_state = _plain(client_state)
+            client_report = _plain(context.report)
         except Exception as exc:
             return _failed(
                 record, setting, private, labels, batch["sample_ids"], f"client code: {exc}"
@@ -177,6 +181,8 @@ def run_trial(
         ),
         attack_info=answer.info if answer is not None else {},
         client_state=client_state,
+        client_code_s=client_seconds,  # the attack's client code, on the client
+        client_report=client_report,  # its diagnostics: recorded, not sent to the server
         metrics=scores,
     )
     if not torch.equal(share.images, private):
@@ -197,12 +203,12 @@ def run_trial(
     return TrialOutcome(record, list(zip(truth, matched, strict=True)))
 
 
-def _plain(state: Any) -> Any:
-    """The client's state as JSON data: it is recorded, and it is all that reaches the server."""
+def _plain(value: Any) -> Any:
+    """What the client code returns or reports, as JSON data: both are recorded."""
     try:
-        return json.loads(json.dumps(state, allow_nan=False))
+        return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"its state for the server is not JSON data ({exc})") from None
+        raise ValueError(f"what it returned or reported is not JSON data ({exc})") from None
 
 
 def _check_images(images: Any, like: Tensor) -> None:
@@ -280,6 +286,8 @@ def _failed(
         inferred_labels=None,
         attack_info={},
         client_state=None,
+        client_code_s=None,
+        client_report=None,
         metrics=scores,
         covariates={},
         wall_s=0.0,
