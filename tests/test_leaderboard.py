@@ -1,14 +1,38 @@
-"""Tracks, entries and tables: a protocol run becomes a validated entry and a ranked row."""
+"""Tracks, entries, verification, tables and the site, on a tiny synthetic track.
+
+One run of the tiny track (an honest random attack, the exact bias attack, and two attacks that
+cheat through the public protocol) is submitted once per module; each test works on its own
+copy of the entries.
+"""
+
+from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
-import tests.components  # noqa: F401
+import tests.components  # noqa: F401  (registers noisy-copy-test)
+import tests.leaderboard_attacks  # noqa: F401  (registers the cheating attacks)
 from leakbench.cli import main
-from leakbench.leaderboard import LEADERBOARDS, make_entry, render, validate_entry
+from leakbench.leaderboard import (
+    LEADERBOARDS,
+    TRACKS,
+    EntryError,
+    build_site,
+    load_board,
+    load_entry,
+    make_entry,
+    render,
+    submit,
+    validate_entry,
+    verify_entry,
+)
+from leakbench.leaderboard.entry import RECORDS_SUFFIX, read_records, sibling
 
+DATA = {"input_shape": [1, 6, 6], "num_classes": 3, "size": 16}
 TRACK = {
     "track": {
         "name": "tiny-test",
@@ -16,89 +40,300 @@ TRACK = {
         "ranking": "psnr.median",
         "free": ["attacks", "attack_options"],
         "description": "synthetic track for tests",
+        "verification": {
+            "trials": 2,
+            "private_transform": {"max_shift": 1, "flip": True, "brightness": 0.1},
+            "tolerance": {"confidence": 0.95, "resamples": 200, "margin": 3.0, "ceiling": 60.0},
+        },
     },
     "dataset": "synthetic-uniform",
-    "dataset_options": {"input_shape": [1, 6, 6], "num_classes": 3, "size": 16},
+    "dataset_options": DATA,
     "model": "fcn",
     "model_options": {"widths": [8]},
     "attacks": ["noisy-copy-test"],
     "batch_sizes": [1],
     "trials": 2,
 }
+CHEATS = {"dataset_options": DATA, "trials": 2, "seed": 0}
+ATTACKS = {
+    "noisy-copy-test": {},
+    "bias": {},
+    "memorise-plan-test": CHEATS,
+    "enumerate-dataset-test": CHEATS,
+}
 
 
-@pytest.fixture
-def track_dir(tmp_path):
-    tracks = tmp_path / "tracks"
-    tracks.mkdir()
-    (tracks / "tiny-test.yaml").write_text(yaml.safe_dump(TRACK))
-    return tracks
-
-
-def run_track(tmp_path, track_dir, name, **changes):
+def run_track(base: Path, tracks: Path, name: str, **changes) -> Path:
     config = {
         **TRACK,
         **changes,
-        "output_dir": str(tmp_path / "runs"),
+        "output_dir": str(base / "runs"),
         "run_name": name,
         "logger": "none",
+        "threads": 1,
     }
-    path = tmp_path / f"{name}.yaml"
+    path = base / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", "--config", str(path), "--no-progress"]) == 0
-    return tmp_path / "runs" / name
+    return base / "runs" / name
 
 
-def test_track_run_becomes_a_valid_entry_and_a_ranked_table(tmp_path, track_dir):
-    run_dir = run_track(tmp_path, track_dir, "a")
-    entry = make_entry(run_dir, "noisy-copy-test__none__b1", tracks_dir=track_dir)
-    assert entry["track"] == "tiny-test" and entry["protocol"]["batch_size"] == 1
-    assert entry["results"]["trials"] == 2
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    """(tracks dir, entries dir, run dir) of one run of every attack of ATTACKS."""
+    base = tmp_path_factory.mktemp("board")
+    tracks = base / "tracks"
+    tracks.mkdir()
+    (tracks / "tiny-test.yaml").write_text(yaml.safe_dump(TRACK))
+    run_dir = run_track(base, tracks, "all", attacks=list(ATTACKS), attack_options=ATTACKS)
+    submit(run_dir, entries_dir=base / "entries", tracks_dir=tracks, submitter="tests")
+    return tracks, base / "entries", run_dir
 
-    entries = tmp_path / "entries"
+
+@pytest.fixture
+def board(submitted, tmp_path):
+    """A private copy of the submitted entries: (tracks dir, entries dir, entry path by name)."""
+    tracks, entries, _ = submitted
+    copy = tmp_path / "entries"
+    shutil.copytree(entries, copy)
+    paths = {p.stem.removesuffix("-b1"): p for p in (copy / "tiny-test").glob("*.json")}
+    return tracks, copy, paths
+
+
+def ranks(entries: Path, tracks: Path) -> dict[str, tuple[int | None, str]]:
+    (tiny,) = [b for b in load_board(entries, tracks) if b.name == "tiny-test"]
+    return {row.entry["name"]: (row.rank, row.status) for row in tiny.rows}
+
+
+def test_a_track_run_becomes_entries_with_their_records(submitted, board):
+    tracks, entries, paths = board
+    _, _, run_dir = submitted
+    assert sorted(paths) == sorted(ATTACKS)
+    summary = json.loads((run_dir / "summary.json").read_text())["cells"]
+    for name, path in paths.items():
+        entry = load_entry(path, tracks)
+        assert entry["protocol"]["batch_size"] == 1 and entry["records"]["trials"] == 2
+        assert entry["results"]["psnr"] == summary[f"{name}__none__b1"]["psnr"]
+        records = read_records(sibling(path, RECORDS_SUFFIX))
+        assert [r["trial"] for r in records] == [0, 1] and {r["attack"] for r in records} == {name}
+        assert sibling(path, ".grid.png").is_file()
+    bias = load_entry(paths["bias"], tracks)
+    assert bias["attack"]["distribution"] == {"name": "leakbench", "version": "0.1.0"}
+    assert load_entry(paths["noisy-copy-test"], tracks)["attack"]["distribution"] is None
+    # `leaderboard entry` is the same code path, for one cell.
     code = main(
         [
             "leaderboard",
             "entry",
             str(run_dir),
             "--cell",
-            "noisy-copy-test__none__b1",
+            "bias__none__b1",
+            "--name",
+            "bias again",
             "--entries-dir",
             str(entries),
             "--tracks-dir",
-            str(track_dir),
+            str(tracks),
         ]
     )
-    assert code == 0
-    second = json.loads(json.dumps(entry))
-    second["name"] = "better"
-    second["results"]["psnr"]["median"] = 99.0
-    (entries / "tiny-test" / "better-b1.json").write_text(json.dumps(second))
-    tables = render(entries, track_dir)
-    rows = tables["tiny-test.md"].splitlines()
-    assert rows[-2].startswith("| 1 | better |") and rows[-1].startswith("| 2 | noisy-copy-test |")
-    assert tables["tiny-test.csv"].splitlines()[0].startswith("rank,name,attack")
+    again = load_entry(entries / "tiny-test" / "bias-again-b1.json", tracks)
+    assert code == 0 and again["records"] == bias["records"]
 
 
-def test_a_run_that_changed_the_protocol_is_refused(tmp_path, track_dir):
-    run_dir = run_track(tmp_path, track_dir, "b", trials=1)
+def test_the_outcome_hash_is_the_same_for_two_runs_of_one_configuration(submitted, tmp_path):
+    tracks, entries, _ = submitted
+    run_dir = run_track(tmp_path, tracks, "again", attacks=["bias"])
+    entry = make_entry(run_dir, "bias__none__b1", tracks_dir=tracks)
+    first = load_entry(entries / "tiny-test" / "bias-b1.json", tracks)
+    assert entry["records"]["outcome_sha256"] == first["records"]["outcome_sha256"]
+
+
+def test_cheating_attacks_top_the_unverified_board(board):
+    tracks, entries, _ = board
+    assert ranks(entries, tracks) == {
+        "enumerate-dataset-test": (1, "unverified"),
+        "memorise-plan-test": (2, "unverified"),
+        "bias": (3, "unverified"),
+        "noisy-copy-test": (4, "unverified"),
+    }
+    table = render(entries, tracks)["tiny-test.md"].splitlines()
+    assert table[-4].startswith("| 1 | enumerate-dataset-test |")
+    assert table[-1].startswith("| 4 | noisy-copy-test |") and table[-1].endswith("unverified |")
+
+
+def test_honest_entries_verify_and_the_seeds_stay_secret_until_the_run_ends(board, tmp_path):
+    tracks, entries, paths = board
+    for name in ("bias", "noisy-copy-test"):
+        block = verify_entry(
+            paths[name], tracks_dir=tracks, runs_dir=tmp_path / "v", threads=1, echo=print
+        )
+        assert block["passed"], block["reason"]
+        assert block["seeds"]["seed"] > 2**64 and block["trials"] == 2
+        (run_dir,) = (tmp_path / "v").glob(f"verify-tiny-test-{name}-b1-*")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert block["commitments"] == {k: saved[k] for k in ("seed", "private_transform")}
+        written = "".join(p.read_text() for p in run_dir.rglob("*") if p.suffix != ".png")
+        for secret in block["seeds"].values():
+            assert str(secret) not in written
+        shutil.rmtree(tmp_path / "v")
+    assert ranks(entries, tracks)["bias"] == (3, "verified")
+    entry = load_entry(paths["bias"], tracks)  # the verified entry loads: its block checks out
+    assert entry["verification"]["verified"] == 60.0  # capped at the track's ceiling
+
+
+def test_cheating_attacks_fail_verification_and_leave_the_ranking(board):
+    tracks, entries, paths = board
+    for name in ("memorise-plan-test", "enumerate-dataset-test"):
+        block = verify_entry(paths[name], tracks_dir=tracks, threads=1, echo=print)
+        assert not block["passed"] and block["claimed"] == 300.0
+        assert block["interval"][1] < 30, block["reason"]  # chance level on unseen samples
+    assert ranks(entries, tracks) == {
+        "bias": (1, "unverified"),
+        "noisy-copy-test": (2, "unverified"),
+        "enumerate-dataset-test": (None, "failed"),
+        "memorise-plan-test": (None, "failed"),
+    }
+    table = render(entries, tracks)["tiny-test.md"]
+    assert "| - | memorise-plan-test |" in table and "FAILED" in table
+
+
+def _edit(path: Path, change) -> None:
+    entry = json.loads(path.read_text())
+    change(entry)
+    path.write_text(json.dumps(entry, indent=2))
+
+
+def _set_psnr(entry):
+    entry["results"]["psnr"]["median"] = 99.0
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (lambda p: _edit(p, _set_psnr), "results differ from its records in: results.psnr.median"),
+        (
+            lambda p: sibling(p, RECORDS_SUFFIX).write_text(
+                sibling(p, RECORDS_SUFFIX).read_text().replace('"status":"ok"', '"status":"xx"', 1)
+            ),
+            "records hash does not match",
+        ),
+        (lambda p: _edit(p, lambda e: e.update(track="no-such-track")), "unknown track"),
+        (lambda p: _edit(p, lambda e: e["results"].update(failed="0")), "invalid leaderboard"),
+        (lambda p: sibling(p, RECORDS_SUFFIX).unlink(), "records file"),
+        (lambda p: _edit(p, lambda e: e["attack"].update(name="bias")), "records belong to"),
+        (lambda p: _edit(p, lambda e: e["protocol"].update(trials=3)), "protocol differs"),
+    ],
+)
+def test_a_tampered_entry_is_refused_everywhere(board, tmp_path, capsys, tamper, reason):
+    tracks, entries, paths = board
+    tamper(paths["noisy-copy-test"])
+    with pytest.raises(EntryError, match=reason):
+        load_entry(paths["noisy-copy-test"], tracks)
+    for argv in (
+        ["leaderboard", "verify", str(paths["noisy-copy-test"])],
+        ["leaderboard", "build", "--out-dir", str(tmp_path / "site")],
+        ["leaderboard", "render", "--out-dir", str(tmp_path / "tables")],
+    ):
+        capsys.readouterr()
+        assert main([*argv, "--tracks-dir", str(tracks)] + _entries(argv, entries)) == 2
+        error = capsys.readouterr().err
+        assert reason.split(":")[0] in error and error.count("\n") == 1
+    assert not (tmp_path / "site").exists() and not (tmp_path / "tables").exists()
+
+
+def _entries(argv: list[str], entries: Path) -> list[str]:
+    return [] if argv[1] == "verify" else ["--entries-dir", str(entries)]
+
+
+def test_an_entry_edited_after_verification_is_refused(board):
+    tracks, _, paths = board
+    verify_entry(paths["noisy-copy-test"], tracks_dir=tracks, threads=1, echo=print)
+    load_entry(paths["noisy-copy-test"], tracks)
+    _edit(paths["noisy-copy-test"], lambda e: e.update(submitter="someone else"))
+    with pytest.raises(EntryError, match="edited after verification"):
+        load_entry(paths["noisy-copy-test"], tracks)
+    _edit(paths["noisy-copy-test"], lambda e: e.update(submitter="tests"))
+    load_entry(paths["noisy-copy-test"], tracks)
+    _edit(paths["noisy-copy-test"], lambda e: e["verification"].update(passed=False))
+    with pytest.raises(EntryError, match="figures do not follow"):
+        load_entry(paths["noisy-copy-test"], tracks)
+
+
+def test_verify_names_the_distribution_of_an_attack_that_is_not_installed(
+    board, monkeypatch, capsys
+):
+    from leakbench.registry import ATTACKS as REGISTRY
+
+    tracks, _, paths = board
+    monkeypatch.delitem(REGISTRY._items, "bias")
+    code = main(["leaderboard", "verify", str(paths["bias"]), "--tracks-dir", str(tracks)])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1
+    assert "attack 'bias' is not installed: install the distribution leakbench 0.1.0" in error
+
+
+def test_a_run_that_changed_the_protocol_is_refused(submitted, tmp_path):
+    tracks, _, _ = submitted
+    run_dir = run_track(tmp_path, tracks, "b", trials=1)
     with pytest.raises(ValueError, match="changed the protocol of track 'tiny-test' in: trials"):
-        make_entry(run_dir, "noisy-copy-test__none__b1", tracks_dir=track_dir)
+        make_entry(run_dir, "noisy-copy-test__none__b1", tracks_dir=tracks)
 
 
-def test_schema_rejects_string_typed_numbers(tmp_path, track_dir):
-    run_dir = run_track(tmp_path, track_dir, "c")
-    entry = make_entry(run_dir, "noisy-copy-test__none__b1", tracks_dir=track_dir)
+def test_schema_rejects_string_typed_numbers(board):
+    tracks, _, paths = board
+    entry = load_entry(paths["bias"], tracks)
     entry["results"]["psnr"]["median"] = "12.3"
     with pytest.raises(ValueError, match="invalid leaderboard entry at results/psnr/median"):
         validate_entry(entry)
 
 
-def test_shipped_tracks_are_valid_run_configs():
+def test_the_site_renders_deterministically(board, tmp_path):
+    tracks, entries, paths = board
+    first = build_site(entries, tmp_path / "one", tracks)
+    second = build_site(entries, tmp_path / "two", tracks)
+    relative = [p.relative_to(tmp_path / "one") for p in first]
+    assert relative == [p.relative_to(tmp_path / "two") for p in second]
+    assert all(
+        (tmp_path / "one" / r).read_bytes() == (tmp_path / "two" / r).read_bytes() for r in relative
+    )
+    index = (tmp_path / "one" / "index.html").read_text()
+    assert index.count('<tr class="unverified"') == len(paths)
+    page = tmp_path / "one" / "tiny-test" / "bias-b1.html"
+    assert page.is_file() and 'src="bias-b1.grid.png"' in page.read_text()
+    assert (tmp_path / "one" / "tiny-test" / "bias-b1.grid.png").is_file()
+    # A rebuild replaces an earlier build; a folder that is not a site is left alone.
+    build_site(entries, tmp_path / "one", tracks)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no leakbench site"):
+        build_site(entries, tmp_path / "other", tracks)
+
+
+def test_shipped_tracks_are_valid_run_configs_that_declare_verification():
     from leakbench.config import RunConfig
 
-    tracks = sorted((LEADERBOARDS / "tracks").glob("*.yaml"))
-    assert tracks
+    tracks = sorted(TRACKS.glob("*.yaml"))
+    assert tracks and sorted((LEADERBOARDS / "tracks").glob("*.yaml")) != []
     for path in tracks:
         config = RunConfig.load(path)
         assert config.track["name"] == path.stem
+        if config.track["kind"] == "attack":
+            verification = config.track["verification"]
+            assert {"trials", "private_transform", "tolerance"} <= set(verification)
+            assert verification["private_transform"]["max_shift"] >= 1
+
+
+def test_shipped_entries_tables_and_site_are_what_the_commands_make(tmp_path):
+    entries = LEADERBOARDS / "entries"
+    boards = load_board(entries)
+    rows = [row for board in boards for row in board.rows]
+    assert rows, "no shipped entries"
+    assert all("verification" in row.entry for row in rows)
+    tables = render(entries)
+    assert sorted(tables) == sorted(p.name for p in (LEADERBOARDS / "tables").iterdir())
+    for name, text in tables.items():
+        assert (LEADERBOARDS / "tables" / name).read_text() == text, name
+    built = build_site(entries, tmp_path / "site")
+    shipped = LEADERBOARDS / "site"
+    for path in built:
+        assert (shipped / path.relative_to(tmp_path / "site")).read_bytes() == path.read_bytes()

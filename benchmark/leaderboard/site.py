@@ -1,0 +1,286 @@
+"""The static web leaderboard: ``leakbench leaderboard build`` renders the board as HTML.
+
+``index.html`` has one section per track (its protocol, threat model and budget in words, and a
+sortable table per batch size, ranked by the track's statistic, failures counted, verification
+marked); each entry gets a page with its protocol, settings, environment, ground truth next to
+reconstruction, and the distribution of its per-sample metrics. The templates are Jinja2 files
+shipped with the package (``leakbench/templates``); sorting is a few lines of plain JavaScript.
+Everything is a relative link and there is no fetch, so the site works from ``file://``.
+
+The output is a pure function of the entries and tracks: no build time, sorted iteration, the
+images copied byte for byte. Building twice gives identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from PIL import Image
+
+from leakbench.leaderboard.board import Row, TrackBoard, load_board, metric, verification_text
+from leakbench.leaderboard.entry import (
+    GRID_SUFFIX,
+    RECORDS_SUFFIX,
+    TRACKS,
+    read_records,
+    sibling,
+    slug,
+)
+from leakbench.leaderboard.verify import VERIFICATION_GRID, higher_ranks_first
+from leakbench.results import atomic_write_bytes, atomic_write_text
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+STATIC = ("site.css", "sort.js")
+MARKER = ".leakbench-site"  # a folder holding it is a site this command may rebuild
+THUMBNAIL_SCALE = 4  # the grids hold 25 px faces: shown 4x, pixelated, they are readable
+MAX_WIDTH = 1000
+PSNR_BINS = [*range(0, 65, 5)]  # dB; the last bin collects everything from 60 dB up
+SSIM_BINS = [round(-0.2 + 0.1 * i, 1) for i in range(13)]  # -0.2 .. 1.0
+GRANTS = {
+    "batch_size": "the batch size",
+    "labels": "the labels of the batch",
+    "client_code": "running its own code on the client",
+}
+STATISTICS = {"median": "median", "mean": "mean", "worst": "worst-case"}
+METRICS = {
+    "psnr": "PSNR",
+    "ssim": "SSIM",
+    "mse": "MSE",
+    "psnr_scale_aligned": "scale-aligned PSNR",
+}
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def statistic_words(statistic: str) -> str:
+    name, stat = statistic.split(".")
+    return f"the {STATISTICS.get(stat, stat)} {METRICS.get(name, name)} over all images"
+
+
+def budget_words(budget: dict[str, Any]) -> str:
+    iterations = budget.get("max_iterations")
+    seconds = budget.get("max_seconds")
+    parts = [
+        f"at most {iterations:,} iterations per trial"
+        if iterations
+        else "no iteration cap beyond the attack's own schedule"
+    ]
+    parts.append(
+        f"a hard wall-clock limit of {seconds:g} s per trial (a trial past it fails)"
+        if seconds
+        else "no wall-clock limit"
+    )
+    return "; ".join(parts)
+
+
+def threat_words(config: dict[str, Any]) -> str:
+    granted = [GRANTS[g] for g in config.get("grants", [])]
+    withheld = [words for g, words in GRANTS.items() if g not in config.get("grants", [])]
+    text = (
+        "An honest-but-curious server knows the victim's architecture and parameters and "
+        "observes one shared FedSGD update of the client's private batch."
+    )
+    text += f" It is granted {', '.join(granted)}." if granted else " It is granted nothing else."
+    if withheld:
+        text += f" It is not granted {', '.join(withheld)}."
+    return text
+
+
+def protocol_words(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """The track's protocol as (heading, sentence) pairs."""
+    from leakbench.config import RunConfig
+
+    config = RunConfig.from_mapping(dict(config)).to_dict()  # the defaults a run would use
+    meta = config["track"]
+    options = config.get("dataset_options") or {}
+    dataset = f"{config.get('dataset', 'lfw-subset')} ({config.get('split', 'test')} split)"
+    if options:
+        dataset += ", options " + json.dumps(options, sort_keys=True)
+    if meta.get("intended_for"):
+        dataset += f"; on a cluster this track is meant for {meta['intended_for']}"
+    model = config.get("model", "fcn")
+    if config.get("model_options"):
+        model += " " + json.dumps(config["model_options"], sort_keys=True)
+    batch_sizes = ", ".join(str(b) for b in config.get("batch_sizes", []))
+    words = [
+        ("Dataset", dataset + "."),
+        (
+            "Victim",
+            f"{model} at its seeded random initialisation (model seed "
+            f"{config.get('model_seed', 0)}), {config.get('client_mode', 'eval')} mode on the "
+            f"client, {config.get('dtype', 'float32')}.",
+        ),
+        ("Client", f"FedSGD: one gradient of a private batch of {batch_sizes} image(s)."),
+        ("Threat model", threat_words(config)),
+        ("Budget", budget_words(config.get("budget", {})).capitalize() + "."),
+        (
+            "Trials",
+            f"{config.get('trials')} trials per batch size drawn with the public seed "
+            f"{config.get('seed', 0)}; attacks run isolated in a fresh worker process per trial.",
+        ),
+        (
+            "Ranking",
+            f"By {statistic_words(meta.get('ranking', 'psnr.median'))}, "
+            + (
+                "more leakage first."
+                if meta["kind"] == "attack"
+                else "least leakage first (a defense track)."
+            ),
+        ),
+    ]
+    verification = meta.get("verification")
+    if verification:
+        t, tol = verification["private_transform"], verification["tolerance"]
+        change = f"shifted by up to {t['max_shift']} px (edge padded)"
+        change += ", flipped horizontally with probability 1/2" if t["flip"] else ""
+        change += f", brightness scaled by up to ±{t['brightness']:.0%}"
+        ceiling = f", values capped at {tol['ceiling']:g}" if tol.get("ceiling") is not None else ""
+        side = (
+            "at most the upper end of"
+            if higher_ranks_first(meta["kind"], meta.get("ranking", "psnr.median"))
+            else "at least the lower end of"
+        )
+        words.append(
+            (
+                "Verification",
+                f"The attack is re-run on {verification['trials']} unseen trials drawn with a "
+                f"secret seed; every private sample is {change}, with a second secret seed. "
+                f"An entry passes when its claim{ceiling} is {side} the "
+                f"{tol['confidence']:.0%} bootstrap interval of the verification, give or take "
+                f"{tol['margin']:g}.",
+            )
+        )
+    return words
+
+
+def _histogram(values: list[float], edges: list[float]) -> list[dict[str, Any]]:
+    """Counts per bin ``[edges[i], edges[i+1])``; the first and last bins are open-ended."""
+    counts = [0] * (len(edges) - 1)
+    for value in values:
+        index = sum(value >= edge for edge in edges[1:-1])
+        counts[index] += 1
+    top = max(counts) if counts and max(counts) else 1
+    bars = []
+    for i, count in enumerate(counts):
+        low = "" if i == 0 else f"{edges[i]:g}"
+        high = "" if i == len(counts) - 1 else f"{edges[i + 1]:g}"
+        label = f"< {high}" if not low else (f"≥ {low}" if not high else f"{low}–{high}")
+        bars.append({"label": label, "count": count, "height": round(100 * count / top, 1)})
+    return bars
+
+
+def _image(source: Path, target: Path) -> dict[str, Any] | None:
+    if not source.is_file():
+        return None
+    atomic_write_bytes(target, source.read_bytes())
+    with Image.open(source) as image:
+        width, height = image.size
+    scale = max(1, min(THUMBNAIL_SCALE, MAX_WIDTH // max(width, 1)))
+    return {"src": target.name, "width": width * scale, "height": height * scale}
+
+
+def _samples(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    samples = []
+    for record in records:
+        for s in record["metrics"]["samples"]:
+            samples.append(
+                {
+                    "trial": record["trial"],
+                    "status": record["status"],
+                    "id": s.get("sample_id", ""),
+                    "psnr": s["psnr"],
+                    "ssim": s["ssim"],
+                    "success": s["success"],
+                }
+            )
+    return samples
+
+
+def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
+    """Write the entry's page and its images; return what the index needs to link it."""
+    stem = row.path.stem
+    folder = out / slug(board.name)
+    records = read_records(sibling(row.path, RECORDS_SUFFIX))
+    samples = _samples(records)
+    grid = _image(sibling(row.path, GRID_SUFFIX), folder / f"{stem}.grid.png")
+    verification_grid = _image(
+        sibling(row.path, VERIFICATION_GRID), folder / f"{stem}.verification.png"
+    )
+    page = {
+        "href": f"{slug(board.name)}/{stem}.html",
+        "row": row,
+        "verification_text": verification_text(row),
+    }
+    html = (
+        _environment()
+        .get_template("entry.html.j2")
+        .render(
+            entry=row.entry,
+            row=row,
+            status=row.status,
+            verification_text=page["verification_text"],
+            board=board,
+            protocol=protocol_words(board.config),
+            grid=grid,
+            verification_grid=verification_grid,
+            samples=samples,
+            psnr_bars=_histogram([s["psnr"] for s in samples], PSNR_BINS),
+            ssim_bars=_histogram([s["ssim"] for s in samples], SSIM_BINS),
+            options=json.dumps(row.entry["attack"]["options"], indent=2, sort_keys=True),
+            defense_options=json.dumps(row.entry["defense"]["options"], indent=2, sort_keys=True),
+            statistic=metric(row.entry, board.ranking),
+        )
+    )
+    atomic_write_text(folder / f"{stem}.html", html)
+    return page
+
+
+def build_site(entries_dir: Path, out_dir: Path, tracks_dir: Path = TRACKS) -> list[Path]:
+    """Render the site into ``out_dir`` (replacing an earlier build there); returns its files."""
+    out_dir = Path(out_dir)
+    boards = load_board(entries_dir, tracks_dir)  # refuses tampered entries before writing
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MARKER).is_file():
+            raise ValueError(f"{out_dir} is not empty and holds no leakbench site; use another")
+        shutil.rmtree(out_dir)  # a rebuild leaves no page of a removed entry behind
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for board in boards:
+        tables = []
+        for b in sorted(board.tables):
+            tables.append(
+                {"batch_size": b, "rows": [_entry_page(r, board, out_dir) for r in board.tables[b]]}
+            )
+        sections.append(
+            {
+                "board": board,
+                "anchor": slug(board.name),
+                "description": " ".join(board.meta.get("description", "").split()),
+                "protocol": protocol_words(board.config),
+                "ranking_words": statistic_words(board.ranking),
+                "tables": tables,
+                "counts": {
+                    status: sum(r.status == status for r in board.rows)
+                    for status in ("verified", "unverified", "failed")
+                },
+            }
+        )
+    html = _environment().get_template("index.html.j2").render(sections=sections)
+    atomic_write_text(out_dir / "index.html", html)
+    for name in STATIC:
+        atomic_write_bytes(out_dir / name, (TEMPLATES / name).read_bytes())
+    atomic_write_text(out_dir / MARKER, "built by leakbench leaderboard build\n")
+    return sorted(p for p in out_dir.rglob("*") if p.is_file())

@@ -1,0 +1,86 @@
+"""The web leaderboard in a real headless Chromium: it loads from file:// without console
+errors, shows one row per entry, and sorts when a column header is clicked.
+
+The site is built from the shipped entries (``leaderboards/entries``). The test also writes a
+screenshot of the index page to ``$LEAKBENCH_SCREENSHOT`` (default ``runs/site-screenshot.png``).
+Where Chromium is missing it is skipped, naming the Debian package to install.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from leakbench.leaderboard import LEADERBOARDS, build_site, load_board
+from tests.browser import Browser, find_chromium
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = Path(os.environ.get("LEAKBENCH_SCREENSHOT", ROOT / "runs" / "site-screenshot.png"))
+ROWS = "Array.from(document.querySelectorAll('table.board tbody tr'))"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("Chromium is not installed: apt-get install -y chromium (Debian package)")
+    instance = Browser(executable)
+    yield instance
+    instance.close()
+
+
+def column(browser: Browser, table: int, key: str) -> list[str]:
+    """Column ``key`` of table ``table``, top to bottom: a cell's ``data-value`` or text."""
+    return browser.evaluate(
+        f"(() => {{ const t = document.querySelectorAll('table.board')[{table}];"
+        f" const i = t.querySelector('th[data-key={key}]').cellIndex;"
+        " return Array.from(t.tBodies[0].rows, r => r.cells[i].hasAttribute('data-value')"
+        " ? r.cells[i].getAttribute('data-value') : r.cells[i].textContent.trim()); })()"
+    )
+
+
+def test_the_site_loads_sorts_and_links_in_chromium(browser, tmp_path):
+    entries = LEADERBOARDS / "entries"
+    boards = load_board(entries)
+    expected = sum(len(board.rows) for board in boards)
+    assert expected, "no shipped entries to show"
+    build_site(entries, tmp_path / "site")
+
+    browser.open((tmp_path / "site" / "index.html").as_uri())
+    assert browser.console_errors() == []
+    assert browser.evaluate(f"{ROWS}.length") == expected
+    names = browser.evaluate(f"{ROWS}.map(r => r.dataset.name)")
+    assert sorted(names) == sorted(row.entry["name"] for b in boards for row in b.rows)
+
+    # The largest table: click "PSNR mean" twice, then "entry".
+    sizes = browser.evaluate(
+        "Array.from(document.querySelectorAll('table.board'), t => t.tBodies[0].rows.length)"
+    )
+    table = sizes.index(max(sizes))
+    assert max(sizes) >= 2, "sorting needs a table with two rows"
+    browser.evaluate(f"document.querySelectorAll('table.board')[{table}].id = 'largest'; 0")
+    before = column(browser, table, "name")
+    browser.click("#largest th[data-key=psnr_mean]")
+    values = [float(v) for v in column(browser, table, "psnr_mean")]
+    assert values == sorted(values, reverse=True)
+    browser.click("#largest th[data-key=psnr_mean]")
+    values = [float(v) for v in column(browser, table, "psnr_mean")]
+    assert values == sorted(values)
+    browser.click("#largest th[data-key=name]")
+    after = column(browser, table, "name")
+    assert after == sorted(before, key=str.lower)
+    header = "document.querySelector('#largest th[data-key=name]')"
+    assert browser.evaluate(f"{header}.getAttribute('aria-sort')") == "ascending"
+    assert browser.console_errors() == []
+    browser.click("#largest th[data-key=rank]")  # back to the ranking for the screenshot
+    browser.click("#largest th[data-key=rank]")
+    print(f"screenshot: {browser.screenshot(SCREENSHOT)}")
+
+    # Every entry page loads without errors, and its thumbnails are real images.
+    for link in browser.evaluate(f"{ROWS}.map(r => r.querySelector('a').href)"):
+        browser.open(link)
+        assert browser.console_errors() == [], link
+        widths = browser.evaluate("Array.from(document.images, i => i.naturalWidth)")
+        assert widths and all(w > 0 for w in widths), link
