@@ -459,7 +459,8 @@ def _prepared(name: str, options: dict[str, Any]) -> PreparedAttack:
     return prepare_attack(name, options.get(name, {}), frozenset(ATTACKS.get(name).requires))
 
 
-def _ints(text: str) -> list[int]:
+def comma_ints(text: str) -> list[int]:
+    """A command-line list like ``2,4,8``: non-negative integers."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -469,11 +470,13 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _names(text: str | None) -> list[str]:
+def comma_names(text: str | None) -> list[str]:
+    """A command-line list like ``exan,dlg``."""
     return [n.strip() for n in (text or "").split(",") if n.strip()]
 
 
-def _json(text: str | None, what: str) -> dict[str, Any]:
+def json_object(text: str | None, what: str) -> dict[str, Any]:
+    """A command-line JSON object (``what`` names the flag in the error)."""
     if not text:
         return {}
     try:
@@ -488,27 +491,27 @@ def _json(text: str | None, what: str) -> dict[str, Any]:
 def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
     study = Study(
         dataset=args.dataset,
-        dataset_options=_json(args.dataset_options, "--dataset-options"),
+        dataset_options=json_object(args.dataset_options, "--dataset-options"),
         split=args.split,
         model=args.model,
-        model_options=_json(args.model_options, "--model-options"),
+        model_options=json_object(args.model_options, "--model-options"),
         model_seed=args.model_seed,
         dtype=getattr(torch, args.dtype),
         seed=args.seed,
         isolation=args.isolation,
     )
-    batch_sizes = _ints(args.batch_sizes)
+    batch_sizes = comma_ints(args.batch_sizes)
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be at least 1, got {args.batch_sizes}")
-    states = _ints(args.train_epochs)
-    attack_options = _json(args.attack_options, "--attack-options")
-    defense_options = _json(args.defense_options, "--defense-options")
+    states = comma_ints(args.train_epochs)
+    attack_options = json_object(args.attack_options, "--attack-options")
+    defense_options = json_object(args.defense_options, "--defense-options")
     psnr_attack = (
         None if args.psnr_attack == "none" else _prepared(args.psnr_attack, attack_options)
     )
-    compared = {n: _prepared(n, attack_options) for n in _names(args.compare_attacks)}
+    compared = {n: _prepared(n, attack_options) for n in comma_names(args.compare_attacks)}
     defenses = {"none": ("none", {})}
-    for name in _names(args.defenses):
+    for name in comma_names(args.defenses):
         DEFENSES.get(name)
         defenses[name] = (name, defense_options.get(name, {}))
     exan = _prepared("exan", attack_options)
@@ -538,7 +541,7 @@ def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
                 model,
                 study,
                 compared,
-                _ints(args.compare_batch_sizes),
+                comma_ints(args.compare_batch_sizes),
                 args.compare_trials,
                 args.compare_pool,
             )
@@ -547,7 +550,7 @@ def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
                 model,
                 study,
                 defenses,
-                _ints(args.defense_batch_sizes),
+                comma_ints(args.defense_batch_sizes),
                 args.defense_trials,
                 args.utility_epochs,
                 exan,

@@ -42,7 +42,9 @@ from torch import nn
 from leakbench.analysis.boundary import (
     Study,
     accuracy_on_test_split,
+    comma_ints,
     format_table,
+    json_object,
     run_trial,
     to_csv,
     train_victim,
@@ -216,28 +218,6 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise ValueError(f"expected non-negative integers, got {text!r}")
-    return values
-
-
-def _options(text: str | None, flag: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{flag} must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
     study = Study(
         dataset=args.dataset,
@@ -248,11 +228,11 @@ def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
         seed=args.seed,
         isolation=args.isolation,
     )
-    batch_sizes = _ints(args.batch_sizes)
+    batch_sizes = comma_ints(args.batch_sizes)
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be at least 1, got {args.batch_sizes}")
-    states = _ints(args.train_epochs)
-    options = _options(args.fishing_options, "--fishing-options")
+    states = comma_ints(args.train_epochs)
+    options = json_object(args.fishing_options, "--fishing-options")
     solvers = {s: f"fishing-{s}" for s in args.solvers.split(",") if s.strip()}
     if not solvers or set(solvers) - {"cbc", "highs"}:
         raise ValueError(f"--solvers takes cbc and/or highs, got {args.solvers!r}")
@@ -261,7 +241,7 @@ def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
         for solver, label in solvers.items()
     }
     if args.ig_trials > 0:
-        ig_options = _options(args.ig_options, "--ig-options")
+        ig_options = json_object(args.ig_options, "--ig-options")
         attacks["inverting-gradients"] = prepared("inverting-gradients", ig_options)
     attacks["exan"] = prepared("exan", {})
     if Capability.CLIENT_CODE not in attacks[next(iter(solvers.values()))].requires:
