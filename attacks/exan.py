@@ -7,7 +7,7 @@ observes one FedSGD update (the mean cross-entropy gradient of a batch). The bat
 labels are NOT given: the attack infers both and reports them. Victims: ``nn.Sequential`` of
 ``Flatten``, then (``Linear``, ``ReLU``) × L, then ``Linear`` (L ≥ 1), with or without biases.
 
-Notation (papers.md §2.3). Layers l = 1..H (H = L + 1), a_m^l = W_l h_m^{l-1} + b_l,
+Notation (ours, following the paper's). Layers l = 1..H (H = L + 1), a_m^l = W_l h_m^{l-1} + b_l,
 h_m^l = ReLU(a_m^l), h_m^0 = x_m, logits z_m = a_m^H. Per-sample loss vector
 g_m = softmax(z_m) − e_{y_m}; δ_m^H = g_m, δ_m^l = D_m^l W_{l+1}ᵀ δ_m^{l+1} with the activation
 pattern D_m^l = diag(1[a_m^l > 0]). The update is Ḡ_l = (1/M) Σ_m δ_m^l h_m^{l-1}ᵀ and
@@ -34,7 +34,7 @@ Algorithm (float64 throughout):
    test checks the direction against an actual one). Its negative entry is its label
    (Algorithm B.2). The row half of
    the signature is our addition: it removes the spurious groups of mixed columns that
-   papers.md §2.4 reports for column-only grouping, and the column alone cannot separate two
+   column-only grouping produces, and the column alone cannot separate two
    samples of one class when K = 2 (every g_m of class 0 is a multiple of (−1, 1)).
 2. Scale test (our addition; needs a bias in the last ReLU layer). With collinear loss vectors
    (K = 2) all units active for the same set of samples share one signature too, so valid

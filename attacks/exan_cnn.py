@@ -2,8 +2,8 @@
 
 OUR EXTENSION of Pan et al., "Exploring the Security Boundary of Data Reconstruction via Neuron
 Exclusivity Analysis" (USENIX Security 2022). The paper reports CNN results (VGG-13 on ISIC) but
-how it handles convolutions could not be recovered (papers.md §2.6); this is the recommended
-default of papers.md §2.6 and §9.7, not the paper's method.
+how it handles convolutions could not be recovered from its text; this is our design (ExAN on
+the fully connected head, then linear systems for the convolutions), not the paper's method.
 
 Threat model: as :mod:`leakbench.attacks.exan` (honest-but-curious server, known architecture
 and parameters, one FedSGD update; batch size and labels inferred, not given). Victims:

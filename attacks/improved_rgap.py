@@ -2,10 +2,10 @@
 
 Paper: "Recover User's Private Training Image Data by Gradient in Federated Learning",
 Sensors 22(19):7157, 2022, doi:10.3390/s22197157. Only its abstract and introduction could be
-read (papers.md §5): SSRAS reconstructs a single sample with or without a known label, with or
+read: SSRAS reconstructs a single sample with or without a known label, with or
 without biases, choosing between bias attacks and linear-equation solvers, and "Improved R-GAP
 can utilize DLG algorithm to derive ground truth". The routing below is our reconstruction of
-that system (papers.md §5, tag [D]), not the paper's text.
+that system from those sections, not the paper's text.
 
 Threat model: an honest-but-curious server that knows the architecture and the parameters and
 observes one FedSGD update of a single sample (SSRAS reconstructs single samples; a granted

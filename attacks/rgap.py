@@ -46,7 +46,7 @@ the cross-entropy of the K logits z = W_d x_d (+ b_d); g = ∂ℓ/∂z = softmax
          it. On such networks the recursion runs from u_1 only and the u_2 solution is that one
          scaled by u_2/u_1 (exact, and better conditioned than solving with k_i shrunk by
          u_1/u_2); this holds for ``"smaller"`` and ``"larger"`` too.
-   * ``"rank-one SVD"`` (extension, papers.md §4.2), K ≥ 3 without bias: the top singular
+   * ``"rank-one SVD"`` (our extension), K ≥ 3 without bias: the top singular
      pair gives ∇W_d ≈ a wᵀ with ‖a‖ = 1, so g = s·a and x_d = w/s for one unknown scalar s,
      fixed by softmax(W_d w / s) − e_y = s·a. The label is y = argmax_c |a_c| (|g_y| = Σ_{c≠y}
      g_c exceeds every other entry) and sign(s) = −sign(a_y). For c ≠ y,

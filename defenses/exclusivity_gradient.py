@@ -2,9 +2,10 @@
 
 OUR INTERPRETATION, not the paper's defense. Pan et al. (USENIX Security 2022, "Exploring the
 Security Boundary of Data Reconstruction via Neuron Exclusivity Analysis") devise an
-"exclusivity reduction strategy", whose mechanics could not be recovered (papers.md §2.7). This
-module implements variant 2 of papers.md §2.7: the client zeroes, before sharing, exactly the
-parts of the update that the ExAN attack divides by.
+"exclusivity reduction strategy", whose mechanics the paper's text does not give. This module
+is the second of our three variants (input perturbation, gradient suppression, batch mixing):
+the client zeroes, before sharing, exactly the parts of the update that the ExAN attack divides
+by.
 
 Threat model: the client knows its batch and its model, computes its own ExANs, and shares the
 update with them removed; the server sees only the suppressed update.

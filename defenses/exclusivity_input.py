@@ -3,9 +3,10 @@
 OUR INTERPRETATION, not the paper's defense. Pan et al. (USENIX Security 2022, "Exploring the
 Security Boundary of Data Reconstruction via Neuron Exclusivity Analysis") devise an
 "exclusivity reduction strategy to enlarge the secure boundary", but its mechanics could not be
-recovered (papers.md §2.7). This module implements variant 1 of papers.md §2.7: the client
-perturbs its samples, within ‖x'_m − x_m‖∞ ≤ ε, so that the units active for only one sample
-(ExANs) become inactive or shared; the mirror image of the fishing attack's LP (§3.3).
+found in the paper's text. This module is the first of our three variants (input
+perturbation, gradient suppression, batch mixing): the client perturbs its samples, within
+‖x'_m − x_m‖∞ ≤ ε, so that the units active for only one sample (ExANs) become inactive or
+shared; the mirror image of the fishing attack's LP (:mod:`leakbench.attacks.fishing`).
 
 Threat model: the client knows its batch and the model it trains (it computes the update with
 it); the server attacks the update of the perturbed batch. The perturbation is what the client

@@ -2,8 +2,9 @@
 
 OUR INTERPRETATION, not the paper's defense. Pan et al. (USENIX Security 2022, "Exploring the
 Security Boundary of Data Reconstruction via Neuron Exclusivity Analysis") devise an
-"exclusivity reduction strategy", whose mechanics could not be recovered (papers.md §2.7). This
-module implements variant 3 of papers.md §2.7 in its MixUp-like form: every sample is blended
+"exclusivity reduction strategy", whose mechanics the paper's text does not give. This module
+is the third of our three variants (input perturbation, gradient suppression, batch mixing), in
+a MixUp-like form (Zhang et al., "mixup", ICLR 2018): every sample is blended
 with a partner from the same batch, which pulls the samples' activation patterns towards each
 other and so leaves fewer units active for a single sample.
 

@@ -127,8 +127,8 @@ def test_covariate_is_registered_and_json_serialisable():
 
 
 @pytest.mark.parametrize(("batch_size", "expected"), [(2, 1.0), (16, 0.0)])
-def test_condition_rate_on_random_784_512_512_10_net_matches_papers_md(batch_size, expected):
-    # papers.md §2.5 measured P(condition) = 1.00 at B = 2 and 0.00 at B = 16 (uniform noise).
+def test_condition_rate_on_random_784_512_512_10_net_matches_the_paper(batch_size, expected):
+    # The ExAN paper's boundary study: P(condition) = 1.00 at B = 2, 0.00 at B = 16 (uniform noise).
     held = []
     for seed in range(8):
         model = build_victim("fcn", (1, 28, 28), 10, seed=seed, widths=(512, 512))

@@ -106,7 +106,7 @@ def layer_counts(name: str) -> list[tuple[int, ...]]:
 
 
 def test_cnn6_has_full_rank_in_every_layer() -> None:
-    # papers.md §4.3 [X]: unknowns incl. padding (without), #grad, #weight, #pad, rank(A).
+    # Per layer: unknowns incl. padding (without), #grad, #weight, #pad, rank(A).
     assert layer_counts("cnn6") == [
         (3888, 3072, 576, 3468, 816, 3888),
         (4332, 3468, 3888, 2916, 864, 4332),

@@ -2,7 +2,7 @@
 
 For a layer ``out = conv(x, w) + b`` (stride s, zero padding, one sample) with the loss gradient
 ``k = ∂ℓ/∂out`` known, the unknown is the zero-padded input ``x_pad`` (C_in × H_p × W_p). Three
-blocks of linear equations hold (papers.md §4.2, R-GAP's ``conv2circulant.py``):
+blocks of linear equations hold (R-GAP's view of a convolution as a circulant matrix):
 
 * gradient constraints, ``C_out·C_in·k_h·k_w`` rows:
   ``∇w[f, c, u, v] = Σ_p k[f, p] · x_pad[c, s·p + (u, v)]``;

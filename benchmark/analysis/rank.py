@@ -10,8 +10,8 @@ R-GAP's quantities (as its reference code prints them):
   * ``rank(A_i)`` and the deficit ``unknowns (with padding) − rank(A_i)``. A layer with a
     deficit cannot be recovered uniquely by the closed-form recursion.
 
-Our reconstruction (papers.md §4.3, not verified in R-GAP's Section 4 or in SSRAS, whose texts
-could not be read):
+Our reconstruction of R-GAP's rank analysis and of SSRAS's RA-I, not checked against the
+papers' full texts, which could not be read:
   * virtual constraints ``V_i = |x_i| − rank(W_{i−1})``: ``f^{-1}(x_i)`` must lie in the range
     of the previous layer's operator, which removes that many degrees of freedom when layer
     ``i − 1`` expands. They are nonlinear through the activation, so closed-form R-GAP cannot use
@@ -376,7 +376,7 @@ def format_table(analysis: RankAnalysis, title: str) -> str:
     lines += [
         f"RA-I = {analysis.ra_index}   (R-GAP rank deficit, all layers: {analysis.rank_deficit})",
         "R-GAP's quantities: unknowns, rows, rank(A_i), deficit = unknowns (pad) − rank(A_i).",
-        "Our reconstruction (papers.md §4.3): V_i = |x_i| − rank(W_{i−1}), RA_i = deficit − V_i,",
+        "Our reconstruction: V_i = |x_i| − rank(W_{i−1}), RA_i = deficit − V_i,",
         "RA-I = Σ max(RA_i, 0). Ranks by SVD, tolerance σ_max·max(M, N)·ε(float64); k from a",
         f"seeded random probe (seed {analysis.probe_seed}).",
     ]
