@@ -159,6 +159,18 @@ def protocol_differences(saved: RunConfig, config: RunConfig) -> list[str]:
     return sorted(k for k in a if k not in NOT_PROTOCOL_KEYS and a[k] != b.get(k))
 
 
+def refuse_another_configuration(run_path: Path, config: RunConfig, advice: str) -> None:
+    """Refuse a folder that holds a run measuring something else, naming the keys that differ."""
+    if not (run_path / "config.yaml").is_file():
+        return
+    differing = protocol_differences(saved_config(run_path), config)
+    if differing:
+        raise ConfigError(
+            f"{run_path} holds a run with another configuration (differs in: "
+            f"{', '.join(differing)}); {advice}"
+        )
+
+
 class TrialShard(LightningDataModule):
     """The trials of one cell that this rank runs: trial ``i`` on rank ``i mod world size``,
     minus those already recorded. Exact: no padding, no duplicates (Lightning's distributed
@@ -371,15 +383,9 @@ def _run_folder(config: RunConfig, resume: str | Path | None) -> tuple[Path, boo
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_path = Path(config.output_dir) / (config.run_name or stamp)
-    if (run_path / "config.yaml").is_file():
-        differing = protocol_differences(saved_config(run_path), config)
-        if differing:
-            raise ConfigError(
-                f"{run_path} holds a run with another configuration (differs in: "
-                f"{', '.join(differing)}); use another run_name or output_dir"
-            )
-    elif resume is not None:
+    if resume is not None and not (run_path / "config.yaml").is_file():
         raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
+    refuse_another_configuration(run_path, config, "use another run_name or output_dir")
     os.environ[RUN_DIR_VARIABLE] = str(run_path.resolve())
     return run_path, True
 

@@ -175,7 +175,9 @@ def make_observation(
     seed: int,
     client_state: Any = None,
 ) -> Observation:
-    """Build the attacker's view from the client's side, copying everything it hands over."""
+    """An attacker's view built directly from a model and an update, copying both: for testing
+    an attack on its own. Trials never use it: the protocol sends the attacker a serialised
+    Observation (:mod:`leakbench.protocol.isolation`)."""
     server_model = copy.deepcopy(model)
     server_model.zero_grad(set_to_none=True)
     return Observation(

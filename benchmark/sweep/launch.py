@@ -162,7 +162,7 @@ def execute(values: dict[str, Any]) -> dict[str, Any]:
     """
     import submitit
 
-    from leakbench.runner import RUN_DIR_VARIABLE, protocol_differences, run, saved_config
+    from leakbench.runner import RUN_DIR_VARIABLE, refuse_another_configuration, run
 
     config = RunConfig.from_mapping(dict(values), source="sweep job")
     run_path = Path(config.output_dir) / str(config.run_name)
@@ -172,13 +172,8 @@ def execute(values: dict[str, Any]) -> dict[str, Any]:
     first = env.global_rank == 0
     if not first:  # the folder is the first rank's; the others only add their records
         os.environ[RUN_DIR_VARIABLE] = str(run_path.resolve())
-    if (run_path / "config.yaml").is_file():
-        differing = protocol_differences(saved_config(run_path), config)
-        if differing:
-            raise ConfigError(
-                f"{run_path} holds a run with another configuration (differs in: "
-                f"{', '.join(differing)}); refused, not merged"
-            )
+    # Every rank checks, not only the first: a rank that went on would wait for the others forever.
+    refuse_another_configuration(run_path, config, "refused, not merged")
     run_path.mkdir(parents=True, exist_ok=True)
     if first:
         (run_path / FAILED_FILE).unlink(missing_ok=True)
