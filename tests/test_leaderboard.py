@@ -186,7 +186,9 @@ def test_cheating_attacks_fail_verification_and_leave_the_ranking(board):
     for name in ("memorise-plan-test", "enumerate-dataset-test"):
         block = verify_entry(paths[name], tracks_dir=tracks, threads=1, echo=print)
         assert not block["passed"] and block["claimed"] == 300.0
-        assert block["interval"][1] < 30, block["reason"]  # chance level on unseen samples
+        # Far below the claim: with a gain of at least 5 % on every sample, no public image
+        # comes within a few dB of the private one.
+        assert block["interval"][1] < 45, block["reason"]
     assert ranks(entries, tracks) == {
         "bias": (1, "unverified"),
         "noisy-copy-test": (2, "unverified"),

@@ -11,7 +11,9 @@ For sample ``k`` of trial ``t``, with a generator seeded from ``(seed, t)``, in 
 1. a shift by (dy, dx), each uniform in {−``max_shift``, …, ``max_shift``}, with edge padding
    (the image size stays the same);
 2. a horizontal flip with probability ½ when ``flip`` is set;
-3. a brightness gain g uniform in [1 − ``brightness``, 1 + ``brightness``], then a clamp to [0, 1].
+3. a brightness gain g = 1 ± u with u uniform in [``brightness``/2, ``brightness``] and a fair
+   sign, then a clamp to [0, 1]. The gain never comes near 1, so every sample changes even when
+   the shift is zero and there is no flip: no public image is ever within a few dB of exact.
 
 The sample is then normalised again with the dataset's mean and std.
 """
@@ -66,7 +68,8 @@ class PrivateTransform:
                 -self.max_shift, self.max_shift + 1, (2,), generator=generator
             ).tolist()
             flip = bool(torch.rand((), generator=generator) < 0.5) and self.flip
-            gain = 1 + self.brightness * (2 * float(torch.rand((), generator=generator)) - 1)
+            size = self.brightness * (1 + float(torch.rand((), generator=generator))) / 2
+            gain = 1 + size if bool(torch.rand((), generator=generator) < 0.5) else 1 - size
             out.append((_shift(image, *shift).flip(-1) if flip else _shift(image, *shift)) * gain)
         return (torch.stack(out).clamp(0, 1) - m) / s
 
