@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -90,6 +90,9 @@ class ClientShare:
     images: Tensor
     labels: Tensor
     update: dict[str, Tensor]
+    # What the defense reports about this round (a DP accountant's epsilon, the fraction of
+    # entries kept, ...): JSON data, recorded with the trial as ``defense_report``.
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Defense:
