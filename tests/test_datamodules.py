@@ -594,3 +594,81 @@ def test_fixtures_match_torchvision_readers(data: dict[str, Path]) -> None:
     theirs = UncheckedCelebA(str(data["celeba"]), split="valid", target_type="attr")
     column = theirs.attr_names.index("Smiling")
     assert theirs.attr[:, column].tolist() == smiling.labels.tolist()
+
+
+# ---------------------------------------------------------------- digits (scikit-learn, embedded)
+
+
+def test_digits_splits_labels_and_pixels() -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    dm = DATAMODULES.get("digits")()
+    assert (dm.input_shape, dm.num_classes) == ((1, 8, 8), 10)
+    assert dm.class_names == [str(d) for d in range(10)]
+    train, test = dm.samples("train"), dm.samples("test")
+    assert (len(train), len(test)) == (1437, 360)
+    # Stratified: every digit keeps its share (its 20 % rounded) in the test split.
+    assert torch.bincount(test.labels).tolist() == [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
+    train_index = [int(s.split("/")[1]) for s in train.sample_ids]
+    test_index = [int(s.split("/")[1]) for s in test.sample_ids]
+    assert sorted(train_index + test_index) == list(range(1797))
+    assert test.sample_ids[:5] == [f"digits/{i:04d}" for i in (21, 24, 28, 34, 35)]
+    for dataset, index in ((train, train_index), (test, test_index)):
+        assert dataset.labels.tolist() == digits.target[index].tolist()
+        x, y, sid = dataset[7]
+        pixels = x * dm.std[0] + dm.mean[0]
+        expected = torch.from_numpy(digits.images[index[7]] / 16).float().unsqueeze(0)
+        assert x.shape == (1, 8, 8) and y == int(digits.target[index[7]])
+        assert torch.allclose(pixels, expected, atol=1e-6)
+    # The stated normalisation is the train split's, to the 4 digits it is given with.
+    train_pixels = torch.from_numpy(digits.images[train_index] / 16)
+    assert float(train_pixels.mean()) == pytest.approx(dm.mean[0], abs=5e-5)
+    assert float(train_pixels.std(unbiased=False)) == pytest.approx(dm.std[0], abs=5e-5)
+    assert dm.describe() == {
+        "dataset": "digits",
+        "split_seed": 0,
+        "input_shape": [1, 8, 8],
+        "num_classes": 10,
+        "mean": [0.3054],
+        "std": [0.3761],
+        "split": "test",
+        "partition": {
+            "num_clients": 1,
+            "scheme": "iid",
+            "dirichlet_alpha": 0.5,
+            "seed": 0,
+            "client": None,
+        },
+    }
+
+
+def test_digits_trials_are_deterministic() -> None:
+    def plan(seed: int) -> list[list[str]]:
+        trials = DATAMODULES.get("digits")(batch_size=4, num_trials=3, seed=seed).trials()
+        return [trials[t]["sample_ids"] for t in range(3)]
+
+    assert plan(1) == plan(1)
+    assert plan(1) != plan(2)
+    first = DATAMODULES.get("digits")(batch_size=4, num_trials=1, seed=1).trials()[0]
+    again = DATAMODULES.get("digits")(batch_size=4, num_trials=1, seed=1).trials()[0]
+    assert torch.equal(first["images"], again["images"])
+    assert first["images"].shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "model", ["fcn", "fcn-exan", "fcn3", "lenet-zhu", "cnn6", "cnn6-d", "resnet18"]
+)
+def test_zoo_models_take_digits(model: str) -> None:
+    from leakbench.client import build_victim
+
+    victim = build_victim(model, (1, 8, 8), 10, seed=0).eval()
+    assert victim(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_convnet_cannot_take_digits() -> None:
+    """Its two 3×3 max-pools shrink 8×8 to 2×2 and then to nothing."""
+    from leakbench.client import build_victim
+
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        build_victim("convnet", (1, 8, 8), 10, seed=0)
