@@ -19,19 +19,52 @@ Conventions (fixed, so that results are comparable across attacks and papers):
    success = PSNR ≥ τ (τ = 30 dB by default, recorded with the results).
 5. Aggregates over all ground-truth images of all trials, failed ones included: mean, median and
    worst (minimum PSNR/SSIM, maximum MSE).
+6. Privacy beyond pixels, when the scorer is given a gallery and/or a reference classifier
+   (absent otherwise, so records without them stay valid):
+
+   * Image identifiability precision (IIP), from Yin, Mallya, Vahdat, Alvarez, Kautz and
+     Molchanov (2021), "See through Gradients: Image Batch Recovery via GradInversion" (CVPR),
+     as the breaching library (J. Geiping) computes it: a reconstruction r_i, matched to its
+     ground truth t_i, *identifies* t_i when its nearest neighbour in a gallery G of the split's
+     images is t_i. IIP = (1/B) Σ_i 1[argmin_{g ∈ G} d(r_i, g) = t_i], for d = L2 distance on
+     [0, 1] pixels (``iip_pixel``; the same ranking as per-pixel MSE) and d = LPIPS
+     (``iip_lpips``, only where LPIPS is available). Rules fixed here:
+     a. the gallery must hold every ground truth; it is found by its sample id (``gallery_ids``)
+        or, without ids, as the gallery image equal to it within ``SAME_IMAGE_ATOL``;
+     b. gallery images equal to the ground truth within ``SAME_IMAGE_ATOL`` (duplicates under
+        another id) *are* the ground truth: identifying a copy identifies the image;
+     c. a tie between the ground truth and a different image is *not* an identification:
+        r_i must be strictly closer to t_i (or a copy) than to every other gallery image;
+     d. a ground truth left unmatched (no reconstruction) is not identified.
+     Differences from breaching, by design: the whole gallery is searched rather than only the
+     images of the reconstruction's label (labels are scored by their own metrics; a wrong
+     label must not hide an identified face), distances are taken on clamped [0, 1] pixels
+     rather than normalised inputs, and copies are found by a fixed pixel tolerance. A
+     reconstruction that carries no information identifies its truth with chance 1/|G|.
+   * Task leakage: a reference classifier for the dataset's task (any module mapping
+     normalised inputs to logits, in eval mode) classifies each matched reconstruction
+     (de-normalised, clamped, re-normalised); ``task_leakage`` is 1 where its class is the
+     ground-truth label (unmatched: 0). ``task_ceiling`` is 1 where the classifier is right on
+     the ground-truth image itself: a perfect reconstruction leaks exactly the ceiling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterable, Sequence
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 PSNR_CAP = 300.0
@@ -39,6 +72,12 @@ MSE_FLOOR = 1e-30
 NULL_PIXEL = 0.5
 DEFAULT_SUCCESS_PSNR = 30.0
 LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"
+LPIPS_BACKBONE_URL = f"https://download.pytorch.org/models/{LPIPS_BACKBONE}"
+LPIPS_FETCH_TIMEOUT_S = 30.0  # per blocking network operation, so a dead network cannot hang
+# Two gallery images closer than this (max |Δ| on [0, 1] pixels) are the same image: far below
+# one 8-bit grey level (1/255), above float32 rounding of a normalise/de-normalise round trip.
+SAME_IMAGE_ATOL = 1e-6
+GALLERY_CHUNK = 256  # gallery images compared at once: bounds memory on large splits
 
 
 def to_pixels(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -115,6 +154,260 @@ def lpips(a: Tensor, b: Tensor) -> Tensor:
     )
 
 
+class LpipsFetchError(OSError):
+    """The LPIPS backbone could not be downloaded; the message is one line: URL and reason."""
+
+
+def fetch_lpips_weights(
+    timeout_s: float = LPIPS_FETCH_TIMEOUT_S,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Download the AlexNet backbone LPIPS needs into ``$TORCH_HOME/hub/checkpoints``.
+
+    torchmetrics ships LPIPS's linear layers but loads the ImageNet AlexNet backbone through
+    torchvision, which looks for ``LPIPS_BACKBONE`` there (where :func:`lpips_status` looks)
+    and never downloads it during a run. Steps:
+
+    1. if the file is already there, say so and return its path;
+    2. stream ``LPIPS_BACKBONE_URL`` into a temporary file beside it, every blocking network
+       operation bounded by ``timeout_s`` seconds;
+    3. check the SHA-256 prefix the file name carries (torch.hub's convention);
+    4. move the file into place atomically, say where, and return its path.
+
+    Raises :class:`LpipsFetchError` with one line (URL and reason) when the network, the
+    server or the check fails; no partial file is left behind.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s: got {timeout_s!r}, expected a positive number of seconds")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE
+    if target.is_file():
+        echo(f"LPIPS backbone already present at {target}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    expected_prefix = LPIPS_BACKBONE.rsplit("-", 1)[-1].split(".")[0]
+    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out:
+            with urllib.request.urlopen(LPIPS_BACKBONE_URL, timeout=timeout_s) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if not digest.hexdigest().startswith(expected_prefix):
+            raise LpipsFetchError(
+                f"cannot fetch {LPIPS_BACKBONE_URL}: its SHA-256 {digest.hexdigest()[:16]}... "
+                f"does not start with {expected_prefix}"
+            )
+        os.replace(partial, target)
+    except LpipsFetchError:
+        raise
+    except urllib.error.URLError as exc:  # no network, DNS, refused, HTTP error
+        raise LpipsFetchError(f"cannot fetch {LPIPS_BACKBONE_URL}: {exc.reason}") from None
+    except OSError as exc:  # timeouts, a connection cut mid-file, a full disk
+        raise LpipsFetchError(
+            f"cannot fetch {LPIPS_BACKBONE_URL}: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    echo(f"LPIPS backbone saved to {target}")
+    return target
+
+
+def gallery_from_samples(
+    samples: Dataset, mean: Sequence[float], std: Sequence[float]
+) -> tuple[Tensor, list[str]]:
+    """A split's images as an identifiability gallery: [0, 1] pixels (float32) and sample ids.
+
+    ``samples`` yields (normalised image, label, sample id) items, as every datamodule's split.
+    float32 halves the memory of large splits; the tolerance ``SAME_IMAGE_ATOL`` covers it.
+    """
+    pixels, ids = [], []
+    for index in range(len(samples)):  # type: ignore[arg-type]
+        image, _, sample_id = samples[index]
+        pixels.append(to_pixels(image[None], mean, std)[0].float())
+        ids.append(str(sample_id))
+    return torch.stack(pixels), ids
+
+
+def _against_gallery(images: Tensor, gallery: Tensor, norm: float) -> Tensor:
+    """The ``norm``-distance (float64) of every image to every gallery image: (K, N).
+
+    One pass over the gallery in chunks, each converted to float64 on its own, so that a large
+    split is never copied whole. Differences are taken directly (no ‖a‖² + ‖b‖² − 2ab expansion):
+    an exact reconstruction is at distance 0 and a tie stays a tie.
+    """
+    rows = images.reshape(len(images), -1).to(torch.float64)
+    return torch.cat(
+        [
+            torch.cdist(
+                rows,
+                chunk.reshape(len(chunk), -1).to(torch.float64),
+                p=norm,
+                compute_mode="donot_use_mm_for_euclid_dist",
+            )
+            for chunk in gallery.split(GALLERY_CHUNK)
+        ],
+        dim=1,
+    )
+
+
+def pixel_distances(images: Tensor, gallery: Tensor) -> Tensor:
+    """L2 distance (float64) of each [0, 1] image to every gallery image: (K, N).
+
+    The same ranking as per-pixel MSE, and breaching's pixel score.
+    """
+    return _against_gallery(images, gallery, 2.0)
+
+
+def lpips_distances() -> Callable[[Tensor, Tensor], Tensor]:
+    """LPIPS (AlexNet) of each [0, 1] image to every gallery image, (K, N), network built once.
+
+    Call only if :func:`lpips_status` is ok. Grey images are repeated to three channels, as in
+    :func:`lpips`.
+    """
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    metric = LearnedPerceptualImagePatchSimilarity(
+        net_type="alex", reduction="none", normalize=True
+    )
+
+    def to_one(image: Tensor, gallery: Tensor) -> Tensor:
+        scores = []
+        for chunk in gallery.split(GALLERY_CHUNK):
+            chunk = chunk.float().expand(-1, 3, -1, -1)
+            metric.reset()
+            metric.update(image.float()[None].expand(len(chunk), 3, -1, -1), chunk)
+            scores.append(metric.compute().reshape(-1).to(torch.float64))
+        return torch.cat(scores)
+
+    def distances(images: Tensor, gallery: Tensor) -> Tensor:
+        return torch.stack([to_one(image, gallery) for image in images])
+
+    return distances
+
+
+def same_image_mask(images: Tensor, gallery: Tensor) -> Tensor:
+    """Which gallery images equal each image within ``SAME_IMAGE_ATOL`` (max |Δ|): (K, N)."""
+    return _against_gallery(images, gallery, math.inf) <= SAME_IMAGE_ATOL
+
+
+def nearest_is_truth(distances: Tensor, gallery: Tensor, truth: Tensor) -> bool:
+    """Strictly closer to the ground truth (or a copy of it) than to any other gallery image.
+
+    Equivalently: every gallery image at the smallest distance is a copy of ``truth``, which
+    only the nearest few need checking for.
+    """
+    nearest = torch.nonzero(distances == distances.min()).flatten()
+    return bool(same_image_mask(truth[None], gallery[nearest]).all())
+
+
+def gallery_truth_indices(
+    truth_pixels: Tensor,
+    sample_ids: Sequence[str],
+    gallery: Tensor,
+    gallery_ids: Sequence[str] | None,
+) -> list[int]:
+    """Where each ground truth sits in the gallery: by sample id, or by its pixels without ids.
+
+    Raises ValueError (one line) for a gallery that cannot hold these ground truths.
+    """
+    if gallery.dim() != 4 or tuple(gallery.shape[1:]) != tuple(truth_pixels.shape[1:]):
+        raise ValueError(
+            f"gallery: got shape {tuple(gallery.shape)}, expected (N, "
+            f"{', '.join(map(str, truth_pixels.shape[1:]))}) like the ground truth"
+        )
+    if len(gallery) == 0:
+        raise ValueError("gallery: got 0 images, expected at least the ground truths")
+    if not gallery.is_floating_point() or not bool(gallery.min() >= 0 and gallery.max() <= 1):
+        raise ValueError(
+            f"gallery: got {gallery.dtype} values outside [0, 1] or NaN, expected pixels in [0, 1]"
+        )
+    if gallery_ids is None:
+        indices = []
+        for i, same in enumerate(same_image_mask(truth_pixels, gallery)):
+            found = torch.nonzero(same).flatten()
+            if len(found) == 0:
+                raise ValueError(
+                    f"gallery: ground truth {sample_ids[i]!r} is not among its {len(gallery)} "
+                    f"images (within {SAME_IMAGE_ATOL}); expected the gallery to hold it"
+                )
+            indices.append(int(found[0]))
+        return indices
+    if len(gallery_ids) != len(gallery):
+        raise ValueError(
+            f"gallery_ids: got {len(gallery_ids)} ids, expected one per gallery image "
+            f"({len(gallery)})"
+        )
+    position = {str(sample_id): index for index, sample_id in enumerate(gallery_ids)}
+    if len(position) != len(gallery_ids):
+        repeated = sorted({g for g in gallery_ids if list(gallery_ids).count(g) > 1})[:3]
+        raise ValueError(f"gallery_ids: got repeated ids {repeated}, expected unique ids")
+    missing = [str(s) for s in sample_ids if str(s) not in position]
+    if missing:
+        raise ValueError(
+            f"gallery_ids: ground truth {missing[0]!r} is missing, expected the gallery to hold "
+            f"every sample of the trial"
+        )
+    return [position[str(s)] for s in sample_ids]
+
+
+def identifiability(
+    matched: Sequence[Tensor | None],
+    truth_indices: Sequence[int],
+    gallery: Tensor,
+    distances: Callable[[Tensor, Tensor], Tensor] = pixel_distances,
+) -> list[bool]:
+    """Per ground truth: does its matched reconstruction identify it in the gallery (IIP)?
+
+    ``matched[i]`` is the [0, 1] reconstruction matched to ground truth i (None: unmatched);
+    ``truth_indices[i]`` is that truth's place in ``gallery``; ``distances(images, gallery)``
+    returns their (K, N) distances. Rules a-d of the module docstring.
+    """
+    if len(matched) != len(truth_indices):
+        raise ValueError(
+            f"truth_indices: got {len(truth_indices)}, expected one per ground truth "
+            f"({len(matched)})"
+        )
+    present = [i for i, reconstruction in enumerate(matched) if reconstruction is not None]
+    identified = [False] * len(matched)
+    if not present:
+        return identified
+    reconstructions = torch.stack([matched[i] for i in present])  # type: ignore[misc]
+    for i, row in zip(present, distances(reconstructions, gallery), strict=True):
+        identified[i] = nearest_is_truth(row, gallery, gallery[truth_indices[i]])
+    return identified
+
+
+def predicted_classes(
+    classifier: nn.Module, pixels: Tensor, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """The classifier's class for [0, 1] images, re-normalised into its input space."""
+    parameter = next(classifier.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    m = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
+    inputs = ((pixels.to(torch.float64) - m) / s).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        logits = classifier(inputs)
+    if logits.dim() != 2 or len(logits) != len(pixels):
+        raise ValueError(
+            f"classifier: returned shape {tuple(logits.shape)}, expected logits of shape "
+            f"({len(pixels)}, classes)"
+        )
+    return logits.argmax(dim=1).cpu()
+
+
+def _check_classifier(classifier: Any) -> None:
+    if not isinstance(classifier, nn.Module):
+        raise ValueError(f"classifier: got {type(classifier).__name__}, expected a torch.nn.Module")
+    if classifier.training:
+        raise ValueError(
+            f"classifier: got {type(classifier).__name__} in training mode, expected eval mode "
+            "(call .eval(): batch statistics would make its answers depend on the batch)"
+        )
+
+
 def score_trial(
     *,
     truth_images: Tensor,
@@ -127,12 +420,28 @@ def score_trial(
     inferred_batch_size: int | None = None,
     success_psnr: float = DEFAULT_SUCCESS_PSNR,
     with_lpips: bool = False,
+    gallery: Tensor | None = None,
+    gallery_ids: Sequence[str] | None = None,
+    classifier: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Score one trial. ``reconstructed_images=None`` scores a failed trial (all unmatched).
 
     Images are given in model-input space. Returns the per-sample rows and trial-level values.
+    With ``gallery`` ([0, 1] pixels, N×C×H×W, holding every ground truth; ``gallery_ids``
+    locates them by sample id) each row gains ``iip_pixel`` (and ``iip_lpips`` with
+    ``with_lpips``); with ``classifier`` (eval mode, normalised inputs to logits) each row gains
+    ``task_leakage`` and ``task_ceiling``. See the module docstring, item 6.
     """
+    if gallery_ids is not None and gallery is None:
+        raise ValueError("gallery_ids: given without a gallery, expected gallery too")
     truth_px = to_pixels(truth_images, mean, std)
+    truth_indices = (
+        gallery_truth_indices(truth_px, sample_ids, gallery, gallery_ids)
+        if gallery is not None
+        else None
+    )
+    if classifier is not None:
+        _check_classifier(classifier)
     if reconstructed_images is None:
         reconstructed_images = truth_images.new_zeros((0, *truth_images.shape[1:]))
     recon_px = to_pixels(reconstructed_images, mean, std)
@@ -155,6 +464,25 @@ def score_trial(
     ssim_values = ssim(paired, truth_px)
     lpips_values = lpips(paired, truth_px) if with_lpips else None
 
+    privacy: dict[str, list[bool]] = {}
+    if gallery is not None and truth_indices is not None:
+        matched = [recon_px[pairs[i]] if i in pairs else None for i in range(len(truth_px))]
+        privacy["iip_pixel"] = identifiability(matched, truth_indices, gallery)
+        if with_lpips:
+            privacy["iip_lpips"] = identifiability(
+                matched, truth_indices, gallery, lpips_distances()
+            )
+    if classifier is not None:
+        truth_classes = predicted_classes(classifier, truth_px, mean, std)
+        paired_classes = predicted_classes(classifier, paired, mean, std)
+        privacy["task_leakage"] = [
+            i in pairs and int(paired_classes[i]) == int(truth_labels[i])
+            for i in range(len(truth_px))
+        ]
+        privacy["task_ceiling"] = [
+            int(truth_classes[i]) == int(truth_labels[i]) for i in range(len(truth_px))
+        ]
+
     samples = []
     for i, sample_id in enumerate(sample_ids):
         label_correct = None
@@ -174,18 +502,25 @@ def score_trial(
         if lpips_values is not None:
             row["lpips"] = float(lpips_values[i])
         row["success"] = i in pairs and row["psnr"] >= success_psnr
+        for key, outcomes in privacy.items():
+            row[key] = outcomes[i]
         samples.append(row)
 
     labels_scored = [s["label_correct"] for s in samples if s["label_correct"] is not None]
-    return {
+    scores: dict[str, Any] = {
         "samples": samples,
         "label_accuracy": float(np.mean(labels_scored)) if labels_scored else None,
         "batch_size_correct": (
             None if inferred_batch_size is None else inferred_batch_size == len(truth_images)
         ),
         "success_rate": float(np.mean([s["success"] for s in samples])),
-        "matched_pixels": paired,
     }
+    if gallery is not None:
+        scores["iip_gallery_size"] = len(gallery)
+    for key, outcomes in privacy.items():
+        scores[f"{key}_rate"] = float(np.mean(outcomes))
+    scores["matched_pixels"] = paired
+    return scores
 
 
 def perturbation(
@@ -262,4 +597,27 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         }
     if samples and all("lpips" in s for s in samples):
         summary["lpips"] = _stats([s["lpips"] for s in samples], "max")
+    summary.update(_privacy_rates(records, samples))
+    return summary
+
+
+PRIVACY_FIELDS = ("iip_pixel", "iip_lpips", "task_leakage", "task_ceiling")
+
+
+def _privacy_rates(records: list[dict[str, Any]], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rates and counts of the privacy fields, for fields every sample of the cell carries.
+
+    IIP also gets its chance level: the mean over images of 1 / gallery size.
+    """
+    summary: dict[str, Any] = {}
+    for key in PRIVACY_FIELDS:
+        if not samples or not all(key in s for s in samples):
+            continue
+        count = sum(bool(s[key]) for s in samples)
+        summary[key] = {"rate": count / len(samples), "count": count, "images": len(samples)}
+        if key.startswith("iip_"):
+            sizes = [
+                r["metrics"]["iip_gallery_size"] for r in records for _ in r["metrics"]["samples"]
+            ]
+            summary[key]["chance"] = float(np.mean([1.0 / n for n in sizes]))
     return summary

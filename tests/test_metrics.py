@@ -211,3 +211,23 @@ def test_lpips_is_reported_unavailable_without_local_backbone(tmp_path, monkeypa
     available, reason = metrics.lpips_status()
     assert not available
     assert "unavailable" in reason and str(tmp_path) in reason
+
+
+def test_without_gallery_or_classifier_scores_carry_no_privacy_fields():
+    truth = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)).double()
+    scores = score_trial(
+        truth_images=truth,
+        truth_labels=torch.tensor([0, 1]),
+        sample_ids=["a", "b"],
+        mean=IDENTITY[0],
+        std=IDENTITY[1],
+        reconstructed_images=truth,
+    )
+    assert set(scores) == {
+        "samples",
+        "label_accuracy",
+        "batch_size_correct",
+        "success_rate",
+        "matched_pixels",
+    }
+    assert not any(key in row for row in scores["samples"] for key in metrics.PRIVACY_FIELDS)
