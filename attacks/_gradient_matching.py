@@ -12,7 +12,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from leakbench.threat_model import Capability, Observation, RequirementsNotGranted
+from leakbench.client import Aggregate, ClientProtocol, FedSGD, protocol_from_spec
+from leakbench.threat_model import (
+    Capability,
+    Observation,
+    RequirementsNotGranted,
+    protocol_view,
+)
 
 
 def granted_batch_size(observation: Observation, attack: str) -> int:
@@ -45,3 +51,32 @@ def dummy_gradients(observation: Observation, images: Tensor, targets: Tensor) -
     parameters = list(observation.model.parameters())
     loss = F.cross_entropy(observation.model(images), targets)
     return list(torch.autograd.grad(loss, parameters, create_graph=True))
+
+
+def replayed_protocol(observation: Observation, attack: str) -> ClientProtocol | None:
+    """The client protocol an attack replays on its dummies; None where the FedSGD gradient of
+    all of them does: under FedSGD, and under an aggregate of FedSGD clients seen without its
+    hyperparameters (the sum of K clients' means is K times the mean gradient of all K·B
+    samples, a factor a cosine distance ignores)."""
+    spec = observation.client_protocol
+    if spec == protocol_view(spec, frozenset()):  # the names only
+        names = {spec["name"], spec.get("inner", {}).get("name", FedSGD.name)}
+        if names <= {FedSGD.name, Aggregate.name}:
+            return None
+        raise RequirementsNotGranted(
+            f"{attack} needs the client protocol's local hyperparameters "
+            f"({Capability.LOCAL_HYPERPARAMETERS.value}) to simulate {spec}"
+        )
+    protocol = protocol_from_spec(spec)
+    return None if isinstance(protocol, FedSGD) else protocol
+
+
+def simulated_update(
+    observation: Observation, protocol: ClientProtocol | None, images: Tensor, targets: Tensor
+) -> list[Tensor]:
+    """The update ``images`` would produce under ``protocol`` (None: FedSGD), in
+    ``model.parameters()`` order, differentiable w.r.t. ``images``."""
+    if protocol is None:
+        return dummy_gradients(observation, images, targets)
+    update = protocol.simulate(observation.model, images, targets)
+    return [update[name] for name, _ in observation.model.named_parameters()]

@@ -29,6 +29,13 @@ where g_m = δ_m is the bias gradient of sample m's loss alone (∇b = (1/B) Σ_
 (x̂ = Σ_{i∈S} ∇b_i ∇W_i / Σ_{i∈S} ∇b_i², and c_m uses the dot products over S); this drops
 rows dominated by noise under a perturbing defense and is still exact for B = 1.
 
+Client protocols: all. The update is read through :func:`leakbench.client.fedsgd_equivalent`;
+x̂ is a ratio of gradient entries, so neither the sign flip nor the scale of a FedAvg delta or of
+a sum of K clients changes it. A FedAvg delta of one full-batch step is exactly −η ∇θ (the same
+answer as FedSGD); after several local steps, or summed over clients, ∇W ≈ ∇b x̂ᵀ holds only
+approximately (weights move between steps; more samples mix), as in breaching, which reads a
+weight delta as a gradient.
+
 Hyperparameters: ``relative_threshold`` (0.0: every row, the plain least-squares estimate).
 The attack infers neither the batch size nor the labels.
 """
@@ -39,6 +46,7 @@ import math
 
 from torch import nn
 
+from leakbench.client import EVERY_PROTOCOL, fedsgd_equivalent
 from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError
 from leakbench.registry import register_attack
 from leakbench.threat_model import Observation, Reconstruction
@@ -77,6 +85,7 @@ def first_linear_layer(model: nn.Module) -> tuple[str, nn.Linear]:
 @register_attack("bias")
 class BiasAttack(Attack):
     requires = frozenset()
+    client_protocols = EVERY_PROTOCOL
     threat_model = (
         "honest-but-curious server observing one FedSGD update; first trainable layer is "
         "nn.Linear with a bias; no batch size or labels needed"
@@ -92,6 +101,7 @@ class BiasAttack(Attack):
         first_linear_layer(model)
 
     def reconstruct(self, observation: Observation) -> Reconstruction:
+        observation = fedsgd_equivalent(observation)
         name, layer = first_linear_layer(observation.model)
         if layer.in_features != math.prod(observation.input_shape):
             raise TrialFailure(

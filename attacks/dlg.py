@@ -27,6 +27,14 @@ Hyperparameters:
   Without one, a step of length ``lr`` can overshoot and L-BFGS can stall at a worse point than
   its start; the strong-Wolfe search avoids that at the price of extra evaluations.
 
+Client protocols: all, the update read through :func:`leakbench.client.fedsgd_equivalent` as
+the FedSGD gradient of every sample behind it. That is exact for FedSGD, for one full-batch
+FedAvg step and for a sum of K FedSGD clients when the local hyperparameters
+(``Capability.LOCAL_HYPERPARAMETERS``) give η and K (the dummies then number K·B, the granted
+batch size); after several local steps −Δ/(ηE) is only the mean of gradients taken at moving
+weights, an approximation; and without the hyperparameters the scale of the target is off, which
+the L2 distance does not forgive.
+
 The model is used in the mode the client trained it in; the attack never changes it.
 """
 
@@ -44,6 +52,7 @@ from leakbench.attacks._gradient_matching import (
     granted_batch_size,
     seeded_generator,
 )
+from leakbench.client import EVERY_PROTOCOL, fedsgd_equivalent
 from leakbench.interfaces import Attack, TrialFailure, positive_int
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, Observation, Reconstruction
@@ -59,6 +68,7 @@ def l2_gradient_distance(dummy: list[Tensor], target: list[Tensor]) -> Tensor:
 @register_attack("dlg")
 class DLG(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    client_protocols = EVERY_PROTOCOL
     threat_model = (
         "honest-but-curious server observing one FedSGD update; knows the architecture, the "
         "parameters and the batch size; labels unknown (optimised jointly)"
@@ -90,6 +100,7 @@ class DLG(Attack):
         self.line_search = line_search
 
     def reconstruct(self, observation: Observation) -> Reconstruction:
+        observation = fedsgd_equivalent(observation)
         batch_size = granted_batch_size(observation, "DLG")
         target = [g.detach() for g in observation.gradients()]
         generator = seeded_generator(observation)

@@ -88,6 +88,14 @@ integral scale or an ambiguous one, zero bias gradients at every ExAN of a sampl
 rank-deficient or inconsistent first-layer system, no sample left, or an exact answer for the
 whole batch whose residual exceeds ``tolerance``) end the trial with :class:`TrialFailure`.
 
+Client protocols: all, the update read through :func:`leakbench.client.fedsgd_equivalent` as
+the FedSGD gradient of every sample behind it (our extension; the paper treats FedSGD). Exact
+for a sum of K FedSGD clients when ``Capability.LOCAL_HYPERPARAMETERS`` gives K (the sum is K
+times the mean over all K·B samples, so the attack sees one batch of K·B and infers M = K·B;
+without K the 1/M scale test sees the wrong scale) and for one full-batch FedAvg step. After
+several local steps the identities above hold only at θ_0 while the delta mixes gradients at
+moving weights: groups stop being exact and the residual check usually fails the trial.
+
 Hyperparameters (documented defaults):
 
 * ``tolerance`` (None): what counts as equal: chord distances of grouping and of row
@@ -117,6 +125,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from leakbench.analysis.exclusivity import exan_mask
+from leakbench.client import EVERY_PROTOCOL, fedsgd_equivalent
 from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError
 from leakbench.registry import register_attack
 from leakbench.threat_model import Observation, Reconstruction
@@ -878,6 +887,7 @@ def check_exan_hyperparameters(
 @register_attack("exan")
 class ExAN(Attack):
     requires = frozenset()
+    client_protocols = EVERY_PROTOCOL
     threat_model = (
         "honest-but-curious server observing one FedSGD update of a ReLU FCN; knows the "
         "architecture and the parameters; infers the batch size and the labels"
@@ -915,6 +925,7 @@ class ExAN(Attack):
         fcn_layers(model)
 
     def reconstruct(self, observation: Observation) -> Reconstruction:
+        observation = fedsgd_equivalent(observation)
         linears = fcn_layers(observation.model)
         if linears[0][1].in_features != math.prod(observation.input_shape):
             raise ValueError(

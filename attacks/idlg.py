@@ -29,6 +29,11 @@ g = ∂ℓ/∂z = softmax(z) − e_y has exactly one negative entry, at the true
 
 Reconstruction: DLG (:mod:`leakbench.attacks.dlg`, same hyperparameters and budget use) with the
 label fixed, i.e. minimising Σ_layers ‖∇θ CE(f_θ(x'), y) − ∇θ‖² over x' only.
+
+Client protocols: all, as DLG (the update read through
+:func:`leakbench.client.fedsgd_equivalent`, which also undoes the sign of a FedAvg delta
+Δ = −η Σ_t ∇θ_t that the label rule reads); an aggregate qualifies only with one client of one
+sample, the granted batch size being the K·B samples behind the sum.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from leakbench.attacks._gradient_matching import (
     seeded_generator,
 )
 from leakbench.attacks.dlg import DLG
+from leakbench.client import fedsgd_equivalent
 from leakbench.interfaces import TrialFailure
 from leakbench.registry import register_attack
 from leakbench.threat_model import Observation, Reconstruction
@@ -94,6 +100,7 @@ class IDLG(DLG):
     )
 
     def reconstruct(self, observation: Observation) -> Reconstruction:
+        observation = fedsgd_equivalent(observation)  # the label rule reads signs: undo Δ's
         batch_size = granted_batch_size(observation, "iDLG")
         if batch_size != 1:
             raise TrialFailure(

@@ -40,6 +40,24 @@ Hyperparameters:
   up to 24 000 on GPU; 2000 keeps a LeNet-sized trial to seconds on a CPU.
 * ``lr`` (0.1), ``tv_weight`` α (1e-4), ``restarts`` (1).
 
+Client protocols (the paper's Sec. 5, "multiple local steps"):
+
+* fedsgd: as above.
+* fedavg (needs ``Capability.LOCAL_HYPERPARAMETERS``): the dummy gradient is replaced by the
+  simulated local training of the dummies, Δ'(x') = θ_E(x') − θ_0 with the granted local steps or
+  epochs, local batch size and learning rate (:meth:`leakbench.client.FedAvg.simulate`: the
+  client's own code, kept differentiable), and the cosine distance compares Δ' with the shared
+  Δ. Dummy slot i plays the client's i-th sample in its first epoch's order; later epochs'
+  reshuffles are secret, so with several epochs of mini-batches the simulation is an
+  approximation.
+* aggregate of K clients: the granted batch size is K·B; with the hyperparameters the dummies
+  are split into K clients of B and their simulated updates summed; without them (FedSGD
+  clients only) the gradient of all K·B dummies is matched, exact up to the factor K that the
+  cosine ignores.
+
+Labels are inferred from the update read as a gradient
+(:func:`leakbench.client.fedsgd_equivalent`, which undoes a FedAvg delta's sign).
+
 The model is used in the mode the client trained it in; the attack never changes it.
 """
 
@@ -52,12 +70,14 @@ import torch
 from torch import Tensor
 
 from leakbench.attacks._gradient_matching import (
-    dummy_gradients,
     gaussian_dummy,
     granted_batch_size,
+    replayed_protocol,
     seeded_generator,
+    simulated_update,
 )
 from leakbench.attacks.idlg import idlg_label, output_layer_gradients
+from leakbench.client import EVERY_PROTOCOL, ClientProtocol, FedAvg, fedsgd_equivalent
 from leakbench.interfaces import Attack, TrialFailure, positive_int
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, Observation, Reconstruction
@@ -108,6 +128,8 @@ def _box(observation: Observation, like: Tensor) -> tuple[Tensor, Tensor]:
 @register_attack("inverting-gradients")
 class InvertingGradients(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    client_protocols = EVERY_PROTOCOL
+    protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
     threat_model = (
         "honest-but-curious server observing one FedSGD update; knows the architecture, the "
         "parameters and the batch size; uses labels if granted, else infers them"
@@ -131,7 +153,8 @@ class InvertingGradients(Attack):
     def reconstruct(self, observation: Observation) -> Reconstruction:
         batch_size = granted_batch_size(observation, "Inverting Gradients")
         target = [g.detach() for g in observation.gradients()]
-        labels, label_source = self._labels(observation, batch_size)
+        protocol = replayed_protocol(observation, "Inverting Gradients")
+        labels, label_source = self._labels(fedsgd_equivalent(observation), batch_size)
         labels = labels.to(target[0].device)
         low, high = _box(observation, target[0])
         generator = seeded_generator(observation)
@@ -143,9 +166,11 @@ class InvertingGradients(Attack):
                 break
             images = gaussian_dummy((batch_size, *observation.input_shape), generator, target[0])
             with torch.enable_grad():
-                done = self._optimise(observation, target, images, labels, low, high, restart)
+                done = self._optimise(
+                    observation, protocol, target, images, labels, (low, high), restart
+                )
                 loss = cosine_gradient_distance(
-                    dummy_gradients(observation, images, labels), target
+                    simulated_update(observation, protocol, images, labels), target
                 ).item()
             candidates.append(images.detach())
             losses.append(loss)
@@ -180,14 +205,15 @@ class InvertingGradients(Attack):
     def _optimise(
         self,
         observation: Observation,
+        protocol: ClientProtocol | None,
         target: list[Tensor],
         images: Tensor,
         labels: Tensor,
-        low: Tensor,
-        high: Tensor,
+        box: tuple[Tensor, Tensor],
         restart: int,
     ) -> int:
         """Run one restart in place on ``images``; returns the iterations it drew."""
+        low, high = box
         planned = self._planned_iterations(observation, restart)
         with torch.no_grad():
             images.copy_(torch.maximum(torch.minimum(images, high), low))
@@ -196,7 +222,8 @@ class InvertingGradients(Attack):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=LR_DECAY)
         done = 0
         for _ in observation.budget.iterations(planned):
-            loss = cosine_gradient_distance(dummy_gradients(observation, images, labels), target)
+            update = simulated_update(observation, protocol, images, labels)
+            loss = cosine_gradient_distance(update, target)
             if self.tv_weight > 0:
                 loss = loss + self.tv_weight * total_variation(images)
             (grad,) = torch.autograd.grad(loss, [images])

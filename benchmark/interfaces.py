@@ -55,6 +55,11 @@ class Attack(ABC):
     requires: ClassVar[frozenset[Capability]] = frozenset()
     threat_model: ClassVar[str] = "honest-but-curious server observing one FedSGD update"
     max_batch_size: ClassVar[int | None] = None  # e.g. 1 for single-sample attacks
+    # Client protocols (``leakbench.client``) whose update the attack can read; a run under
+    # another one is refused before any trial.
+    client_protocols: ClassVar[frozenset[str]] = frozenset({"fedsgd"})
+    # Capabilities needed on top of ``requires`` when the run's protocol includes the key.
+    protocol_requires: ClassVar[Mapping[str, frozenset[Capability]]] = {}
 
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams
@@ -100,9 +105,17 @@ class Defense:
     a step needs arrives as an argument, so calls never depend on one another."""
 
     registered_name: ClassVar[str]
+    # The client protocols (``leakbench.client``) whose round this defense can run. A defense
+    # that computes its own update instead of calling ``compute_update`` cannot take FedAvg's
+    # local steps and must leave "fedavg" out; runs are refused before any trial.
+    client_protocols: ClassVar[frozenset[str]] = frozenset({"fedsgd", "fedavg", "aggregate"})
 
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError naming what of ``model`` this defense cannot handle (checked once,
+        before any trial)."""
 
     def apply(
         self,

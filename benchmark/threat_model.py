@@ -6,8 +6,10 @@ grants. Everything in an Observation is a copy; nothing reachable from it is, or
 tensor of the private batch (``tests/test_observation_isolation.py`` walks the object graph to
 prove it).
 
-The loss behind every shared update is the mean softmax cross-entropy over the client's batch
-(FedSGD): ``update[name] = d/dθ (1/B) Σ_b CE(f_θ(x_b), y_b)``.
+The loss behind every shared update is the mean softmax cross-entropy over the client's batch;
+the client protocol (:mod:`leakbench.client`, named in ``Observation.client_protocol``) says what
+is shared: its gradient (FedSGD, ``update[name] = d/dθ (1/B) Σ_b CE(f_θ(x_b), y_b)``), the weight
+delta after local SGD steps (FedAvg), or the sum of K clients' updates (aggregate).
 """
 
 from __future__ import annotations
@@ -16,40 +18,26 @@ import copy
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+# Torch-free, so the command line can read them without torch; re-exported from here.
+# New capabilities and Budget fields go in leakbench/capabilities.py.
+from leakbench.capabilities import Budget, Capability, RequirementsNotGranted
 
-class Capability(str, Enum):
-    """Knowledge or power beyond (model, shared update) that an attack may need."""
-
-    LABELS = "labels"  # the private labels of the batch
-    BATCH_SIZE = "batch_size"  # the number of samples in the batch
-    CLIENT_CODE = "client_code"  # the server ships code that runs on the client (fishing)
-
-
-class RequirementsNotGranted(ValueError):
-    """An attack needs a capability that the run does not grant."""
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Compute budget of one trial; ``None`` means unlimited on that axis.
-
-    ``max_iterations`` decides a trial's result: it counts work, not time, so the same trial
-    gives the same record on a quiet or a loaded machine. ``max_seconds`` is a hard wall-clock
-    limit enforced by the harness: a trial that runs past it is recorded as ``timeout``, never
-    stopped early with a partial answer.
-    """
-
-    max_iterations: int | None = None
-    max_seconds: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"max_iterations": self.max_iterations, "max_seconds": self.max_seconds}
+__all__ = [
+    "Budget",
+    "BudgetMeter",
+    "Capability",
+    "ClientContext",
+    "Observation",
+    "Reconstruction",
+    "RequirementsNotGranted",
+    "make_observation",
+    "protocol_view",
+]
 
 
 class BudgetMeter:
@@ -125,6 +113,9 @@ class Observation:
     batch_size: int | None = None  # granted only with Capability.BATCH_SIZE
     labels: Tensor | None = None  # granted only with Capability.LABELS
     client_state: Any = None  # what the attack's own client_hook left (Capability.CLIENT_CODE)
+    # The client protocol behind the update (``leakbench.client``): its full spec with
+    # Capability.LOCAL_HYPERPARAMETERS, otherwise only its name (and its inner protocol's).
+    client_protocol: dict[str, Any] = field(default_factory=lambda: {"name": "fedsgd"})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,6 +165,7 @@ def make_observation(
     budget: Budget,
     seed: int,
     client_state: Any = None,
+    client_protocol: Mapping[str, Any] | None = None,
 ) -> Observation:
     """An attacker's view built directly from a model and an update, copying both: for testing
     an attack on its own. Trials never use it: the protocol sends the attacker a serialised
@@ -192,4 +184,16 @@ def make_observation(
         batch_size=int(labels.shape[0]) if Capability.BATCH_SIZE in granted else None,
         labels=labels.detach().clone() if Capability.LABELS in granted else None,
         client_state=copy.deepcopy(client_state),
+        client_protocol=protocol_view(client_protocol or {"name": "fedsgd"}, granted),
     )
+
+
+def protocol_view(spec: Mapping[str, Any], granted: frozenset[Capability]) -> dict[str, Any]:
+    """What the attacker learns of the client protocol ``spec``: all of it with
+    ``Capability.LOCAL_HYPERPARAMETERS``, otherwise only the names (``aggregate`` of ``fedavg``)."""
+    if Capability.LOCAL_HYPERPARAMETERS in granted:
+        return copy.deepcopy(dict(spec))
+    view: dict[str, Any] = {"name": spec["name"]}
+    if "inner" in spec:
+        view["inner"] = protocol_view(spec["inner"], granted)
+    return view

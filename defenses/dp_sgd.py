@@ -139,6 +139,9 @@ def per_sample_gradients(model: nn.Module, images: Tensor, labels: Tensor) -> di
 
 @register_defense("dp-sgd")
 class DPSGDDefense(Defense):
+    # Its update is the per-sample-clipped gradient, not ``compute_update``: no local steps.
+    client_protocols = frozenset({"fedsgd", "aggregate"})
+
     def __init__(
         self,
         max_grad_norm: float,

@@ -22,6 +22,7 @@ record names the mode it ran in.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import json
@@ -78,6 +79,7 @@ def observation_payload(
     labels: torch.Tensor | None,
     client_state: Any,
     device: str = "cpu",
+    client_protocol: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the attacker may see, as plain data (copies on the CPU, never references);
     ``device`` is where the attack's tensors go (the device the client trained on)."""
@@ -95,6 +97,8 @@ def observation_payload(
         "batch_size": batch_size,
         "labels": None if labels is None else labels.detach().cpu().clone(),
         "client_state": client_state,
+        # Plain data (names and numbers), as granted: see threat_model.protocol_view.
+        "client_protocol": copy.deepcopy(client_protocol or {"name": "fedsgd"}),
     }
 
 
@@ -116,6 +120,7 @@ def observation_from_payload(payload: dict[str, Any]) -> Observation:
         batch_size=payload["batch_size"],
         labels=None if labels is None else labels.to(device),
         client_state=payload["client_state"],
+        client_protocol=payload.get("client_protocol") or {"name": "fedsgd"},
     )
 
 

@@ -6,15 +6,19 @@ Lightning's evaluator, the studies (``leakbench boundary``, ...) and verificatio
 0. (verification only) the private samples are changed by a secret, seeded transform;
 1. the client builds a fresh victim from its specification;
 2. the attack's client code runs, only where the run granted it to the attack's class;
-3. the defense turns the batch into what the client trains on and the update it shares
-   (FedSGD: the gradient of the mean cross-entropy);
+3. the client protocol runs the round under the defense (``defense.apply``): FedSGD's gradient
+   of the mean cross-entropy, FedAvg's weight delta after local SGD steps, or the sum of K
+   clients' updates, each client holding its own slice of the trial's batch
+   (:mod:`leakbench.client`); the defense reports what it did (``defense_report``);
 4. the server's Observation is assembled as plain data: the victim's specification and state,
-   the shared update, the granted metadata, the budget and an attacker seed that does not
-   identify the trial;
+   the shared update, the granted metadata (the client protocol's local hyperparameters among
+   them), the budget and an attacker seed that does not identify the trial;
 5. the attack reconstructs, isolated in a worker process by default
    (:mod:`leakbench.protocol.isolation`);
-6. scoring through the canonical metrics module, against the private batch and, when the client
-   trained on a changed batch, against that batch too, with what the change cost each image;
+6. scoring through the canonical metrics module, against the private batch (every client's
+   samples: any of them is the server's target): pixels, and where the setting holds a gallery
+   and a reference classifier, identifiability and task leakage; when the client trained on a
+   changed batch, against that batch too, with what the change cost each image;
 7. covariates (analyses of the model and the batch the client trained on) and the record.
 """
 
@@ -24,16 +28,21 @@ import copy
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from leakbench.client import fedsgd_update
+from leakbench.client import ClientProtocol, FedSGD
 from leakbench.interfaces import Defense
 from leakbench.metrics import perturbation, score_trial, to_pixels
-from leakbench.protocol.attack import PreparedAttack, attack_seed, trial_seed
+from leakbench.protocol.attack import (
+    PreparedAttack,
+    attack_seed,
+    protocol_requirements,
+    trial_seed,
+)
 from leakbench.protocol.isolation import (
     AttackOutcome,
     default_threads,
@@ -44,7 +53,7 @@ from leakbench.protocol.isolation import (
 from leakbench.protocol.private_transform import PrivateTransform
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
-from leakbench.threat_model import Budget, Capability, ClientContext
+from leakbench.threat_model import Budget, Capability, ClientContext, protocol_view
 
 # Record fields that measure the machine rather than the attack: they differ between two runs
 # of the same configuration, and only they do.
@@ -76,6 +85,15 @@ class TrialSetting:
     # Verification only: a secret change of every sample before the client sees it.
     private_transform: PrivateTransform | None = None
     threads: int | None = None  # the attack worker's intra-op threads; None: all cores
+    # How the shared update comes about. ``batch_size`` is one client's; a trial's batch holds
+    # ``client_protocol.samples_per_trial(batch_size)`` samples (K·B for an aggregate of K).
+    client_protocol: ClientProtocol = FedSGD()
+    # Privacy metrics beyond pixels (leakbench.metrics): the split's images in [0, 1] with their
+    # ids, the gallery a reconstruction must be identified in, and the dataset's reference
+    # classifier (eval mode). Left out of comparisons: they hold tensors.
+    gallery: Tensor | None = field(default=None, compare=False)
+    gallery_ids: tuple[str, ...] | None = None
+    classifier: nn.Module | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -96,6 +114,7 @@ def run_trial(
     """Run one trial on ``batch`` (a ``TrialDataset`` item) and return its record."""
     started = time.perf_counter()
     s = setting
+    _check_protocol(attack, s)
     trial = int(batch["trial"])
     seed = trial_seed(s.seed, trial)
     attacker_seed = attack_seed(s.seed, s.cell)
@@ -116,6 +135,7 @@ def run_trial(
         "sample_ids": list(batch["sample_ids"]),
         "client": int(batch.get("client", 0)),
         "labels": labels.tolist(),
+        "client_protocol": s.client_protocol.spec(),
     }
     if batch.get("error"):  # a sample could not be read: nothing to attack
         return _failed(record, setting, private, labels, batch["sample_ids"], batch["error"])
@@ -146,7 +166,7 @@ def run_trial(
             return _failed(
                 record, setting, private, labels, batch["sample_ids"], f"client code: {exc}"
             )
-    share = defense.apply(model, trained_images, labels, generator, fedsgd_update)
+    share = s.client_protocol.share(model, trained_images, labels, defense, generator)
 
     # 4-5. The server: the Observation as plain data, the attack in its worker.
     payload = observation_payload(
@@ -163,6 +183,7 @@ def run_trial(
         labels=share.labels if Capability.LABELS in s.granted else None,
         client_state=client_state,
         device=str(private.device),
+        client_protocol=protocol_view(s.client_protocol.spec(), s.granted),
     )
     outcome = _attack(attack, payload, setting)
 
@@ -183,10 +204,13 @@ def run_trial(
         client_state=client_state,
         client_code_s=client_seconds,  # the attack's client code, on the client
         client_report=client_report,  # its diagnostics: recorded, not sent to the server
+        defense_report=_plain(share.info),  # what the defense says it did this round
         metrics=scores,
     )
     if not torch.equal(share.images, private):
-        trained = _score(setting, share.images, share.labels, batch["sample_ids"], answer)
+        trained = _score(
+            setting, share.images, share.labels, batch["sample_ids"], answer, privacy=False
+        )
         trained.pop("matched_pixels")
         record["metrics_vs_trained"] = trained
         record["perturbation"] = perturbation(private, share.images.detach(), s.mean, s.std)
@@ -201,6 +225,17 @@ def run_trial(
     }
     truth = to_pixels(private, s.mean, s.std)
     return TrialOutcome(record, list(zip(truth, matched, strict=True)))
+
+
+def _check_protocol(attack: PreparedAttack, s: TrialSetting) -> None:
+    """The attack was prepared for this trial's client protocol (refused before any trial by
+    ``prepare_attack``; here for a harness that prepared it for another one)."""
+    protocol_requirements(attack.name, attack.cls, s.client_protocol)
+    if attack.client_protocol != s.client_protocol:
+        raise ValueError(
+            f"attack {attack.name!r} was prepared for the client protocol "
+            f"{attack.client_protocol.spec()}, but the trial runs {s.client_protocol.spec()}"
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -251,7 +286,11 @@ def _score(
     labels: Tensor,
     sample_ids: Sequence[str],
     answer: Any,
+    privacy: bool = True,
 ) -> dict[str, Any]:
+    """Canonical scores; ``privacy``: with identifiability and task leakage where the setting
+    has a gallery and a classifier (not for the batch the client trained on: it would repeat
+    the identification by sample id and spend the classifier again)."""
     return score_trial(
         truth_images=truth.detach(),
         truth_labels=labels,
@@ -263,6 +302,9 @@ def _score(
         inferred_batch_size=answer.batch_size if answer is not None else None,
         success_psnr=s.success_psnr,
         with_lpips=s.with_lpips,
+        gallery=s.gallery if privacy else None,
+        gallery_ids=s.gallery_ids if privacy else None,
+        classifier=s.classifier if privacy else None,
     )
 
 
@@ -288,6 +330,7 @@ def _failed(
         client_state=None,
         client_code_s=None,
         client_report=None,
+        defense_report=None,
         metrics=scores,
         covariates={},
         wall_s=0.0,
