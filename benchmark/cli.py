@@ -1,140 +1,231 @@
 """``leakbench``: run experiments, list components, inspect datasets and models.
 
 leakbench run                       the quickstart (lfw-subset, FCN, bias + iDLG, B = 1 and 4)
-leakbench run --config FILE.yaml    a configured run, with command-line overrides
+leakbench run --config FILE.yaml    a configured run; options given on the line win
 leakbench list                      everything registered, with each attack's requirements
+leakbench COMMAND --help            every option of a command, with its help text
+
+Every command is a typed function (:mod:`leakbench.commands`); this module and the command
+modules import no torch, so ``--help``, ``list`` and the refusal of bad input answer at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-# Modules that contribute subcommands through an ``add_command(subparsers)`` function.
+from leakbench.commands import (
+    COMMANDS,
+    Given,
+    command,
+    describe,
+    find,
+    groups,
+    invoke,
+    merged,
+)
+from leakbench.config import ConfigError, RunConfig, check_output_folder
+
+# Light modules that declare commands with ``@command`` (imported for every invocation).
 COMMAND_MODULES: tuple[str, ...] = (
-    "leakbench.datamodules.check",
-    "leakbench.leaderboard",
-    "leakbench.analysis.rank",
-    "leakbench.analysis.boundary",
-    "leakbench.analysis.overhead",
-    "leakbench.analysis.fishing_study",
-    "leakbench.sweep",
+    "leakbench.analysis.commands",
+    "leakbench.datamodules.commands",
+    "leakbench.analysis.defense_commands",
+    "leakbench.leaderboard.commands",
+    "leakbench.models.commands",
+    "leakbench.sweep.commands",
 )
 
 
-def add_run_command(subparsers: Any) -> None:
-    p = subparsers.add_parser("run", help="run a benchmark (no arguments: the quickstart)")
-    p.add_argument("--config", help="YAML run configuration")
-    p.add_argument("--dataset")
-    p.add_argument("--model")
-    p.add_argument("--attack", dest="attacks", action="append", help="repeatable")
-    p.add_argument("--defense")
-    p.add_argument("--batch-size", dest="batch_sizes", type=int, action="append", help="repeatable")
-    p.add_argument("--trials", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output-dir")
-    p.add_argument("--run-name")
-    p.add_argument("--logger", choices=["wandb", "csv", "none"])
-    p.add_argument("--grant", dest="grants", action="append", help="capability; repeatable")
-    p.add_argument(
-        "--isolation",
-        choices=["process", "in-process"],
-        help="where attacks run: a fresh worker process per trial (default), or in-process "
-        "(debugging; isolates nothing)",
-    )
-    p.add_argument("--threads", type=int, help="intra-op threads per process (default: cores)")
-    p.add_argument("--devices", type=int, help="processes (Lightning devices) sharing the trials")
-    p.add_argument(
-        "--resume",
-        help="an earlier run folder: continue the run its config.yaml describes, skipping the "
-        "trials it already holds (flags that change what it measures are refused)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run_command)
+@command(
+    "run", repeated={"--attack": "attacks", "--batch-size": "batch_sizes", "--grant": "grants"}
+)
+def run_command(
+    config: RunConfig, *, resume: str | None = None, progress: bool = True, given: Given
+) -> int:
+    """Run a benchmark (no arguments: the quickstart).
 
-
-def run_command(args: argparse.Namespace) -> int:
-    from leakbench.config import ConfigError, RunConfig
+    Args:
+        resume: An earlier run folder: continue the run its config.yaml describes, skipping the
+            trials it already holds (options that change what it measures are refused).
+        progress: Show the progress bar.
+    """
+    config.check_names()
+    if resume is None:
+        check_output_folder(config.output_dir)
     from leakbench.runner import NOT_PROTOCOL_KEYS, run, saved_config
 
-    overrides = {
-        key: getattr(args, key)
-        for key in (
-            "dataset",
-            "model",
-            "attacks",
-            "defense",
-            "batch_sizes",
-            "trials",
-            "seed",
-            "output_dir",
-            "run_name",
-            "logger",
-            "grants",
-            "isolation",
-            "threads",
-            "devices",
-        )
-    }
-    if args.resume is None:
-        config = RunConfig.load(args.config, overrides)
-    else:
-        saved = saved_config(Path(args.resume)).to_dict()
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if args.config is not None:
-            given = {**RunConfig.load(args.config).to_dict(), **given}
+    if resume is not None:
+        saved = saved_config(Path(resume)).to_dict()
+        wanted = merged(saved, given)
         differing = sorted(
-            k for k, v in given.items() if k not in NOT_PROTOCOL_KEYS and saved.get(k) != v
+            k for k in given if k not in NOT_PROTOCOL_KEYS and saved.get(k) != wanted[k]
         )
         if differing:
             raise ConfigError(
-                f"--resume continues the run saved in {args.resume}; these options would "
+                f"--resume continues the run saved in {resume}; these options would "
                 f"change what it measures: {', '.join(differing)}"
             )
-        config = RunConfig.from_mapping({**saved, **given}, source="command line")
-    run(config, resume=args.resume, progress=not args.no_progress)
+        config = RunConfig.from_mapping(wanted, source="command line")
+    run(config, resume=resume, progress=progress)
     return 0
 
 
-def add_list_command(subparsers: Any) -> None:
-    p = subparsers.add_parser("list", help="list registered datasets, models, attacks, defenses")
-    p.set_defaults(func=list_command)
+@command("list")
+def list_command() -> int:
+    """List registered datasets, models, defenses, covariates and attacks (with requirements)."""
+    from leakbench.registry import ATTACKS, COVARIATES, DATAMODULES, DEFENSES, MODELS, listing
 
-
-def list_command(args: argparse.Namespace) -> int:
-    from leakbench.registry import ATTACKS, COVARIATES, DATAMODULES, DEFENSES, MODELS
-
-    print("datasets:   " + ", ".join(DATAMODULES.names()))
-    print("models:     " + ", ".join(MODELS.names()))
-    print("defenses:   " + ", ".join(DEFENSES.names()))
-    print("covariates: " + ", ".join(COVARIATES.names()))
+    print("datasets:   " + ", ".join(listing(DATAMODULES).names))
+    print("models:     " + ", ".join(listing(MODELS).names))
+    print("defenses:   " + ", ".join(listing(DEFENSES).names))
+    print("covariates: " + ", ".join(listing(COVARIATES).names))
     print("attacks:")
-    for name, attack in ATTACKS.items():
-        needs = ", ".join(sorted(c.value for c in attack.requires)) or "nothing beyond the update"
-        limit = "" if attack.max_batch_size is None else f"; batch size <= {attack.max_batch_size}"
-        print(f"  {name:<24} requires: {needs}{limit}")
-        print(f"  {'':<24} threat model: {attack.threat_model}")
+    attacks = listing(ATTACKS)
+    for name in attacks.names:
+        facts = attacks.attack_facts[name]
+        needs = ", ".join(facts["requires"]) or "nothing beyond the update"
+        limit = facts["max_batch_size"]
+        print(f"  {name:<24} requires: {needs}")
+        print(f"  {'':<24} batch size: {'any' if limit is None else f'at most {limit}'}")
+        print(f"  {'':<24} threat model: {facts['threat_model']}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leakbench", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_run_command(subparsers)
-    add_list_command(subparsers)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).add_command(subparsers)
-    return parser
+@command("report")
+def report_command(run_dir: str, *, output: str | None = None) -> int:
+    """Write one HTML page for a finished run: summary table, figures, config, environment.
+
+    Args:
+        run_dir: The run folder (it holds summary.json).
+        output: Where to write the page (default: RUN_DIR/report.html).
+    """
+    from leakbench.report import report_command as write
+
+    return write(run_dir, output)
+
+
+@command("lpips-fetch")
+def lpips_fetch_command(*, timeout: float = 30.0) -> int:
+    """Download the AlexNet backbone weights LPIPS needs into $TORCH_HOME (runs never
+    download; without them they say once that LPIPS is unavailable).
+
+    Args:
+        timeout: Seconds any one network operation may take.
+    """
+    from leakbench.metrics import LpipsFetchError, fetch_lpips_weights
+
+    try:
+        fetch_lpips_weights(timeout_s=timeout)
+    except LpipsFetchError as exc:
+        print(f"leakbench: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@command("index")
+def index_command(*, check: bool = False) -> int:
+    """Regenerate the registry index (registry_index.json) from the real registries.
+
+    Args:
+        check: Only compare: exit 1 if the index is stale, writing nothing.
+    """
+    from leakbench.registry import INDEX_PATH, build_index, index_text
+
+    fresh = index_text(build_index())
+    if check:
+        stale = not INDEX_PATH.is_file() or INDEX_PATH.read_text() != fresh
+        print(f"{INDEX_PATH} is {'stale: run `leakbench index`' if stale else 'up to date'}")
+        return 1 if stale else 0
+    INDEX_PATH.write_text(fresh)
+    print(f"wrote {INDEX_PATH}")
+    return 0
+
+
+# What ``leakbench timing cli`` times: the answers that must not wait for torch.
+TIMED_COMMANDS: tuple[tuple[str, ...], ...] = (
+    ("--help",),
+    ("list",),
+    ("run", "--attack", "nope"),
+)
+
+
+@command("timing cli")
+def timing_cli_command(*, repeats: int = 5) -> int:
+    """Print the wall time of `leakbench --help`, `list` and an unknown-name refusal.
+
+    Each is a fresh process (``python -m leakbench.cli``); the median of ``repeats`` runs is
+    printed, and whether the command imported torch.
+
+    Args:
+        repeats: Runs of each command (the median is printed).
+    """
+    probe = (
+        "import sys, contextlib, io\n"
+        "from leakbench.cli import main\n"
+        "quiet = io.StringIO()\n"
+        "with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):\n"
+        "    try: main(sys.argv[1:])\n"
+        "    except SystemExit: pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    for argv in TIMED_COMMANDS:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "leakbench.cli", *argv], capture_output=True, check=False
+            )
+            times.append(time.perf_counter() - start)
+        imported = subprocess.run(
+            [sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        print(
+            f"leakbench {' '.join(argv):<22} median {statistics.median(times):.3f} s "
+            f"(min {min(times):.3f}, max {max(times):.3f}, {repeats} runs); "
+            f"imports torch: {'yes' if imported == 'True' else 'no'}"
+        )
+    return 0
+
+
+def overview() -> str:
+    lines = [__doc__.split("\n\n")[0], "", "commands:"]
+    for members in groups().values():
+        for cmd in members:
+            lines.append(f"  {cmd.name:<26} {describe(cmd.name)}")
+    lines += ["", "leakbench --version prints the version."]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    if argv[:1] == ["--version"]:
+        from leakbench import __version__
+
+        print(f"leakbench {__version__}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    cmd, rest = find(argv)
     try:
-        return args.func(args)
+        if cmd is None:
+            members = groups().get(argv[0])
+            if members and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+                for member in members:
+                    print(f"leakbench {member.name:<26} {describe(member.name)}")
+                return 0 if len(argv) > 1 else 2
+            words = " ".join(argv[:2]) if members else argv[0]
+            valid = ", ".join(sorted(COMMANDS))
+            raise ConfigError(f"unknown command {words!r}; valid commands: {valid}")
+        return invoke(cmd, rest)
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as exc:
         # Bad input of any kind: one clear line, no traceback.
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -1,143 +1,223 @@
-"""The configuration of a run: a YAML file, command-line overrides, and strict validation.
+"""The configuration of a run: one typed dataclass, read from YAML files and command lines.
 
 A run is a grid of cells, one per (attack, batch size); every cell runs ``trials`` trials against
-the same victim, dataset, defense and threat model. Unknown keys are errors, never ignored.
-With no file at all the defaults below are the quickstart.
+the same victim, dataset, defense and threat model. :class:`RunConfig`'s fields are the single
+source of truth: each is a config-file key and a ``leakbench run --key value`` option, typed and
+documented once (the ``Args:`` section below is the option's help text), and validated by
+jsonargparse from its type. Unknown keys are errors, never ignored. With no file at all the
+defaults below are the quickstart.
+
+This module imports no torch, so the command line can validate a run before loading it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from leakbench.threat_model import Budget, Capability
+from leakbench.capabilities import Budget, Capability
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line to the user."""
 
 
+# Numbers typed on a command line arrive as text; in a file (or a mapping) a quoted "10" is a
+# mistake worth naming, so the strict reading is the default and the CLI relaxes it.
+_TEXT_NUMBERS = ContextVar("leakbench_text_numbers", default=False)
+
+
+@contextmanager
+def command_line_numbers() -> Iterator[None]:
+    """Within this block, :class:`Count` values may be given as text (``--trials 10``)."""
+    token = _TEXT_NUMBERS.set(True)
+    try:
+        yield
+    finally:
+        _TEXT_NUMBERS.reset(token)
+
+
+class Count(int):
+    """A positive whole number: 2.5, 0, true and (in a file) the string "10" are refused."""
+
+
+def _read_count(value: Any) -> Count:
+    if _TEXT_NUMBERS.get() and isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value  # a plain int, so saved configs and YAML dumps hold no subclass
+
+
+def _register_types() -> None:
+    from jsonargparse.typing import register_type
+
+    register_type(Count, serializer=int, deserializer=_read_count)
+
+
+# The capabilities a run may grant, read from the enum so that a new capability is a valid
+# grant with no other edit.
+GrantName = Literal[tuple(c.value for c in Capability)]  # type: ignore[valid-type]
+
+
 @dataclass
 class RunConfig:
+    """One benchmark run: every (attack, batch size) cell, ``trials`` trials each.
+
+    Args:
+        dataset: Registered dataset (``leakbench list``).
+        dataset_options: Keyword options of the dataset's datamodule.
+        split: Split the private trial batches are drawn from.
+        model: Registered victim model (``leakbench list``).
+        model_options: Keyword options of the model builder. The quickstart's FCN d-256-K with
+            sigmoid activations (DLG's; with ReLU, L-BFGS drives iDLG's dummy into dead units)
+            is dropped when another model is chosen.
+        model_seed: Seed of the victim's random initialisation.
+        model_state: The victim's state: random (the initialisation of model_seed), random(N)
+            (that of seed N), or the sha256 (or a unique prefix of 8 or more hex digits) of a
+            checkpoint written by ``leakbench train``, checked against its card and hash.
+        checkpoint_dir: Folder of the checkpoints; null: $LEAKBENCH_CHECKPOINTS or ./checkpoints.
+        client_mode: Victim mode on the client: eval, or train (BatchNorm statistics, dropout).
+        attacks: Registered attacks, one cell per attack and batch size.
+        attack_options: Per attack, its keyword options. Quickstart options of attacks left out
+            of a run are dropped unless given explicitly (then they are an error, to catch typos).
+        defense: Registered defense the client applies before sharing its update.
+        defense_options: Keyword options of the defense.
+        client_protocol: How the client computes what it shares: fedsgd (the gradient of one
+            batch), {name: fedavg, lr: 0.01, local_steps: 5, local_batch_size: 2} (the weight
+            delta after local SGD steps; or local_epochs), or {name: aggregate, clients: 4,
+            inner: fedsgd} (the sum of K clients' updates, as under secure aggregation; a
+            trial then draws K times the batch size). The grant local_hyperparameters shows
+            the attacker its parameters.
+        batch_sizes: Client batch sizes, one cell per attack and batch size.
+        trials: Trials (private batches) per cell.
+        seed: Seed of the trial draw; the same seed gives the same records.
+        grants: Capabilities granted to the attacks beyond the model and the shared update.
+        budget: Compute budget of one trial.
+        dtype: Floating-point type of the victim and the update.
+        accelerator: Lightning accelerator: cpu, gpu, auto, ...
+        devices: Lightning devices: a number of processes, auto, or a list of GPU indices; the
+            trials are sharded over them exactly.
+        isolation: Where attacks run: process (a fresh worker per trial, isolated from the
+            ground truth) or in-process (debugging, overhead measurements; isolates nothing).
+        threads: Intra-op threads per process; null: the cores divided by the processes.
+        private_transform: Leaderboard verification's secret change of every private sample
+            ({seed, max_shift, flip, brightness}); null for ordinary runs.
+        success_psnr: PSNR (dB) at or above which a reconstructed sample counts as a success.
+        privacy_metrics: Also score identifiability (IIP: is a reconstruction's nearest image
+            in the split its own ground truth) and task leakage (does the dataset's reference
+            classifier, trained once and cached in checkpoint_dir, give the true label).
+        covariates: Analyses recorded per trial; null: every registered covariate.
+        output_dir: Folder that receives the run folder.
+        run_name: Name of the run folder; null: a timestamp.
+        logger: wandb (offline unless configured, plus CSV), csv or none.
+        wandb_project: W&B project of the run.
+        wandb_group: W&B group (set by ``leakbench sweep``: every run of a grid in one group).
+        wandb_job_type: W&B job type (set by ``leakbench sweep``: one per track).
+        track: Set by track files (leaderboards/tracks/*.yaml): name, kind, ranking metric.
+    """
+
     dataset: str = "lfw-subset"
     dataset_options: dict[str, Any] = field(default_factory=dict)
     split: str = "test"
     model: str = "fcn"
-    # Quickstart victim: FCN d-256-K with biases and sigmoid activations, DLG's activation; with
-    # ReLU, L-BFGS drives iDLG's dummy into dead units. Dropped when another model is chosen.
     model_options: dict[str, Any] = field(
         default_factory=lambda: {"widths": [256], "activation_name": "sigmoid"}
     )
     model_seed: int = 0
-    client_mode: str = "eval"  # victim mode on the client: "eval" or "train" (BatchNorm, dropout)
+    model_state: str = "random"
+    checkpoint_dir: str | None = None
+    client_mode: Literal["eval", "train"] = "eval"
     attacks: list[str] = field(default_factory=lambda: ["bias", "idlg"])
-    # Quickstart settings; options of attacks left out of a run are dropped unless given
-    # explicitly (then they are an error, to catch typos).
     attack_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"idlg": {"iterations": 50}}
     )
     defense: str = "none"
     defense_options: dict[str, Any] = field(default_factory=dict)
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
-    trials: int = 4
+    client_protocol: str | dict[str, Any] = "fedsgd"
+    batch_sizes: list[Count] = field(default_factory=lambda: [1, 4])
+    trials: Count = 4  # type: ignore[assignment]
     seed: int = 0
-    grants: list[str] = field(default_factory=lambda: ["batch_size"])
-    budget: dict[str, Any] = field(
-        default_factory=lambda: {"max_iterations": None, "max_seconds": 60.0}
-    )
-    dtype: str = "float32"
-    accelerator: str = "auto"  # Lightning accelerator: "cpu", "gpu", "auto", ...
-    devices: int | str = "auto"  # Lightning devices; trials are sharded over them exactly
-    # Where attacks run: "process" (a fresh worker per trial, isolated from the ground truth)
-    # or "in-process" (debugging, overhead measurements; isolates nothing, recorded per trial).
-    isolation: str = "process"
-    threads: int | None = None  # intra-op threads per process; None: the cores / processes
-    # Leaderboard verification: {seed, max_shift, flip, brightness} of a secret change of every
-    # private sample (leakbench.protocol.private_transform); null for ordinary runs.
+    grants: list[GrantName] = field(default_factory=lambda: ["batch_size"])
+    budget: Budget = field(default_factory=lambda: Budget(max_iterations=None, max_seconds=60.0))
+    dtype: Literal["float32", "float64"] = "float32"
+    accelerator: str = "auto"
+    devices: Count | Literal["auto"] | list[int] = "auto"
+    isolation: Literal["process", "in-process"] = "process"
+    threads: Count | None = None
     private_transform: dict[str, Any] | None = None
     success_psnr: float = 30.0
-    covariates: list[str] | None = None  # analyses recorded per trial; None = all registered
+    privacy_metrics: bool = True
+    covariates: list[str] | None = None
     output_dir: str = "runs"
     run_name: str | None = None
-    logger: str = "wandb"  # "wandb" (+ CSV), "csv" or "none"
+    logger: Literal["wandb", "csv", "none"] = "wandb"
     wandb_project: str = "leakbench"
-    # Set by `leakbench sweep`: every run of a grid in one W&B group, a job type per track.
     wandb_group: str | None = None
     wandb_job_type: str | None = None
-    # Set by track files (leaderboards/tracks/*.yaml): name, kind, ranking metric, free keys.
     track: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, dict):
+            self.budget = Budget(**self.budget)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
-        known = {f.name for f in fields(cls)}
+        """A validated configuration from the keys given (the others keep their defaults)."""
         defaults = cls()
         if "model" in values and "model_options" not in values and values["model"] != "fcn":
             values = {**values, "model_options": {}}
         if "attack_options" not in values and "attacks" in values:
-            kept = {k: v for k, v in defaults.attack_options.items() if k in values["attacks"]}
+            attacks = values["attacks"] if isinstance(values["attacks"], list) else []
+            kept = {k: v for k, v in defaults.attack_options.items() if k in attacks}
             values = {**values, "attack_options": kept}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; "
-                f"valid keys: {', '.join(sorted(known))}"
-            )
-        config = cls(**values)
-        config.validate()
-        return config
+        return validated(cls, values, source)
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-        values: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded)}")
-            values.update(loaded)
+        """A file's configuration (or the quickstart's), with ``overrides`` on top."""
+        values = read_yaml(path) if path is not None else {}
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_mapping(values, source=str(path) if path else "command line")
 
-    def validate(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"trials must be at least 1, got {self.trials}")
-        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
-            raise ConfigError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
+    def check(self) -> None:
+        """What no single field's type can say."""
         if not self.attacks:
-            raise ConfigError("attacks must name at least one attack")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        if self.client_mode not in ("eval", "train"):
-            raise ConfigError(f"client_mode must be 'eval' or 'train', got {self.client_mode!r}")
-        if self.isolation not in ("process", "in-process"):
-            raise ConfigError(
-                f"isolation must be 'process' or 'in-process', got {self.isolation!r}"
-            )
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ConfigError(f"threads must be a positive integer or null, got {self.threads!r}")
-        if self.logger not in ("wandb", "csv", "none"):
-            raise ConfigError(f"logger must be 'wandb', 'csv' or 'none', got {self.logger!r}")
-        valid_grants = {c.value for c in Capability}
-        bad = sorted(set(self.grants) - valid_grants)
-        if bad:
-            raise ConfigError(f"unknown grant(s) {bad}; valid: {', '.join(sorted(valid_grants))}")
-        budget_keys = {f.name for f in fields(Budget)}
-        if set(self.budget) - budget_keys:
-            raise ConfigError(
-                f"unknown budget key(s) {sorted(set(self.budget) - budget_keys)}; "
-                f"valid: {', '.join(sorted(budget_keys))}"
-            )
+            raise ConfigError("attacks: got [], expected at least one attack")
         unused = sorted(set(self.attack_options) - set(self.attacks))
         if unused:
             raise ConfigError(f"attack_options given for attacks not in the run: {unused}")
+
+    def check_names(self) -> None:
+        """Refuse an unregistered dataset, model, defense, attack or covariate, importing no
+        component where the registry index can answer."""
+        from leakbench.registry import (
+            ATTACKS,
+            COVARIATES,
+            DATAMODULES,
+            DEFENSES,
+            MODELS,
+            check_name,
+        )
+
+        check_name(DATAMODULES, self.dataset)
+        check_name(MODELS, self.model)
+        check_name(DEFENSES, self.defense)
+        for attack in self.attacks:
+            check_name(ATTACKS, attack)
+        for covariate in self.covariates or ():
+            check_name(COVARIATES, covariate)
 
     def processes(self) -> int:
         """The number of processes the run's trials are sharded over (1 unless ``devices`` is
@@ -150,7 +230,114 @@ class RunConfig:
 
     @property
     def trial_budget(self) -> Budget:
-        return Budget(**self.budget)
+        return self.budget
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        # Plain ints and lists in saved files, never the Count subclass.
+        values["batch_sizes"] = [int(b) for b in self.batch_sizes]
+        values["trials"] = int(self.trials)
+        values["threads"] = None if self.threads is None else int(self.threads)
+        return values
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's mapping of keys; a missing file or bad YAML is one line naming file and
+    line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of config keys, got a {type(loaded).__name__}"
+        )
+    return loaded
+
+
+@functools.cache
+def parser_for(cls: type) -> Any:
+    """A jsonargparse parser of a dataclass's fields (types and help from the class)."""
+    from jsonargparse import ArgumentParser
+
+    _register_types()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    """jsonargparse's multi-line message as one line: ``key: expected ..., got ...``."""
+    text = str(error).strip()
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    if not match:
+        return re.sub(r"\s*\n\s*", "; ", text)
+    key, body = match.groups()
+    own = re.search(r"Not of type \w+: (expected .*?)(?:\n|$)", body)
+    if own:  # our own types say what they expected and what they got
+        return f"{key}: {own.group(1)}"
+    union = re.search(r"Subtypes: \[(.*?)\].*Given value: (.*)$", body, re.S)
+    if union:
+        kinds = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", union.group(1))
+        kinds = kinds.replace("NoneType", "null").replace(", ", " or ")
+        return f"{key}: expected {kinds}, got {union.group(2).strip()}"
+    single = re.search(r"Expected a (.*?)\. Got value: (.*)$", body, re.S)
+    if single:
+        expected = single.group(1).replace("<class '", "").replace("'>", "")
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", expected)
+        expected = f"one of {literal.group(1)}" if literal else f"a {expected}"
+        return f"{key}: expected {expected}, got {single.group(2).strip()}"
+    return f"{key}: " + re.sub(r"\s*\n\s*", "; ", body.strip())
+
+
+def validated(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """An instance of the dataclass ``cls`` from ``values``, every key and type checked."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; "
+            f"valid keys: {', '.join(sorted(known))}"
+        )
+    values = {
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()
+    }
+    try:
+        namespace = parser_for(cls).parse_object(values)
+    except Exception as exc:  # jsonargparse's ArgumentError; one line, naming the key
+        raise ConfigError(f"{source}: {one_line(exc)}") from None
+    checked = namespace.as_dict()
+    instance = cls(**{k: checked[k] for k in known})
+    if hasattr(instance, "check"):
+        instance.check()
+    return instance
+
+
+def check_output_folder(path: str | Path, key: str = "output_dir") -> None:
+    """Refuse, before anything runs, a folder that cannot be created or written: below a
+    regular file, or on a read-only file system. Leaves nothing behind."""
+    folder = Path(path).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{key}: {str(path)!r} cannot be created: {existing} is a regular file, "
+            "expected a folder"
+        )
+    try:
+        # A real write (not os.access, which says yes to root on a read-only mount).
+        os.rmdir(tempfile.mkdtemp(prefix=".leakbench-probe-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}: {str(path)!r} is not writable ({exc.strerror} in {existing}), "
+            "expected a writable folder"
+        ) from None

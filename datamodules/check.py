@@ -8,8 +8,7 @@ where the data comes from. Exit status 0 when every split loads, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,29 +135,3 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
             raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
         options[key.strip()] = yaml.safe_load(value)
     return options
-
-
-def check_command(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
-    report = check_dataset(args.name, args.root, parse_options(args.option), args.decode)
-    echo(report.text())
-    return 0 if report.ok else 1
-
-
-def add_command(subparsers: Any) -> None:
-    data = subparsers.add_parser("data", help="inspect the datasets on disk")
-    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = actions.add_parser(
-        "check", help="verify a dataset's layout; count images per split and class"
-    )
-    check.add_argument("name", help="registered dataset name, e.g. lfw, celeba, retinamnist")
-    check.add_argument("--root", help="dataset folder (default: $LEAKBENCH_DATA/NAME)")
-    check.add_argument(
-        "--option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="datamodule option, e.g. edition=2017 or size=64; repeatable",
-    )
-    check.add_argument(
-        "--decode", action="store_true", help="also decode every image (slow on full datasets)"
-    )
-    check.set_defaults(func=check_command)

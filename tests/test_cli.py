@@ -1,10 +1,12 @@
 """The command line: listing, and one clear line for every kind of bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 import tests.components  # noqa: F401
 from leakbench.cli import main
@@ -77,7 +79,7 @@ def test_zero_trials(capsys, tmp_path):
         capsys,
         [*BASE, "--output-dir", str(tmp_path), "--trials", "0", "--attack", "noisy-copy-test"],
     )
-    assert code == 2 and "trials must be at least 1, got 0" in err
+    assert code == 2 and "trials: expected a positive integer, got 0" in err
 
 
 def test_requirements_not_granted(capsys, tmp_path):
@@ -171,3 +173,178 @@ def test_resume_refuses_flags_that_change_the_protocol(capsys, tmp_path):
 def test_resume_of_a_folder_without_a_run(capsys, tmp_path):
     code, _, err = run_cli(capsys, ["run", "--resume", str(tmp_path / "nothing")])
     assert code == 2 and "cannot resume" in err and "holds no config.yaml" in err
+
+
+# --- one typed configuration, a fast command line, one line for every bad input -------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("batch_sizes: 4\n", "batch_sizes: expected a list, got 4"),
+        ("batch_sizes: [2.5]\n", "batch_sizes: expected a positive integer, got 2.5"),
+        ("trials: 2.5\n", "trials: expected a positive integer, got 2.5"),
+        ('trials: "10"\n', "trials: expected a positive integer, got '10'"),
+        ("grants: [telepathy]\n", "grants: expected one of 'labels', 'batch_size'"),
+        ("budget: {max_seconds: soon}\n", "budget.max_seconds: expected float or null, got soon"),
+        ("trials: [1\nseed: 2\n", "run.yaml, line 2 column 5: invalid YAML: expected ',' or ']'"),
+    ],
+)
+def test_bad_config_file_is_one_line_and_writes_nothing(capsys, tmp_path, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(capsys, ["run", "--config", str(config), "--output-dir", str(out_dir)])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("leakbench: error: ")
+    assert message in err
+    assert not out_dir.exists()
+
+
+def test_bad_command_line_values_are_one_line(capsys, tmp_path):
+    for argv, message in [
+        (["--trials", "2.5"], "trials: expected a positive integer, got '2.5'"),
+        (["--batch_sizes", "[0]"], "batch_sizes: expected a positive integer, got 0"),
+        (["--dtype", "float16"], "dtype: expected one of 'float32', 'float64', got float16"),
+        (["--budget.max_seconds", "x"], "budget.max_seconds: expected float or null, got x"),
+        (["--devices", "2.5"], "devices: expected a positive integer, got '2.5'"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    ]:
+        code, _, err = run_cli(capsys, ["run", "--output-dir", str(tmp_path / "o"), *argv])
+        assert code == 2 and err.strip() == f"leakbench: error: {message}", argv
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_below_a_regular_file(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, [*BASE, "--output-dir", str(blocker / "runs")])
+    assert code == 2
+    assert err.strip() == (
+        f"leakbench: error: output_dir: '{blocker / 'runs'}' cannot be created: {blocker} is a "
+        "regular file, expected a folder"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_folder_not_writable(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, _, err = run_cli(capsys, [*BASE, "--output-dir", str(locked / "runs")])
+    assert code == 2 and "output_dir: " in err and "expected a writable folder" in err
+    assert list(locked.iterdir()) == []
+
+
+def test_refused_boundary_leaves_no_folder(capsys, tmp_path):
+    out_dir = tmp_path / "studies"
+    for argv, message in [
+        (["--compare-attacks", "[nope]"], "unknown attack 'nope'"),
+        (["--train-epochs", "[-1]"], "train_epochs: got [-1], expected non-negative integers"),
+        (["--compare_trials", "0"], "compare_trials: expected a positive integer, got 0"),
+    ]:
+        code, _, err = run_cli(capsys, ["boundary", "--output-dir", str(out_dir), *argv])
+        assert code == 2 and message in err, argv
+    assert not out_dir.exists()
+
+
+def test_one_syntax_for_nested_keys_lists_and_old_flags(capsys):
+    code, out, _ = run_cli(
+        capsys,
+        [
+            "run",
+            "--print-config",
+            "--budget.max_seconds",
+            "5",
+            "--attacks",
+            "[dlg]",
+            "--attack",
+            "bias",
+            "--batch-size",
+            "3",
+            "--batch-size",
+            "2",
+            "--model",
+            "lenet-zhu",
+            "--output-dir",
+            "elsewhere",
+        ],  # fmt: skip
+    )
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed["budget"] == {"max_iterations": None, "max_seconds": 5.0}
+    assert printed["attacks"] == ["dlg", "bias"] and printed["batch_sizes"] == [3, 2]
+    assert printed["model_options"] == {} and printed["output_dir"] == "elsewhere"
+
+
+def test_every_run_key_is_an_option_with_help():
+    from dataclasses import fields
+
+    from leakbench.commands import COMMANDS, build
+    from leakbench.config import RunConfig
+
+    parser = build(COMMANDS["run"]).parser
+    helps = {a.dest: a.help for a in parser._actions}
+    for f in fields(RunConfig):
+        keys = [k for k in helps if k == f.name or k.startswith(f"{f.name}.")]
+        assert keys, f.name
+        assert all(helps[k] and helps[k].strip() for k in keys), f.name
+
+
+def test_version(capsys):
+    from leakbench import __version__
+
+    assert run_cli(capsys, ["--version"])[:2] == (0, f"leakbench {__version__}\n")
+
+
+def test_list_shows_every_attacks_batch_size_limit(capsys):
+    code, out, _ = run_cli(capsys, ["list"])
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("improved-rgap "))
+    assert code == 0 and lines[at + 1].split() == ["batch", "size:", "at", "most", "1"]
+
+
+NO_TORCH_PROBE = """
+import contextlib, io, sys
+from leakbench.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    code = main(sys.argv[1:])
+print(code, sorted(m for m in ("torch", "lightning", "wandb") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"), [(["--help"], 0), (["list"], 0), (["run", "--attack", "nope"], 2)]
+)
+def test_fast_answers_import_no_torch(argv, code):
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_PROBE, *argv], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split("\n")[-2] == f"{code} []"
+
+
+def test_registry_index_is_fresh():
+    from leakbench.registry import INDEX_PATH, build_index, index_text
+
+    assert INDEX_PATH.read_text() == index_text(build_index()), (
+        "leakbench/registry_index.json is stale: run `leakbench index`"
+    )
+
+
+def test_plugin_names_come_from_entry_point_metadata(monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    from leakbench import registry
+
+    plugin = EntryPoint("plug-test", "tests.components:NoisyCopy", "leakbench.attacks")
+    monkeypatch.setattr(
+        registry, "plugin_entry_points", lambda r: [plugin] if r.kind == "attack" else []
+    )
+    # Known from the metadata alone: accepted without loading it.
+    registry.check_name(registry.ATTACKS, "plug-test")
+    with pytest.raises(
+        registry.UnknownNameError, match="unknown attack 'nope'; valid names:.*plug-test"
+    ):
+        registry.check_name(registry.ATTACKS, "nope")
+    monkeypatch.setattr(registry.ATTACKS, "_items", dict(registry.ATTACKS._items))
+    code, out, _ = run_cli(capsys, ["list"])
+    assert code == 0 and "plug-test" in out and "requires: nothing beyond the update" in out

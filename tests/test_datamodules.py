@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from leakbench.cli import main
 from leakbench.datamodules import fixtures
 from leakbench.datamodules.base import (
     DatasetError,
@@ -18,7 +18,7 @@ from leakbench.datamodules.base import (
     ImageFileDataset,
     TrialDataset,
 )
-from leakbench.datamodules.check import add_command, check_dataset
+from leakbench.datamodules.check import check_dataset
 from leakbench.datamodules.chestxray import patient_of
 from leakbench.datamodules.partition import (
     dirichlet_partition,
@@ -530,21 +530,19 @@ def test_download_only_where_upstream_has_a_stable_url(
 # ---------------------------------------------------------------- the data check command
 
 
-def run_check(argv: list[str]) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="leakbench")
-    add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    printed: list[str] = []
-    return args.func(args, echo=printed.append), "\n".join(printed)
+def test_data_check_counts_and_problems(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run_check(argv: list[str]) -> tuple[int, str]:
+        code = main(argv)
+        return code, capsys.readouterr().out
 
-
-def test_data_check_counts_and_problems(data: dict[str, Path], tmp_path: Path) -> None:
     code, text = run_check(["data", "check", "chestxray", "--root", str(data["chestxray"])])
     assert code == 0 and "split val: 4 images of 4 groups, 2 of 2 classes present" in text
     assert "  PNEUMONIA  6" in text and "1 patients appear in more than one split" in text
 
     code, text = run_check(["data", "check", "isic", "--root", str(data["isic-2017"]),
-                            "--option", "edition=2017"])  # fmt: skip
+                            "--dataset-options", "{edition: 2017}"])  # fmt: skip
     assert code == 0 and "split train: 12 images, 3 of 3 classes present" in text
 
     code, text = run_check(["data", "check", "retinamnist", "--root", str(data["retinamnist"])])

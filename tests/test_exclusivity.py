@@ -1,6 +1,5 @@
 """Exclusivity analysis: activation patterns, ExAN counts and the condition, against brute force."""
 
-import argparse
 import json
 
 import pytest
@@ -8,12 +7,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from leakbench.analysis.boundary import add_command
+from leakbench.analysis.boundary import psnr_by_exans
 from leakbench.analysis.exclusivity import (
     activation_patterns,
     analyse_exclusivity,
     exclusivity_covariate,
 )
+from leakbench.cli import main
 from leakbench.client import build_victim
 from leakbench.registry import COVARIATES
 
@@ -137,16 +137,16 @@ def test_condition_rate_on_random_784_512_512_10_net_matches_the_paper(batch_siz
     assert sum(held) / len(held) == expected
 
 
-def boundary_parser():
-    parser = argparse.ArgumentParser(prog="leakbench")
-    add_command(parser.add_subparsers(dest="command", required=True))
-    return parser
+def run_boundary(capsys, argv):
+    code = main(["boundary", *(str(a) for a in argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_boundary_command_writes_tables_and_figure(tmp_path):
-    args = boundary_parser().parse_args(
+def test_boundary_command_writes_tables_and_figure(tmp_path, capsys):
+    code, out, err = run_boundary(
+        capsys,
         [
-            "boundary",
             "--dataset",
             "synthetic-uniform",
             "--dataset-options",
@@ -158,39 +158,39 @@ def test_boundary_command_writes_tables_and_figure(tmp_path):
             "--dtype",
             "float64",
             "--batch-sizes",
-            "1,2,16",
+            "[1,2,16]",
             "--trials",
             "4",
             "--train-epochs",
-            "0,1",
+            "[0,1]",
             "--attack-trials",
             "2",
             "--compare-attacks",
-            "exan,dlg",
+            "[exan,dlg]",
             "--attack-options",
             '{"dlg": {"iterations": 1, "max_iter": 2}}',
             "--compare-batch-sizes",
-            "2",
+            "[2]",
             "--compare-trials",
             "1",
             "--compare-pool",
             "4",
             "--defenses",
-            "exclusivity-reduction-mixing",
+            "[exclusivity-reduction-mixing]",
             "--defense-batch-sizes",
-            "2",
+            "[2]",
             "--defense-trials",
             "2",
             "--output-dir",
-            str(tmp_path),
+            tmp_path,
             "--run-name",
             "study",
             "--wandb",
             "disabled",
-        ]  # fmt: skip
+            "--no-progress",
+        ],  # fmt: skip
     )
-    lines = []
-    assert args.func(args, echo=lines.append) == 0
+    assert code == 0, err
     run = tmp_path / "study"
     for name in (
         "boundary.csv",
@@ -211,20 +211,39 @@ def test_boundary_command_writes_tables_and_figure(tmp_path):
     assert compared["exan"]["psnr_median"] >= 60 and compared["exan"]["failed"] == 0
     assert set(compared) == {"exan", "dlg"}
     assert [r["defense"] for r in result["defenses"]] == ["none", "exclusivity-reduction-mixing"]
-    assert "P(exclusivity condition)" in "\n".join(lines)
+    assert "P(exclusivity condition)" in out
+    # The configuration is recorded with lists as lists and mappings as mappings.
+    config = result["config"]
+    assert config["batch_sizes"] == [1, 2, 16] and config["train_epochs"] == [0, 1]
+    assert config["compare_attacks"] == ["exan", "dlg"] and config["defense_batch_sizes"] == [2]
+    assert config["model_options"] == {"widths": [64]} and config["wandb"] == "disabled"
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--batch-sizes", "2,x"], "expected comma-separated integers"),
-        (["--model", "lenet-zhu", "--psnr-attack", "none"], "has no ReLU layer"),
-        (["--model-options", "[1]"], "--model-options must be a JSON object"),
+        (["--batch-sizes", "[2,x]"], "batch_sizes: expected"),
+        (["--train-epochs", "[0,-1]"], "train_epochs: got [-1], expected non-negative integers"),
+        (["--model", "lenet-zhu", "--psnr-attack", "none"], "'lenet-zhu' has no ReLU layer"),
+        (["--model-options", "[1]"], "model_options: expected a dict"),
     ],
 )
-def test_boundary_command_refuses_bad_input(tmp_path, argv, message):
-    args = boundary_parser().parse_args(
-        ["boundary", "--trials", "1", "--output-dir", str(tmp_path), *argv]
-    )
-    with pytest.raises(ValueError, match=message):
-        args.func(args, echo=lambda _: None)
+def test_boundary_command_refuses_bad_input(tmp_path, capsys, argv, message):
+    out_dir = tmp_path / "out"
+    code, _, err = run_boundary(capsys, ["--trials", "1", "--output-dir", out_dir, *argv])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out_dir.exists()
+
+
+def test_psnr_by_exans_records_no_interval_below_six_samples():
+    def sample(min_exans, psnr):
+        return {"state": "random-init", "min_exans": min_exans, "psnr": psnr, "failed": False}
+
+    rows = [sample(0, p) for p in (10.0, 20.0, 30.0)] + [sample(3, 12.0)]
+    rows += [sample(70, p) for p in (9, 3, 0, 5, 1, 8, 2, 7, 4, 6)]
+    table = psnr_by_exans(rows)
+    assert [(r["min_exans"], r["samples"]) for r in table] == [("0", 3), ("3-4", 1), ("65+", 10)]
+    assert table[0]["psnr_median"] == 20.0 and table[0]["psnr_median_low"] is None
+    assert table[0]["psnr_median_high"] is None and table[1]["psnr_median_low"] is None
+    # Ten samples: the 95 % order-statistic interval of the median is [x(2), x(9)].
+    assert (table[2]["psnr_median_low"], table[2]["psnr_median_high"]) == (1.0, 8.0)

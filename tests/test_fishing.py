@@ -1,7 +1,6 @@
 """The fishing attack: the client-side LP makes every sample exclusive, ExAN told the
 assignment recovers the perturbed batch exactly; budgets, solvers, failures, what travels."""
 
-import argparse
 import functools
 import json
 
@@ -9,8 +8,8 @@ import pytest
 import torch
 
 from leakbench.analysis.exclusivity import analyse_exclusivity
-from leakbench.analysis.fishing_study import add_command
 from leakbench.attacks.fishing import Fishing
+from leakbench.cli import main
 from leakbench.client import build_victim, fedsgd_update
 from leakbench.config import RunConfig
 from leakbench.interfaces import Defense, UnsupportedModelError
@@ -305,37 +304,39 @@ def test_a_protocol_trial_scores_the_original_and_the_perturbed_batch():
     assert record["metrics_vs_trained"]["batch_size_correct"]
 
 
-def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path):
-    parser = argparse.ArgumentParser(prog="leakbench")
-    add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(
+def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys):
+    code = main(
         [
             "fishing-study",
             "--batch-sizes",
-            "4",
+            "[4]",
             "--trials",
             "2",
             "--ig-trials",
             "1",
             "--ig-options",
-            '{"iterations": 2}',
+            "{iterations: 2}",
             "--train-epochs",
-            "0,1",
+            "[0,1]",
             "--isolation",
             "in-process",
             "--output-dir",
             str(tmp_path),
             "--run-name",
             "study",
+            "--no-progress",
         ]  # fmt: skip
     )
-    lines = []
-    assert args.func(args, echo=lines.append) == 0
-    out = "\n".join(lines)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = captured.out
     for column in ("lp_feasible", "lp_s_cbc", "lp_s_highs", "pert_psnr_median", "ig_s"):
         assert column in out
     result = json.loads((tmp_path / "study" / "fishing_study.json").read_text())
     assert (tmp_path / "study" / "summary.csv").is_file()
+    config = result["config"]
+    assert config["batch_sizes"] == [4] and config["train_epochs"] == [0, 1]
+    assert config["solvers"] == ["cbc", "highs"] and config["ig_options"] == {"iterations": 2}
     summary = {line["state"]: line for line in result["summary"]}
     assert set(summary) == {"random-init", "trained-1ep"}
     for line in summary.values():

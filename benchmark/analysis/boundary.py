@@ -6,18 +6,18 @@ For one victim and one dataset it measures, and writes to a run folder (and to W
 * **P(condition) versus batch size** (``boundary.csv``): the fraction of trial batches that meet
   the exclusivity condition (:mod:`leakbench.analysis.exclusivity`), with the mean ExANs per
   sample of every ReLU layer; per training state (random init, and after N epochs of FedSGD on
-  the train split with ``--train-epochs 0,N``).
+  the train split with ``--train-epochs [0,N]``).
 * **PSNR versus ExAN count** (``psnr_by_exans.csv``): every trial batch is attacked (the ExAN
   attack unless ``--psnr-attack`` says otherwise) and each ground-truth sample's PSNR is binned
   by its fewest ExANs over the ReLU layers.
 * ``boundary.png``: both curves, one panel each.
-* ``--compare-attacks exan,dlg,inverting-gradients`` (``compare.csv``): the attacks on the same
+* ``--compare-attacks [exan,dlg,inverting-gradients]`` (``compare.csv``): the attacks on the same
   batches, only batches inside the insecure boundary (chosen by the harness-side analysis, which
   holds the ground truth: a selection of the protocol, not of any reconstruction). Each attack
   is granted exactly the capabilities it requires; the attacks run interleaved, batch by batch,
   so that machine load hits them alike. Median PSNR, median wall time per attack, and that time
   as a multiple of the ExAN attack's.
-* ``--defenses a,b,c`` (``defenses.csv``): the exclusivity-reduction defenses, each with ExANs
+* ``--defenses [a,b,c]`` (``defenses.csv``): the exclusivity-reduction defenses, each with ExANs
   per sample and the condition rate measured on the batch the client actually trains on, the
   ExAN attack's PSNR against the private batch, and the utility cost: test accuracy of a victim
   trained ``--utility-epochs`` epochs with the defense minus the same without it.
@@ -28,8 +28,8 @@ isolated attack and canonical scoring as ``leakbench run``; this module only cho
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -42,10 +42,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from leakbench.analysis.commands import BOUNDARY_RUN_KEYS, BoundaryOptions
 from leakbench.analysis.exclusivity import analyse_exclusivity
 from leakbench.client import fedsgd_update
+from leakbench.config import RunConfig
+from leakbench.figures import boundary_figure, median_interval
 from leakbench.interfaces import Defense
 from leakbench.metrics import DEFAULT_SUCCESS_PSNR
+from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, TrialSetting, Victim, prepare_attack
 from leakbench.protocol import run_trial as run_protocol_trial
 from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
@@ -158,12 +162,18 @@ def accuracy_on_test_split(model: nn.Module, study: Study) -> float:
 
 
 def condition_rows(
-    model: nn.Module, study: Study, batch_sizes: Sequence[int], trials: int, state: str
+    model: nn.Module,
+    study: Study,
+    batch_sizes: Sequence[int],
+    trials: int,
+    state: str,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """P(exclusivity condition) and mean ExANs per sample per layer, for each batch size."""
     rows = []
     for b in batch_sizes:
-        reports = [analyse_exclusivity(model, t["images"]) for t in study.trials(b, trials)]
+        batches = track(study.trials(b, trials), f"condition {state} B={b}", progress)
+        reports = [analyse_exclusivity(model, t["images"]) for t in batches]
         if reports[0] is None:
             raise ValueError(f"model {study.model_name!r} has no ReLU layer: no exclusivity")
         counts = torch.stack([r.counts.float() for r in reports])  # (trials, B, L)
@@ -190,11 +200,12 @@ def attack_sample_rows(
     trials: int,
     attack: PreparedAttack,
     state: str,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Per ground-truth sample: its fewest ExANs over the layers and the attack's PSNR."""
     rows = []
     for b in batch_sizes:
-        for batch in study.trials(b, trials):
+        for batch in track(study.trials(b, trials), f"{attack.name} {state} B={b}", progress):
             report = analyse_exclusivity(model, batch["images"])
             record = run_trial(model, study, attack, batch)
             for i, sample in enumerate(record["metrics"]["samples"]):
@@ -260,6 +271,7 @@ def psnr_by_exans(sample_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not members:
                 continue
             psnr = [r["psnr"] for r in members]
+            interval = median_interval(psnr)
             table.append(
                 {
                     "state": state,
@@ -270,6 +282,9 @@ def psnr_by_exans(sample_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     else f"{low}-{int(high) - 1}",
                     "samples": len(members),
                     "psnr_median": float(np.median(psnr)),
+                    # 95 % order-statistic interval; None below 6 samples (none exists)
+                    "psnr_median_low": None if math.isnan(interval[0]) else interval[0],
+                    "psnr_median_high": None if math.isnan(interval[1]) else interval[1],
                     "psnr_min": float(np.min(psnr)),
                     "failed_fraction": float(np.mean([r["failed"] for r in members])),
                 }
@@ -284,6 +299,7 @@ def compare_attacks(
     batch_sizes: Sequence[int],
     batches_per_size: int,
     pool: int,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Every attack on the same insecure-boundary batches: median PSNR and median time."""
     rows = []
@@ -296,7 +312,8 @@ def compare_attacks(
         results: dict[str, dict[str, list]] = {
             name: {"psnr": [], "seconds": [], "failed": []} for name in attacks
         }
-        for batch in chosen:  # attacks interleaved per batch: machine load hits all alike
+        # attacks interleaved per batch: machine load hits all alike
+        for batch in track(chosen, f"compare B={b}", progress):
             for name, attack in attacks.items():
                 record = run_trial(model, study, attack, batch)
                 results[name]["failed"].append(record["status"] != "ok")
@@ -328,6 +345,7 @@ def defense_rows(
     trials: int,
     utility_epochs: int,
     attack: PreparedAttack,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Exclusivity, ExAN-attack PSNR and utility cost of each defense (``"none"`` included)."""
     baseline_accuracy = None
@@ -345,7 +363,8 @@ def defense_rows(
             accuracy = accuracy_on_test_split(trained, study)
         for b in batch_sizes:
             exans, conditions, psnr, failures = [], [], [], 0
-            for batch in study.trials(b, trials):
+            batches = track(study.trials(b, trials), f"defense {label} B={b}", progress)
+            for batch in batches:
                 record = run_trial(model, study, attack, batch, DEFENSES.get(name)(**options))
                 exclusivity = record["covariates"]["exclusivity"]
                 exans.append(float(np.mean(exclusivity["exans_per_sample"])))
@@ -368,46 +387,6 @@ def defense_rows(
                 }
             )
     return rows
-
-
-def plot(condition: list[dict[str, Any]], binned: list[dict[str, Any]], title: str) -> bytes:
-    """The two curves of the study as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    panels = 2 if binned else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    for state in dict.fromkeys(r["state"] for r in condition):
-        rows = [r for r in condition if r["state"] == state]
-        ax.plot(
-            [r["batch_size"] for r in rows], [r["p_condition"] for r in rows], "o-", label=state
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("P(exclusivity condition)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend()
-    ax.set_title("insecure boundary")
-    if binned:
-        ax = axes[0][1]
-        for state in dict.fromkeys(r["state"] for r in binned):
-            rows = [r for r in binned if r["state"] == state]
-            ax.plot(
-                [r["min_exans"] for r in rows], [r["psnr_median"] for r in rows], "o-", label=state
-            )
-        ax.set_xlabel("fewest ExANs of the sample over its ReLU layers")
-        ax.set_ylabel("median PSNR (dB)")
-        ax.legend()
-        ax.set_title("attack quality vs exclusivity")
-    fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -459,68 +438,43 @@ def _prepared(name: str, options: dict[str, Any]) -> PreparedAttack:
     return prepare_attack(name, options.get(name, {}), frozenset(ATTACKS.get(name).requires))
 
 
-def comma_ints(text: str) -> list[int]:
-    """A command-line list like ``2,4,8``: non-negative integers."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise ValueError(f"expected non-negative integers, got {text!r}")
-    return values
-
-
-def comma_names(text: str | None) -> list[str]:
-    """A command-line list like ``exan,dlg``."""
-    return [n.strip() for n in (text or "").split(",") if n.strip()]
-
-
-def json_object(text: str | None, what: str) -> dict[str, Any]:
-    """A command-line JSON object (``what`` names the flag in the error)."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
+def boundary_command(
+    config: RunConfig, options: BoundaryOptions, progress: bool = True, echo: Any = print
+) -> int:
+    """Run the study: ``config`` gives the run keys it shares with ``leakbench run``
+    (:data:`~leakbench.analysis.commands.BOUNDARY_RUN_KEYS`), ``options`` its own."""
     study = Study(
-        dataset=args.dataset,
-        dataset_options=json_object(args.dataset_options, "--dataset-options"),
-        split=args.split,
-        model=args.model,
-        model_options=json_object(args.model_options, "--model-options"),
-        model_seed=args.model_seed,
-        dtype=getattr(torch, args.dtype),
-        seed=args.seed,
-        isolation=args.isolation,
+        dataset=config.dataset,
+        dataset_options=config.dataset_options,
+        split=config.split,
+        model=config.model,
+        model_options=config.model_options,
+        model_seed=config.model_seed,
+        dtype=getattr(torch, config.dtype),
+        seed=config.seed,
+        isolation=config.isolation,
     )
-    batch_sizes = comma_ints(args.batch_sizes)
-    if any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be at least 1, got {args.batch_sizes}")
-    states = comma_ints(args.train_epochs)
-    attack_options = json_object(args.attack_options, "--attack-options")
-    defense_options = json_object(args.defense_options, "--defense-options")
+    batch_sizes = [int(b) for b in config.batch_sizes]
+    states = options.train_epochs
     psnr_attack = (
-        None if args.psnr_attack == "none" else _prepared(args.psnr_attack, attack_options)
+        None
+        if options.psnr_attack == "none"
+        else _prepared(options.psnr_attack, options.attack_options)
     )
-    compared = {n: _prepared(n, attack_options) for n in comma_names(args.compare_attacks)}
+    compared = {n: _prepared(n, options.attack_options) for n in options.compare_attacks}
     defenses = {"none": ("none", {})}
-    for name in comma_names(args.defenses):
+    for name in options.defenses:
         DEFENSES.get(name)
-        defenses[name] = (name, defense_options.get(name, {}))
-    exan = _prepared("exan", attack_options)
+        defenses[name] = (name, options.defense_options.get(name, {}))
+    exan = _prepared("exan", options.attack_options)
     probe = study.victim()
+    if analyse_exclusivity(probe, study.trials(1, 1)[0]["images"]) is None:
+        raise ValueError(f"model: {study.model_name!r} has no ReLU layer, expected one")
     for attack in [a for a in (psnr_attack, *compared.values()) if a is not None]:
         attack.instance().check_model(probe)
 
-    run_dir = Path(args.output_dir) / (
-        args.run_name or datetime.now().strftime("boundary-%Y%m%d-%H%M%S")
+    run_dir = Path(config.output_dir) / (
+        config.run_name or datetime.now().strftime("boundary-%Y%m%d-%H%M%S")
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     condition, samples, compare, defended = [], [], [], []
@@ -531,29 +485,31 @@ def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
             train_victim(model, study, epochs)
             state = f"trained-{epochs}ep (test acc {accuracy_on_test_split(model, study):.2f})"
         model.eval()
-        condition += condition_rows(model, study, batch_sizes, args.trials, state)
+        condition += condition_rows(model, study, batch_sizes, config.trials, state, progress)
         if psnr_attack is not None:
             samples += attack_sample_rows(
-                model, study, batch_sizes, args.attack_trials, psnr_attack, state
+                model, study, batch_sizes, options.attack_trials, psnr_attack, state, progress
             )
         if compared and epochs == states[0]:
             compare = compare_attacks(
                 model,
                 study,
                 compared,
-                comma_ints(args.compare_batch_sizes),
-                args.compare_trials,
-                args.compare_pool,
+                options.compare_batch_sizes,
+                options.compare_trials,
+                options.compare_pool,
+                progress,
             )
         if len(defenses) > 1 and epochs == states[0]:
             defended = defense_rows(
                 model,
                 study,
                 defenses,
-                comma_ints(args.defense_batch_sizes),
-                args.defense_trials,
-                args.utility_epochs,
+                options.defense_batch_sizes,
+                options.defense_trials,
+                options.utility_epochs,
                 exan,
+                progress,
             )
     binned = psnr_by_exans(samples)
     title = f"{study.dataset} / {study.model_name} {study.model_options or ''}".strip()
@@ -564,20 +520,22 @@ def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
         "compare": compare,
         "defenses": defended,
     }
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    run_keys = config.to_dict()
+    # What was measured, lists as lists: the run keys the study uses and its own keys.
+    settings = {**{key: run_keys[key] for key in BOUNDARY_RUN_KEYS}, **dataclasses.asdict(options)}
     for name, rows in tables.items():
         if rows:
             atomic_write_text(run_dir / f"{name}.csv", to_csv(rows))
     atomic_write_text(
-        run_dir / "boundary.json", json.dumps({"config": config, **tables}, indent=2) + "\n"
+        run_dir / "boundary.json", json.dumps({"config": settings, **tables}, indent=2) + "\n"
     )
-    atomic_write_bytes(run_dir / "boundary.png", plot(condition, binned, title))
-    if args.wandb:
-        log_to_wandb(args.wandb, run_dir, config, tables)
-    echo(f"{title}: P(exclusivity condition) over {args.trials} trials per batch size")
+    atomic_write_bytes(run_dir / "boundary.png", boundary_figure(condition, binned, title))
+    if options.wandb:
+        log_to_wandb(options.wandb, run_dir, settings, tables)
+    echo(f"{title}: P(exclusivity condition) over {config.trials} trials per batch size")
     echo(format_table([{k: v for k, v in r.items() if k != "layers"} for r in condition]))
     if binned:
-        echo(f"\n{args.psnr_attack} PSNR by the sample's fewest ExANs")
+        echo(f"\n{options.psnr_attack} PSNR by the sample's fewest ExANs")
         echo(format_table(binned))
     if compare:
         echo("\nattacks on the same insecure-boundary batches")
@@ -587,51 +545,3 @@ def boundary_command(args: argparse.Namespace, echo: Any = print) -> int:
         echo(format_table(defended))
     echo(f"results: {run_dir}")
     return 0
-
-
-def add_command(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "boundary",
-        help="exclusivity security-boundary study: P(condition) vs batch size, PSNR vs ExANs",
-    )
-    p.add_argument("--dataset", default="lfw-subset")
-    p.add_argument("--dataset-options", help="JSON object of datamodule options")
-    p.add_argument("--split", default="test", help="split the trial batches come from")
-    p.add_argument("--model", default="fcn-exan")
-    p.add_argument("--model-options", help="JSON object of model options")
-    p.add_argument("--model-seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-sizes", default="2,4,8,16,32")
-    p.add_argument("--trials", type=int, default=200, help="batches per batch size")
-    p.add_argument(
-        "--train-epochs", default="0", help="training states, e.g. 0,5: random init and 5 epochs"
-    )
-    p.add_argument("--psnr-attack", default="exan", help="attack for PSNR vs ExANs, or none")
-    p.add_argument("--attack-trials", type=int, default=20, help="attacked batches per size")
-    p.add_argument("--attack-options", help='JSON: {"attack name": {options}}')
-    p.add_argument("--compare-attacks", help="e.g. exan,dlg,inverting-gradients")
-    p.add_argument("--compare-batch-sizes", default="1,4,8")
-    p.add_argument("--compare-trials", type=int, default=5, help="qualifying batches per size")
-    p.add_argument("--compare-pool", type=int, default=400, help="batches searched per size")
-    p.add_argument("--defenses", help="comma-separated defense names")
-    p.add_argument("--defense-options", help='JSON: {"defense name": {options}}')
-    p.add_argument("--defense-batch-sizes", default="4")
-    p.add_argument("--defense-trials", type=int, default=20)
-    p.add_argument("--utility-epochs", type=int, default=0, help="0: skip the utility cost")
-    p.add_argument(
-        "--isolation",
-        choices=["process", "in-process"],
-        default="process",
-        help="where attacks run: a fresh worker process per trial, or in-process (debugging)",
-    )
-    p.add_argument("--output-dir", default="runs")
-    p.add_argument("--run-name")
-    p.add_argument(
-        "--wandb",
-        nargs="?",
-        const="offline",
-        choices=["offline", "online", "disabled"],
-        help="also log the tables and the figure to W&B (default mode: offline)",
-    )
-    p.set_defaults(func=boundary_command)

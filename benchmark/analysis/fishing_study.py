@@ -1,8 +1,8 @@
 """The fishing study (Pan, Zhang, Yang, CRAD 2022; issue 9), as ``leakbench fishing-study``.
 
 For the d-512-K ReLU FCN on lfw-subset at random initialisation and after a few epochs of
-FedSGD training (``--train-epochs 0,5``), every batch size (``--batch-sizes 8,16,32,64``) and the
-first ``--trials`` batches of each, it runs through the trial protocol
+FedSGD training (``--train-epochs [0,5]``), every batch size (``--batch-sizes [8,16,32,64]``) and
+the first ``--trials`` batches of each, it runs through the trial protocol
 (:func:`leakbench.protocol.run_trial`, via :func:`leakbench.analysis.boundary.run_trial`):
 
 * ``fishing`` with CBC and with HiGHS (the same batches; the client code's LPs differ only by
@@ -28,7 +28,7 @@ images, fewer than 64 (a federated client's batch is its training data anyway).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -42,13 +42,14 @@ from torch import nn
 from leakbench.analysis.boundary import (
     Study,
     accuracy_on_test_split,
-    comma_ints,
     format_table,
-    json_object,
     run_trial,
     to_csv,
     train_victim,
 )
+from leakbench.analysis.commands import FISHING_RUN_KEYS, FishingStudyOptions
+from leakbench.config import RunConfig
+from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, prepare_attack
 from leakbench.registry import ATTACKS
 from leakbench.results import atomic_write_text
@@ -114,11 +115,13 @@ def study_batches(
     ig_trials: int,
     attacks: dict[str, PreparedAttack],
     echo: Any,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Every attack on the same batches, interleaved batch by batch (load hits all alike)."""
     rows = []
     for b in batch_sizes:
-        for index, batch in enumerate(study.trials(b, trials)):
+        batches = track(study.trials(b, trials), f"{state} B={b}", progress)
+        for index, batch in enumerate(batches):
             row: dict[str, Any] = {"state": state, "batch_size": b, "trial": int(batch["trial"])}
             for name, attack in attacks.items():
                 if name == "inverting-gradients" and index >= ig_trials:
@@ -218,31 +221,29 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
+def fishing_study_command(
+    config: RunConfig, options: FishingStudyOptions, progress: bool = True, echo: Any = print
+) -> int:
+    """Run the study: ``config`` gives the run keys it shares with ``leakbench run``
+    (:data:`~leakbench.analysis.commands.FISHING_RUN_KEYS`), ``options`` its own."""
     study = Study(
-        dataset=args.dataset,
-        split=args.split,
-        model=args.model,
-        model_seed=args.model_seed,
-        dtype=getattr(torch, args.dtype),
-        seed=args.seed,
-        isolation=args.isolation,
+        dataset=config.dataset,
+        split=config.split,
+        model=config.model,
+        model_seed=config.model_seed,
+        dtype=getattr(torch, config.dtype),
+        seed=config.seed,
+        isolation=config.isolation,
     )
-    batch_sizes = comma_ints(args.batch_sizes)
-    if any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be at least 1, got {args.batch_sizes}")
-    states = comma_ints(args.train_epochs)
-    options = json_object(args.fishing_options, "--fishing-options")
-    solvers = {s: f"fishing-{s}" for s in args.solvers.split(",") if s.strip()}
-    if not solvers or set(solvers) - {"cbc", "highs"}:
-        raise ValueError(f"--solvers takes cbc and/or highs, got {args.solvers!r}")
+    batch_sizes = [int(b) for b in config.batch_sizes]
+    states = options.train_epochs
+    solvers = {s: f"fishing-{s}" for s in options.solvers}
     attacks = {
-        label: prepared("fishing", {**options, "solver": solver})
+        label: prepared("fishing", {**options.fishing_options, "solver": solver})
         for solver, label in solvers.items()
     }
-    if args.ig_trials > 0:
-        ig_options = json_object(args.ig_options, "--ig-options")
-        attacks["inverting-gradients"] = prepared("inverting-gradients", ig_options)
+    if options.ig_trials > 0:
+        attacks["inverting-gradients"] = prepared("inverting-gradients", options.ig_options)
     attacks["exan"] = prepared("exan", {})
     if Capability.CLIENT_CODE not in attacks[next(iter(solvers.values()))].requires:
         raise AssertionError("fishing must require client code")
@@ -250,8 +251,8 @@ def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
     for attack in attacks.values():
         attack.instance().check_model(probe)
 
-    run_dir = Path(args.output_dir) / (
-        args.run_name or datetime.now().strftime("fishing-%Y%m%d-%H%M%S")
+    run_dir = Path(config.output_dir) / (
+        config.run_name or datetime.now().strftime("fishing-%Y%m%d-%H%M%S")
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -260,19 +261,29 @@ def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
         model = study.victim()
         state = "random-init"
         if epochs:
-            train_victim(model, study, epochs, lr=args.train_lr)
+            train_victim(model, study, epochs, lr=options.train_lr)
             state = f"trained-{epochs}ep"
         accuracy[state] = accuracy_on_test_split(model.eval(), study)
         echo(f"{state}: test accuracy {accuracy[state]:.3f}")
         rows += study_batches(
-            model, study, state, batch_sizes, args.trials, args.ig_trials, attacks, echo
+            model,
+            study,
+            state,
+            batch_sizes,
+            config.trials,
+            options.ig_trials,
+            attacks,
+            echo,
+            progress=progress,
         )
     summary = summarize(rows, solvers)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    run_keys = config.to_dict()
+    # What was measured, lists as lists: the run keys the study uses and its own keys.
+    settings = {**{key: run_keys[key] for key in FISHING_RUN_KEYS}, **dataclasses.asdict(options)}
     atomic_write_text(
         run_dir / "fishing_study.json",
         json.dumps(
-            {"config": config, "test_accuracy": accuracy, "summary": summary, "batches": rows},
+            {"config": settings, "test_accuracy": accuracy, "summary": summary, "batches": rows},
             indent=2,
         )
         + "\n",
@@ -285,7 +296,7 @@ def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
         ),
     )
     echo(
-        f"\n{study.dataset} ({study.split} split) / {study.model_name}, {args.dtype}, "
+        f"\n{study.dataset} ({study.split} split) / {study.model_name}, {config.dtype}, "
         f"test accuracy {json.dumps({k: round(v, 3) for k, v in accuracy.items()})}"
     )
     groups = {
@@ -308,33 +319,3 @@ def fishing_study_command(args: argparse.Namespace, echo: Any = print) -> int:
         echo(format_table([{c: line.get(c) for c in columns if c in line} for line in summary]))
     echo(f"results: {run_dir}")
     return 0
-
-
-def add_command(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "fishing-study",
-        help="fishing attack study: LP feasibility and time, perturbation cost, exactness, "
-        "against ExAN and Inverting Gradients",
-    )
-    p.add_argument("--dataset", default="lfw-subset")
-    p.add_argument("--split", default="train", help="split the trial batches come from")
-    p.add_argument("--model", default="fcn-exan")
-    p.add_argument("--model-seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-sizes", default="8,16,32,64")
-    p.add_argument("--trials", type=int, default=5, help="batches per batch size and state")
-    p.add_argument(
-        "--ig-trials", type=int, default=5, help="of those, attacked by Inverting Gradients"
-    )
-    p.add_argument("--train-epochs", default="0,5", help="training states: 0 is random init")
-    p.add_argument("--train-lr", type=float, default=0.05)
-    p.add_argument("--solvers", default="cbc,highs", help="fishing's LP solvers to compare")
-    p.add_argument("--fishing-options", help="JSON object of fishing hyperparameters")
-    p.add_argument(
-        "--ig-options", help="JSON object of Inverting Gradients hyperparameters (default: none)"
-    )
-    p.add_argument("--isolation", choices=["process", "in-process"], default="process")
-    p.add_argument("--output-dir", default="runs")
-    p.add_argument("--run-name")
-    p.set_defaults(func=fishing_study_command)

@@ -10,7 +10,6 @@ its own line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -35,14 +34,16 @@ def warm_fork_server() -> float:
     return time.perf_counter() - started
 
 
-def overhead_rows(config: RunConfig, output_dir: Path, rounds: int = 2) -> list[dict[str, Any]]:
+def overhead_rows(
+    config: RunConfig, output_dir: Path, rounds: int = 2, progress: bool = False
+) -> list[dict[str, Any]]:
     """Median whole-trial wall time per cell and mode. The modes alternate over ``rounds``
-    rounds, so that a change in machine load hits both alike."""
+    rounds, so that a change in machine load hits both alike. ``progress``: each run's bar."""
     walls: dict[str, dict[str, list[float]]] = {}
     for round_, mode in enumerate(["in-process", "process"] * rounds):
         values = {**config.to_dict(), "isolation": mode, "logger": "none"}
         values.update(output_dir=str(output_dir), run_name=f"overhead-{mode}-{round_}")
-        run(RunConfig.from_mapping(values), progress=False, echo=lambda _: None)
+        run(RunConfig.from_mapping(values), progress=progress, echo=lambda _: None)
         for path in (output_dir / f"overhead-{mode}-{round_}").glob("trials*.jsonl"):
             for record in map(json.loads, path.read_text().splitlines()):
                 walls.setdefault(record["cell"], {}).setdefault(mode, []).append(record["wall_s"])
@@ -63,12 +64,13 @@ def overhead_rows(config: RunConfig, output_dir: Path, rounds: int = 2) -> list[
     return rows
 
 
-def overhead_command(args: argparse.Namespace, echo: Any = print) -> int:
-    overrides = {"trials": args.trials} if args.trials else {}
-    config = RunConfig.load(args.config, overrides)
+def overhead_command(
+    config: RunConfig, rounds: int = 2, progress: bool = False, echo: Any = print
+) -> int:
+    """``leakbench overhead`` (declared in :mod:`leakbench.analysis.commands`)."""
     echo(f"fork server start-up (once per process): {warm_fork_server():.2f} s")
     with tempfile.TemporaryDirectory() as folder:
-        rows = overhead_rows(config, Path(folder), args.rounds)
+        rows = overhead_rows(config, Path(folder), rounds, progress=progress)
     echo(f"{'cell':<36}{'trials':>7}{'in-process':>12}{'process':>10}{'overhead':>10}{'%':>8}")
     for r in rows:
         echo(
@@ -76,13 +78,3 @@ def overhead_command(args: argparse.Namespace, echo: Any = print) -> int:
             f"{r['overhead_s']:>9.3f}s{r['overhead_pct']:>7.1f}%"
         )
     return 0
-
-
-def add_command(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "overhead", help="wall time per trial with attacks isolated in a worker vs in-process"
-    )
-    p.add_argument("--config", help="YAML run configuration (default: the quickstart)")
-    p.add_argument("--trials", type=int, help="trials per cell (default: the config's)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both modes")
-    p.set_defaults(func=overhead_command)

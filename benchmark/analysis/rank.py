@@ -34,11 +34,11 @@ Choices, stated:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -48,6 +48,7 @@ from torch.nn import functional as F
 
 from leakbench.analysis.conv_system import ConvGeometry, ConvSystem, svd_rank, weight_constraints
 from leakbench.interfaces import UnsupportedModelError
+from leakbench.progress import track
 from leakbench.registry import register_covariate
 
 ELEMENTWISE = (nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.ReLU)
@@ -203,23 +204,37 @@ class RankAnalysis:
 
 
 def analyse(
-    model: nn.Module, input_shape: tuple[int, ...], seed: int = 0, virtual: bool = True
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    seed: int = 0,
+    virtual: bool = True,
+    progress: bool = False,
 ) -> RankAnalysis:
     """Rank table and RA-I of ``model`` for single samples of ``input_shape`` (float64).
 
     ``virtual=False`` skips the virtual constraints (one SVD of every layer operator, the
-    expensive part): R-GAP's quantities only, ``ra_index`` None.
+    expensive part): R-GAP's quantities only, ``ra_index`` None. ``progress`` shows a bar per
+    pass naming the layer being solved (large convolutions take minutes).
     """
     model = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
     stages = network_stages(model, tuple(input_shape), "rank analysis")
     probe = _probe(model, stages, tuple(input_shape), seed)
-    rows = [
-        _layer_rank(i, stage, k, mask)
-        for i, (stage, (k, mask)) in enumerate(zip(stages, probe, strict=True), start=1)
-    ]
+    layers = track(
+        list(enumerate(zip(stages, probe, strict=True), start=1)),
+        "rank of each layer's system",
+        progress,
+        name=lambda item: f"layer {item[0]} {item[1][0].name}",
+    )
+    rows = [_layer_rank(i, stage, k, mask) for i, (stage, (k, mask)) in layers]
     if not virtual:
         return RankAnalysis(rows, sum(r.deficit for r in rows), None, seed)
-    for row, previous in zip(rows[1:], stages[:-1], strict=True):
+    pairs = track(
+        list(zip(rows[1:], stages[:-1], strict=True)),
+        "virtual constraints (SVD)",
+        progress,
+        name=lambda pair: f"layer {pair[0].index} {pair[0].layer}",
+    )
+    for row, previous in pairs:
         row.virtual = row.unknowns - svd_rank(layer_operator(previous))[0]
     for row in rows:
         row.ra = row.deficit - (row.virtual or 0)
@@ -383,66 +398,49 @@ def format_table(analysis: RankAnalysis, title: str) -> str:
     return "\n".join(lines)
 
 
-def _resolve_shape(args: argparse.Namespace) -> tuple[tuple[int, ...], int]:
+def _resolve_shape(
+    dataset: str | None, input_shape: Sequence[int] | None, num_classes: int | None
+) -> tuple[tuple[int, ...], int]:
+    """The input shape and class count: the dataset's, or the ones given (default 3×32×32, 10)."""
     from leakbench.registry import DATAMODULES, UnknownNameError
 
-    if args.dataset is not None:
-        if args.num_classes is not None:
-            raise ValueError("--num-classes goes with --input-shape; --dataset sets it")
+    if dataset is not None:
         try:
-            datamodule = DATAMODULES.get(args.dataset)
+            datamodule = DATAMODULES.get(dataset)
         except UnknownNameError as err:
             raise ValueError(str(err)) from None
         if not hasattr(datamodule, "input_shape"):
             datamodule = datamodule()
         return tuple(datamodule.input_shape), int(datamodule.num_classes)
-    shape = tuple(args.input_shape) if args.input_shape else (3, 32, 32)
-    return shape, args.num_classes if args.num_classes is not None else 10
+    shape = tuple(int(d) for d in input_shape) if input_shape else (3, 32, 32)
+    return shape, int(num_classes) if num_classes is not None else 10
 
 
-def run_rank_command(args: argparse.Namespace) -> int:
+def run_rank_command(
+    model: str,
+    *,
+    dataset: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+    skip_virtual: bool = False,
+    as_json: bool = False,
+    progress: bool = True,
+) -> int:
+    """Print the rank analysis of ``model`` (built with ``seed``) for the dataset's input shape
+    and classes, or for ``input_shape`` and ``num_classes``: a table, or JSON."""
     from leakbench.client import build_victim
     from leakbench.registry import UnknownNameError
 
-    input_shape, num_classes = _resolve_shape(args)
+    shape, classes = _resolve_shape(dataset, input_shape, num_classes)
     try:
-        model = build_victim(
-            args.model, input_shape, num_classes, seed=args.seed, dtype=torch.float64
-        )
+        victim = build_victim(model, shape, classes, seed=seed, dtype=torch.float64)
     except UnknownNameError as err:
         raise ValueError(str(err)) from None
-    analysis = analyse(model, input_shape, seed=args.seed, virtual=not args.skip_virtual)
-    if args.json:
+    analysis = analyse(victim, shape, seed=seed, virtual=not skip_virtual, progress=progress)
+    if as_json:
         print(json.dumps({**analysis.summary(), "rows": [asdict(r) for r in analysis.layers]}))
     else:
-        shape = "×".join(str(d) for d in input_shape)
-        print(
-            format_table(
-                analysis,
-                f"{args.model}, input {shape}, {num_classes} classes, init seed {args.seed}",
-            )
-        )
+        size = "×".join(str(d) for d in shape)
+        print(format_table(analysis, f"{model}, input {size}, {classes} classes, init seed {seed}"))
     return 0
-
-
-def add_command(subparsers: argparse._SubParsersAction) -> None:
-    """``leakbench rank --model NAME [--dataset NAME | --input-shape C H W --num-classes K]``."""
-    p = subparsers.add_parser(
-        "rank",
-        help="rank analysis of R-GAP's per-layer systems and the RA-I index of a victim model",
-    )
-    p.add_argument("--model", required=True, help="registered victim model")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--dataset", help="take the input shape and class count from a dataset")
-    source.add_argument(
-        "--input-shape", nargs=3, type=int, metavar=("C", "H", "W"), help="default 3 32 32"
-    )
-    p.add_argument("--num-classes", type=int, help="with --input-shape; default 10")
-    p.add_argument("--seed", type=int, default=0, help="victim init and probe seed (default 0)")
-    p.add_argument(
-        "--skip-virtual",
-        action="store_true",
-        help="R-GAP's quantities only: skip the virtual constraints and RA-I (faster)",
-    )
-    p.add_argument("--json", action="store_true", help="print the analysis as JSON")
-    p.set_defaults(func=run_rank_command)

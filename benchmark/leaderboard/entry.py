@@ -326,7 +326,7 @@ def write_entry(
         raise EntryError(f"{path} exists; choose another --name, or pass --replace")
     records = cell_records(Path(run_dir), cell, entry["protocol"]["trials"])
     atomic_write_text(sibling(path, RECORDS_SUFFIX), records_text(records))
-    grid = Path(run_dir) / f"grid-{cell}.png"
+    grid = Path(run_dir) / "figures" / f"{cell}.png"
     for stale in (GRID_SUFFIX, ".verification.jsonl", ".verification.png"):
         sibling(path, stale).unlink(missing_ok=True)
     if grid.is_file():

@@ -36,7 +36,7 @@ from leakbench.results import atomic_write_bytes, atomic_write_text
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STATIC = ("site.css", "sort.js")
 MARKER = ".leakbench-site"  # a folder holding it is a site this command may rebuild
-THUMBNAIL_SCALE = 4  # the grids hold 25 px faces: shown 4x, pixelated, they are readable
+THUMBNAIL_SCALE = 1  # the cell figures are drawn at a readable size already
 MAX_WIDTH = 1000
 PSNR_BINS = [*range(0, 65, 5)]  # dB; the last bin collects everything from 60 dB up
 SSIM_BINS = [round(-0.2 + 0.1 * i, 1) for i in range(13)]  # -0.2 .. 1.0

@@ -297,7 +297,7 @@ def verify_entry(
         records = cell_records(run_dir, cell_of(entry), config.trials)
         text = records_text(records)
         atomic_write_text(sibling(path, VERIFICATION_RECORDS), text)
-        grid = run_dir / f"grid-{cell_of(entry)}.png"
+        grid = run_dir / "figures" / f"{cell_of(entry)}.png"
         if grid.is_file():
             atomic_write_bytes(sibling(path, VERIFICATION_GRID), grid.read_bytes())
     finally:

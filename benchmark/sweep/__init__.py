@@ -55,13 +55,12 @@ The package, one idea per module, each importing only from the ones listed above
     status.py       the run states of ``leakbench sweep status`` (run_status)
     collect.py      finished runs into CSV and Markdown tables, leaderboard entries (collect_rows)
     throughput.py   trials per minute on 1, 2, ... processes (measure_throughput)
-    commands.py     ``leakbench sweep`` and its actions (add_command, action)
+    commands.py     ``leakbench sweep`` and its commands (status, collect, throughput)
 """
 
 from __future__ import annotations
 
 from leakbench.sweep.collect import collect_rows, render_collected, write_entries
-from leakbench.sweep.commands import add_command
 from leakbench.sweep.grid import (
     AXES,
     Grid,
@@ -101,7 +100,6 @@ __all__ = [
     "PlannedRun",
     "Resources",
     "RunStatus",
-    "add_command",
     "axis",
     "check_grid",
     "check_slurm",

@@ -1,103 +1,88 @@
-"""The command line, ``leakbench sweep``: launching a grid (the default), and the actions
-``status``, ``collect`` and ``throughput`` (registered with ``action``)."""
+"""The command line of sweeps: ``leakbench sweep GRID.yaml`` launches a grid; ``sweep status``,
+``sweep collect`` and ``sweep throughput`` are its other commands (typed functions, see
+:mod:`leakbench.commands`)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from leakbench.config import ConfigError, RunConfig
+from leakbench.commands import command
+from leakbench.config import Count, RunConfig
 from leakbench.results import atomic_write_text
 from leakbench.sweep.collect import collect_rows, render_collected, write_entries
-from leakbench.sweep.grid import RESOURCE_KEYS, Grid, _tracks_dir, expected_trials, load_grid
+from leakbench.sweep.grid import Grid, _tracks_dir, expected_trials, load_grid
 from leakbench.sweep.launch import LAUNCHERS, LaunchOptions, measured_peak_mb, run_resources
 from leakbench.sweep.status import RunStatus, format_status, run_status
 from leakbench.sweep.throughput import format_throughput, measure_throughput
 
-USAGE = """\
-leakbench sweep GRID.yaml [--dry-run] [--launcher local|slurm] [--jobs N] [resource flags]
-leakbench sweep status GRID.yaml
-leakbench sweep collect GRID.yaml [--out DIR] [--entries-dir DIR]
-leakbench sweep throughput [--config TRACK.yaml] [--attack NAME] [--processes 1,2] [--trials N]"""
-
-Action = Callable[[list[str]], int]
-ACTIONS: dict[str, Action] = {}
+LauncherName = Literal[tuple(sorted(LAUNCHERS))]  # type: ignore[valid-type]
 
 
-def action(name: str) -> Callable[[Action], Action]:
-    """Decorator: register ``leakbench sweep NAME ...``; anything else is a grid to launch."""
+@dataclass
+class ResourceOptions:
+    """Resources of every run of the grid; each given one overrides the grid file's.
 
-    def register(function: Action) -> Action:
-        ACTIONS[name] = function
-        return function
+    Args:
+        partition: SLURM partition.
+        time_min: Time limit per run (minutes).
+        cpus_per_task: CPUs per task.
+        gpus_per_node: GPUs per node.
+        mem_gb: Memory per run (GB).
+        array_parallelism: Array tasks running at once.
+        account: SLURM account.
+        qos: SLURM quality of service.
+        constraint: SLURM node constraint.
+    """
 
-    return register
-
-
-def add_command(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "sweep",
-        help="expand a grid of runs and launch it (local or SLURM), see its status, collect it",
-        usage=USAGE,
-        # The first paragraph of the package's overview (leakbench/sweep/__init__.py).
-        description=sys.modules[__package__].__doc__.split("\n\n")[0],
-    )
-    p.add_argument("words", nargs=argparse.REMAINDER, help="GRID.yaml, or an action and its flags")
-    p.set_defaults(func=sweep_command)
-
-
-def sweep_command(args: argparse.Namespace) -> int:
-    words = list(args.words)
-    if not words:
-        print(f"usage:\n{USAGE}", file=sys.stderr)
-        return 2
-    if words[0] in ACTIONS:
-        return ACTIONS[words[0]](words[1:])
-    return launch_command(words)
+    partition: str | None = None
+    time_min: Count | None = None
+    cpus_per_task: Count | None = None
+    gpus_per_node: int | None = None
+    mem_gb: float | None = None
+    array_parallelism: Count | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
 
 
-def _resource_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("resources (override the grid file's)")
-    g.add_argument("--partition")
-    g.add_argument("--time-min", type=int, help="time limit per run (minutes)")
-    g.add_argument("--cpus-per-task", type=int)
-    g.add_argument("--gpus-per-node", type=int)
-    g.add_argument("--mem-gb", type=float)
-    g.add_argument("--array-parallelism", type=int, help="array tasks running at once")
-    g.add_argument("--account")
-    g.add_argument("--qos")
-    g.add_argument("--constraint")
+@command("sweep")
+def launch_command(
+    grid: str,
+    resources: ResourceOptions,
+    *,
+    dry_run: bool = False,
+    launcher: LauncherName = "local",
+    jobs: Count = 1,  # type: ignore[assignment]
+) -> int:
+    """Expand a grid of runs and launch what is missing or failed (local or SLURM).
 
-
-def launch_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="leakbench sweep", usage=USAGE)
-    p.add_argument("grid")
-    p.add_argument("--dry-run", action="store_true", help="print the plan; launch nothing")
-    p.add_argument("--launcher", choices=sorted(LAUNCHERS), default="local")
-    p.add_argument("--jobs", type=int, default=1, help="local runs at a time (default 1)")
-    _resource_flags(p)
-    args = p.parse_args(argv)
-    grid = load_grid(args.grid)
-    flags = {key: getattr(args, key) for key in RESOURCE_KEYS if getattr(args, key, None)}
-    options = LaunchOptions(jobs=args.jobs, resources={**grid.resources, **flags})
-    statuses = {run.name: run_status(run) for run in grid.runs}
-    todo = [run for run in grid.runs if statuses[run.name].state in ("failed", "missing")]
-    if args.dry_run:
-        print(format_plan(grid, statuses, options, args.launcher))
+    Args:
+        grid: The grid file (GRID.yaml).
+        dry_run: Print the plan; launch nothing.
+        launcher: Where the runs go.
+        jobs: Local runs at a time.
+    """
+    planned = load_grid(grid)
+    flags = {f.name: getattr(resources, f.name) for f in fields(resources)}
+    given = {key: value for key, value in flags.items() if value}
+    options = LaunchOptions(jobs=jobs, resources={**planned.resources, **given})
+    statuses = {run.name: run_status(run) for run in planned.runs}
+    todo = [run for run in planned.runs if statuses[run.name].state in ("failed", "missing")]
+    if dry_run:
+        print(format_plan(planned, statuses, options, launcher))
         return 0
-    LAUNCHERS[args.launcher].check()
-    for run in grid.runs:
+    LAUNCHERS[launcher].check()
+    for run in planned.runs:
         status = statuses[run.name]
         if status.state in ("done", "running"):
             print(f"skipped  {run.name}: {status.state} {status.note}".rstrip())
-    print(f"grid {grid.name}: {len(todo)} of {len(grid.runs)} runs to launch ({args.launcher})")
+    print(f"grid {planned.name}: {len(todo)} of {len(planned.runs)} runs to launch ({launcher})")
     if not todo:
         return 0
-    return LAUNCHERS[args.launcher].launch(grid, todo, options, print)
+    return LAUNCHERS[launcher].launch(planned, todo, options, print)
 
 
 def format_plan(
@@ -131,70 +116,78 @@ def format_plan(
     return "\n".join(lines)
 
 
-@action("status")
-def status_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="leakbench sweep status")
-    p.add_argument("grid")
-    args = p.parse_args(argv)
-    grid = load_grid(args.grid, check=False)
-    print(format_status(grid, [run_status(run) for run in grid.runs]))
+@command("sweep status")
+def status_command(grid: str) -> int:
+    """The state of every run of a grid (done, running, failed, missing).
+
+    Args:
+        grid: The grid file (GRID.yaml).
+    """
+    planned = load_grid(grid, check=False)
+    print(format_status(planned, [run_status(run) for run in planned.runs]))
     return 0
 
 
-@action("collect")
-def collect_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="leakbench sweep collect")
-    p.add_argument("grid")
-    p.add_argument("--out", help="folder for <grid>.csv and <grid>.md (default: the grid's)")
-    p.add_argument(
-        "--entries-dir",
-        help="also write a leaderboard entry per cell of each track run here; then "
-        "`leakbench leaderboard render --entries-dir DIR`",
-    )
-    p.add_argument("--tracks-dir", default=str(_tracks_dir()))
-    p.add_argument("--replace", action="store_true", help="overwrite entries of the same name")
-    args = p.parse_args(argv)
-    grid = load_grid(args.grid, check=False)
-    rows, left_out = collect_rows(grid)
-    tables = render_collected(grid, rows, left_out)
-    out = Path(args.out) if args.out else grid.output_dir
+@command("sweep collect")
+def collect_command(
+    grid: str,
+    *,
+    out: str | None = None,
+    entries_dir: str | None = None,
+    tracks_dir: str | None = None,
+    replace: bool = False,
+) -> int:
+    """Collect a grid's finished runs into CSV and Markdown tables (and leaderboard entries).
+
+    Args:
+        grid: The grid file (GRID.yaml).
+        out: Folder for <grid>.csv and <grid>.md (default: the grid's).
+        entries_dir: Also write a leaderboard entry per cell of each track run here; then
+            `leakbench leaderboard render --entries-dir DIR`.
+        tracks_dir: Folder of the track files (default: the package's).
+        replace: Overwrite entries of the same name.
+    """
+    planned = load_grid(grid, check=False)
+    rows, left_out = collect_rows(planned)
+    tables = render_collected(planned, rows, left_out)
+    folder = Path(out) if out else planned.output_dir
     for suffix, text in tables.items():
-        atomic_write_text(out / f"{grid.name}.{suffix}", text)
-        print(f"wrote {out / f'{grid.name}.{suffix}'}")
+        atomic_write_text(folder / f"{planned.name}.{suffix}", text)
+        print(f"wrote {folder / f'{planned.name}.{suffix}'}")
     print(tables["md"], end="")
-    if args.entries_dir:
-        write_entries(rows, Path(args.entries_dir), Path(args.tracks_dir), print, args.replace)
+    if entries_dir:
+        tracks = Path(tracks_dir) if tracks_dir else _tracks_dir()
+        write_entries(rows, Path(entries_dir), tracks, print, replace)
     return 0
 
 
-@action("throughput")
-def throughput_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="leakbench sweep throughput")
-    p.add_argument(
-        "--config",
-        default=str(_tracks_dir() / "lfw-subset-fcn-exan-b4.yaml"),
-        help="a CPU-bound track or config (default: lfw-subset-fcn-exan-b4)",
-    )
-    p.add_argument("--attack", default="dlg", help="the attack to time (default: dlg)")
-    p.add_argument("--processes", default="1,2", help="process counts, e.g. 1,2")
-    p.add_argument("--trials", type=int, default=16)
-    p.add_argument(
-        "--threads", type=int, help="intra-op threads per process (default: cores / processes)"
-    )
-    p.add_argument("--output-dir", help="where the timed runs go (default: a temporary folder)")
-    args = p.parse_args(argv)
-    try:
-        counts = [int(x) for x in args.processes.split(",")]
-    except ValueError:
-        raise ConfigError(f"--processes takes integers like 1,2, got {args.processes!r}") from None
-    config = RunConfig.load(
-        args.config, {"attacks": [args.attack], "trials": args.trials, "threads": args.threads}
-    )
-    if args.output_dir:
-        output = Path(args.output_dir).resolve()
-        results = measure_throughput(config, counts, output, print)
+@command("sweep throughput")
+def throughput_command(
+    *,
+    config: str | None = None,
+    attack: str = "dlg",
+    processes: list[Count] | None = None,
+    trials: Count = 16,  # type: ignore[assignment]
+    threads: Count | None = None,
+    output_dir: str | None = None,
+) -> int:
+    """Trials per minute of one attack on 1, 2, ... processes.
+
+    Args:
+        config: A CPU-bound track or run config file (default: lfw-subset-fcn-exan-b4).
+        attack: The attack to time.
+        processes: Process counts (default: [1,2]).
+        trials: Trials per timed run.
+        threads: Intra-op threads per process (default: cores / processes).
+        output_dir: Where the timed runs go (default: a temporary folder).
+    """
+    path = config or str(_tracks_dir() / "lfw-subset-fcn-exan-b4.yaml")
+    run = RunConfig.load(path, {"attacks": [attack], "trials": trials, "threads": threads})
+    counts = list(processes or [1, 2])
+    if output_dir:
+        results = measure_throughput(run, counts, Path(output_dir).resolve(), print)
     else:
         with tempfile.TemporaryDirectory(prefix="leakbench-throughput-") as tmp:
-            results = measure_throughput(config, counts, Path(tmp), print)
-    print(format_throughput(config, results))
+            results = measure_throughput(run, counts, Path(tmp), print)
+    print(format_throughput(run, results))
     return 0

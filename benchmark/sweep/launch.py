@@ -71,7 +71,7 @@ def run_resources(run: PlannedRun, requested: dict[str, Any]) -> Resources:
     time_min = requested.get("time_min")
     from_budget = time_min is None
     if time_min is None:
-        limit = config.budget.get("max_seconds")
+        limit = config.budget.max_seconds
         time_min = (
             SLACK_MIN + math.ceil(expected_trials(config) * float(limit) / tasks / 60)
             if limit

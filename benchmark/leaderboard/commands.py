@@ -1,0 +1,172 @@
+"""``leakbench submit`` and ``leakbench leaderboard entry|verify|render|build``.
+
+A light module: the leaderboard loads only when one of these commands runs. The folders
+default to the leaderboard's own (``leaderboards/`` in a checkout, else ``./leaderboards``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from leakbench.commands import command
+
+
+def _folders(entries_dir: str | None, tracks_dir: str | None) -> tuple[Path, Path]:
+    from leakbench.leaderboard.entry import LEADERBOARDS, TRACKS
+
+    return (
+        Path(entries_dir) if entries_dir else LEADERBOARDS / "entries",
+        Path(tracks_dir) if tracks_dir else TRACKS,
+    )
+
+
+@command("submit", repeated={"--cell": "cells"})
+def submit_command(
+    run_dir: str,
+    *,
+    cells: list[str] | None = None,
+    name: str | None = None,
+    submitter: str | None = None,
+    paper: str | None = None,
+    replace: bool = False,
+    entries_dir: str | None = None,
+    tracks_dir: str | None = None,
+) -> int:
+    """Turn a finished track run into leaderboard entries, one per cell.
+
+    Args:
+        run_dir: The finished run folder.
+        cells: Only these cells (e.g. [dlg__none__b1]; see summary.json); default: every cell.
+        name: Display name (default: the attack or defense).
+        submitter: Who submits the entry.
+        paper: Link to the paper or code.
+        replace: Overwrite an entry of the same name.
+        entries_dir: Folder of the entries (default: the leaderboard's).
+        tracks_dir: Folder of the track files (default: the package's).
+    """
+    from leakbench.leaderboard import submit
+
+    entries, tracks = _folders(entries_dir, tracks_dir)
+    details = {"name": name, "submitter": submitter, "paper": paper, "replace": replace}
+    for path in submit(run_dir, cells, entries, tracks_dir=tracks, **details):
+        print(f"wrote {path}")
+    return 0
+
+
+@command("leaderboard entry")
+def entry_command(
+    run_dir: str,
+    *,
+    cell: str,
+    name: str | None = None,
+    submitter: str | None = None,
+    paper: str | None = None,
+    replace: bool = False,
+    entries_dir: str | None = None,
+    tracks_dir: str | None = None,
+) -> int:
+    """Turn one cell of a track run into an entry JSON.
+
+    Args:
+        run_dir: The finished run folder.
+        cell: The cell, e.g. dlg__none__b1 (see summary.json).
+        name: Display name (default: the attack or defense).
+        submitter: Who submits the entry.
+        paper: Link to the paper or code.
+        replace: Overwrite an entry of the same name.
+        entries_dir: Folder of the entries (default: the leaderboard's).
+        tracks_dir: Folder of the track files (default: the package's).
+    """
+    from leakbench.leaderboard.entry import write_entry
+
+    entries, tracks = _folders(entries_dir, tracks_dir)
+    details = {"name": name, "submitter": submitter, "paper": paper}
+    path = write_entry(run_dir, cell, entries, tracks_dir=tracks, replace=replace, **details)
+    print(f"wrote {path}")
+    return 0
+
+
+@command("leaderboard verify")
+def verify_command(
+    entries: list[str],
+    *,
+    tracks_dir: str | None = None,
+    runs_dir: str | None = None,
+    threads: int | None = None,
+) -> int:
+    """Re-run entries on unseen, secretly transformed trials.
+
+    Exit 0 when every entry passed, 1 when one failed, 2 when one was refused.
+
+    Args:
+        entries: Entry JSON file(s).
+        tracks_dir: Folder of the track files (default: the package's).
+        runs_dir: Keep the verification runs here (default: discarded).
+        threads: Intra-op threads per process.
+    """
+    from leakbench.leaderboard.entry import EntryError
+    from leakbench.leaderboard.verify import verify_entry
+
+    _, tracks = _folders(None, tracks_dir)
+    failed = refused = 0
+    for path in entries:
+        try:
+            block = verify_entry(
+                path,
+                tracks_dir=tracks,
+                runs_dir=Path(runs_dir) if runs_dir else None,
+                threads=threads,
+            )
+        except EntryError as exc:
+            if len(entries) == 1:
+                raise  # the CLI prints it as its one error line
+            print(f"leakbench: error: {exc}", file=sys.stderr)
+            refused += 1
+            continue
+        failed += not block["passed"]
+    return 2 if refused else (1 if failed else 0)
+
+
+@command("leaderboard render")
+def render_command(
+    *, entries_dir: str | None = None, tracks_dir: str | None = None, out_dir: str | None = None
+) -> int:
+    """Write Markdown and CSV tables per track.
+
+    Args:
+        entries_dir: Folder of the entries (default: the leaderboard's).
+        tracks_dir: Folder of the track files (default: the package's).
+        out_dir: Folder of the tables (default: the leaderboard's ``tables``).
+    """
+    from leakbench.leaderboard.board import render
+    from leakbench.leaderboard.entry import LEADERBOARDS
+    from leakbench.results import atomic_write_text
+
+    entries, tracks = _folders(entries_dir, tracks_dir)
+    out = Path(out_dir) if out_dir else LEADERBOARDS / "tables"
+    for filename, text in render(entries, tracks).items():
+        atomic_write_text(out / filename, text)
+        print(f"wrote {out / filename}")
+    return 0
+
+
+@command("leaderboard build")
+def build_command(
+    *, entries_dir: str | None = None, tracks_dir: str | None = None, out_dir: str | None = None
+) -> int:
+    """Render the static web leaderboard.
+
+    Args:
+        entries_dir: Folder of the entries (default: the leaderboard's).
+        tracks_dir: Folder of the track files (default: the package's).
+        out_dir: Folder of the site (default: the leaderboard's ``site``).
+    """
+    from leakbench.leaderboard.entry import LEADERBOARDS
+    from leakbench.leaderboard.site import build_site
+
+    entries, tracks = _folders(entries_dir, tracks_dir)
+    out = Path(out_dir) if out_dir else LEADERBOARDS / "site"
+    files = build_site(entries, out, tracks)
+    print(f"wrote {len(files)} files; open {out / 'index.html'}")
+    return 0
