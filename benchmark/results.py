@@ -3,7 +3,8 @@
     <run>/config.yaml          the resolved configuration
     <run>/trials.jsonl         one JSON record per trial (``trials-rank<k>.jsonl`` on rank k > 0)
     <run>/summary.json         aggregates per cell
-    <run>/grid-<cell>.png      ground truth (odd columns) next to matched reconstructions
+    <run>/figures/<cell>.png   ground truth above matched reconstructions, with their scores
+    <run>/report.html          the run as one page (``leakbench report``)
 
 Whole files are written atomically (temporary file + rename). Trial records are appended, one
 line each, flushed and synced, so appending never rewrites the file. A process killed mid-write
@@ -21,9 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image
-from torch import Tensor
-from torchvision.utils import make_grid
 
 
 def _umask() -> int:
@@ -127,17 +125,11 @@ class RunDirectory:
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
-    def write_grid(self, cell: str, pairs: list[tuple[Tensor, Tensor]]) -> Path:
-        """Save ground-truth / reconstruction pixel pairs (C, H, W in [0, 1]) as one PNG."""
-        tiles = [t for pair in pairs for t in pair]
-        grid = make_grid(
-            [t.float() for t in tiles], nrow=min(len(tiles), 8), padding=1, pad_value=1.0
-        )
-        array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        path = self.path / f"grid-{cell}.png"
-        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        with tempfile.SpooledTemporaryFile() as buffer:
-            image.save(buffer, format="PNG")
-            buffer.seek(0)
-            atomic_write_bytes(path, buffer.read())
+    def figure_path(self, cell: str) -> Path:
+        """Where the cell's figure (:func:`leakbench.figures.cell_figure`) lies."""
+        return self.path / "figures" / f"{cell}.png"
+
+    def write_figure(self, cell: str, png: bytes) -> Path:
+        path = self.figure_path(cell)
+        atomic_write_bytes(path, png)
         return path

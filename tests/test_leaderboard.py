@@ -172,7 +172,9 @@ def test_honest_entries_verify_and_the_seeds_stay_secret_until_the_run_ends(boar
         (run_dir,) = (tmp_path / "v").glob(f"verify-tiny-test-{name}-b1-*")
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert block["commitments"] == {k: saved[k] for k in ("seed", "private_transform")}
-        written = "".join(p.read_text() for p in run_dir.rglob("*") if p.suffix != ".png")
+        written = "".join(
+            p.read_text() for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".png"
+        )
         for secret in block["seeds"].values():
             assert str(secret) not in written
         shutil.rmtree(tmp_path / "v")
