@@ -130,12 +130,29 @@ def least_squares_gain(reconstruction: Tensor, truth: Tensor) -> float:
     return float(r @ t) / denominator if denominator > 0 else 0.0
 
 
-def lpips_status() -> tuple[bool, str]:
-    """LPIPS needs torchvision's AlexNet weights locally; it never downloads them."""
+# AlexNet's layers up to relu5, which LPIPS compares, need inputs of at least this many pixels
+# per side (a smaller image is pooled down to nothing).
+LPIPS_MIN_SIDE = 31
+
+
+def lpips_status(input_shape: Sequence[int] | None = None) -> tuple[bool, str]:
+    """Whether LPIPS can score images of ``input_shape`` (C, H, W) here, and why (not).
+
+    It needs torchvision's AlexNet weights locally (it never downloads them; ``leakbench
+    lpips-fetch`` does) and images of at least ``LPIPS_MIN_SIDE`` pixels per side."""
+    if input_shape is not None and min(input_shape[-2:]) < LPIPS_MIN_SIDE:
+        side = "x".join(str(n) for n in input_shape[-2:])
+        return False, (
+            f"unavailable: images of {side} px are smaller than the {LPIPS_MIN_SIDE}x"
+            f"{LPIPS_MIN_SIDE} px LPIPS's AlexNet layers need"
+        )
     path = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE
     if path.is_file():
         return True, f"AlexNet backbone found at {path}"
-    return False, f"unavailable: AlexNet backbone weights not found at {path} (no download)"
+    return False, (
+        f"unavailable: AlexNet backbone weights not found at {path} (no download; "
+        "`leakbench lpips-fetch` fetches them)"
+    )
 
 
 def lpips(a: Tensor, b: Tensor) -> Tensor:

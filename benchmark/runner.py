@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import netrc
 import os
 import platform
 import subprocess
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import lightning
 import torch
@@ -32,10 +34,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import leakbench
+from leakbench.client import ClientProtocol, protocol_from_spec
 from leakbench.config import ConfigError, RunConfig
-from leakbench.evaluator import Evaluator
+from leakbench.evaluator import Evaluator, log_run_to_wandb
+from leakbench.figures import Tile, cell_figure
 from leakbench.interfaces import Defense
-from leakbench.metrics import aggregate, lpips_status
+from leakbench.metrics import aggregate, gallery_from_samples, lpips_status
+from leakbench.progress import Progress
 from leakbench.protocol import (
     PreparedAttack,
     PrivateTransform,
@@ -44,6 +49,7 @@ from leakbench.protocol import (
     default_threads,
     prepare_attack,
 )
+from leakbench.protocol.victim import resolve_victim_state
 from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES
 from leakbench.results import RunDirectory, cell_key
 
@@ -97,6 +103,22 @@ def public_config(config: RunConfig, secret_keys: Sequence[str]) -> dict[str, An
     return values
 
 
+def wandb_configured() -> bool:
+    """Whether the user set W&B up to sync: ``WANDB_MODE``, ``WANDB_API_KEY``, or the key that
+    ``wandb login`` stores in ~/.netrc for the W&B host. Read from local state only: deciding
+    must never touch the network."""
+    if os.environ.get("WANDB_MODE") is not None or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return (
+            host is not None
+            and netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        )
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> list[Logger]:
     if config.logger == "none":
         return []
@@ -104,8 +126,8 @@ def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> li
     version = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="csv", version=version)]
     if config.logger == "wandb":
-        # Offline unless the user configured W&B: an explicit WANDB_MODE or an API key.
-        offline = os.environ.get("WANDB_MODE") is None and "WANDB_API_KEY" not in os.environ
+        # Offline unless the user configured W&B (WANDB_MODE, an API key, `wandb login`).
+        offline = not wandb_configured()
         loggers.append(
             WandbLogger(
                 project=config.wandb_project,
@@ -206,34 +228,55 @@ class PreparedRun:
     private_transform: PrivateTransform | None
     threads: int
     processes: int
+    client_protocol: ClientProtocol
+    # Privacy metrics (``privacy_metrics``): the split as a gallery, its ids, the classifier.
+    gallery: torch.Tensor | None = None
+    gallery_ids: tuple[str, ...] | None = None
+    classifier: torch.nn.Module | None = None
 
 
 def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
     """Build and check every part of the run; anything that can be refused is refused here."""
     processes = config.processes()
+    try:
+        protocol = protocol_from_spec(config.client_protocol)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     defense: Defense = instantiate(
         "defense", config.defense, DEFENSES.get(config.defense), config.defense_options
     )
+    unsupported = sorted(protocol.names() - defense.client_protocols)
+    if unsupported:
+        raise ConfigError(
+            f"defense {config.defense!r} cannot run under the client protocol "
+            f"{unsupported[0]!r} (it supports: {', '.join(sorted(defense.client_protocols))})"
+        )
     attacks = {
-        name: prepare_attack(name, config.attack_options.get(name, {}), config.granted)
+        name: prepare_attack(name, config.attack_options.get(name, {}), config.granted, protocol)
         for name in config.attacks
     }
-    probe = build_datamodule(config, max(config.batch_sizes))
+    probe = build_datamodule(config, protocol.samples_per_trial(max(config.batch_sizes)))
     for b in config.batch_sizes:
-        probe.batch_size = b
+        probe.batch_size = protocol.samples_per_trial(b)
         try:
             probe.trials()
         except ValueError as exc:
             raise ConfigError(f"{config.dataset} ({config.split} split): {exc}") from None
-    victim = Victim(
-        config.model,
-        tuple(probe.input_shape),
-        probe.num_classes,
-        dict(config.model_options),
-        config.model_seed,
-        getattr(torch, config.dtype),
-    )
-    model = instantiate("model", config.model, lambda **_: victim.build(), {})
+    try:
+        victim = resolve_victim_state(
+            config.model_state,
+            model=config.model,
+            model_options=dict(config.model_options),
+            input_shape=tuple(probe.input_shape),
+            num_classes=probe.num_classes,
+            dtype=getattr(torch, config.dtype),
+            checkpoint_dir=checkpoint_folder(config),
+            seed=config.model_seed,
+        )
+    except TypeError as exc:
+        raise ConfigError(f"bad options for model {config.model!r}: {exc}") from None
+    model = victim.build()
+    defense.check_model(model)
     for attack in attacks.values():
         attack.instance().check_model(model)
     covariates = tuple(COVARIATES.names() if config.covariates is None else config.covariates)
@@ -258,7 +301,31 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         private_transform=private_transform,
         threads=config.threads or default_threads(processes),
         processes=processes,
+        client_protocol=protocol,
+        **(privacy_references(config, probe) if config.privacy_metrics else {}),
     )
+
+
+def checkpoint_folder(config: RunConfig) -> Path:
+    """Where the run's checkpoints (a trained victim, the reference classifier) live."""
+    from leakbench.models.training import default_checkpoint_dir
+
+    return Path(config.checkpoint_dir) if config.checkpoint_dir else default_checkpoint_dir()
+
+
+def privacy_references(config: RunConfig, datamodule: Any) -> dict[str, Any]:
+    """What identifiability and task leakage are scored against: the split's images (the
+    gallery a reconstruction must be identified in) and the dataset's reference classifier,
+    trained once on the train split and then loaded from the checkpoint folder."""
+    from leakbench.models.training import reference_classifier
+
+    gallery, ids = gallery_from_samples(
+        datamodule.samples(config.split), datamodule.mean, datamodule.std
+    )
+    classifier = reference_classifier(
+        config.dataset, config.dataset_options, cache_dir=checkpoint_folder(config)
+    )
+    return {"gallery": gallery, "gallery_ids": tuple(ids), "classifier": classifier}
 
 
 def run(
@@ -295,20 +362,20 @@ def _run_cells(
     config = prepared.config
     dtype = getattr(torch, config.dtype)
     run_dir = RunDirectory(run_path)
-    with_lpips, lpips_reason = lpips_status()
+    with_lpips, lpips_reason = lpips_status(prepared.victim.input_shape)
+    # The resolved configuration and the environment: config.yaml, and the W&B run's config.
+    resolved = {
+        **prepared.public,
+        "environment": environment(prepared.threads, prepared.processes),
+        "datamodule": prepared.datamodule,
+        "lpips": lpips_reason,
+    }
     if first_process:
         for note in run_dir.repair():
             echo(f"note: {note}")
-        run_dir.write_config(
-            {
-                **prepared.public,
-                "environment": environment(prepared.threads, prepared.processes),
-                "datamodule": prepared.datamodule,
-                "lpips": lpips_reason,
-            }
-        )
+        run_dir.write_config(resolved)
     done = run_dir.completed()
-    loggers = make_loggers(config, prepared.public, run_path)
+    loggers = make_loggers(config, resolved, run_path)
     trainer = Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
@@ -317,17 +384,29 @@ def _run_cells(
         use_distributed_sampler=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=False,  # ours names the cell and the trial (leakbench.progress)
     )
+    rank, world = trainer.global_rank, trainer.world_size
+    protocol = prepared.client_protocol
+    to_run = sum(
+        (cell_key(name, config.defense, b), i) not in done
+        for b in config.batch_sizes
+        for name, attack in prepared.attacks.items()
+        if attack.max_batch_size is None or protocol.samples_per_trial(b) <= attack.max_batch_size
+        for i in range(rank, config.trials, world)
+    )
+    bar = Progress(to_run, "run", enabled=progress and rank == 0)
+    galleries: dict[str, list[Tile]] = {}
 
     skipped: dict[str, str] = {}
     for batch_size in config.batch_sizes:
-        datamodule = build_datamodule(config, batch_size)
+        # An aggregate of K clients draws K times the client's batch per trial.
+        datamodule = build_datamodule(config, protocol.samples_per_trial(batch_size))
         trials = datamodule.trials()
         for name, attack in prepared.attacks.items():
             cell = cell_key(name, config.defense, batch_size)
             limit = attack.max_batch_size
-            if limit is not None and batch_size > limit:
+            if limit is not None and protocol.samples_per_trial(batch_size) > limit:
                 skipped[cell] = f"{name} handles batches of at most {limit}"
                 if first_process:
                     echo(f"skipping {cell}: {skipped[cell]}")
@@ -352,16 +431,29 @@ def _run_cells(
                 isolation=config.isolation,
                 threads=prepared.threads,
                 private_transform=prepared.private_transform,
+                client_protocol=protocol,
+                gallery=prepared.gallery,
+                gallery_ids=prepared.gallery_ids,
+                classifier=prepared.classifier,
             )
-            evaluator = Evaluator(prepared.victim, attack, prepared.defense, setting, run_dir)
+            evaluator = Evaluator(
+                prepared.victim, attack, prepared.defense, setting, run_dir, progress=bar
+            )
             trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
-            if evaluator.gallery and trainer.global_rank == 0:
-                run_dir.write_grid(cell, evaluator.gallery)
+            if evaluator.gallery:
+                galleries[cell] = evaluator.gallery
+    bar.close()
 
     trainer.strategy.barrier()  # every rank's records are on disk before summarising
     summary = summarize(run_dir, config, skipped)
     if trainer.global_rank == 0:
         run_dir.write_summary(summary)
+        # Rank 0's first samples; a resumed cell whose trials all ran before keeps its figure.
+        for cell, tiles in galleries.items():
+            run_dir.write_figure(cell, cell_figure(tiles, cell, summary["cells"][cell]))
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                log_run_to_wandb(logger, run_dir, summary, list(summary["cells"]))
         echo(format_summary(summary))
         echo(f"results: {run_path}")
     for logger in loggers:

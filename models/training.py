@@ -22,13 +22,12 @@ bit-identical from run to run).
 :func:`reference_classifier` is the fixed classifier of a dataset's task that the task-leakage
 metric asks about a reconstruction; it is trained once and then loaded from its cache.
 
-``python -m leakbench.models.training --model lenet-zhu --dataset digits --epochs 5`` prints the
-hash, card path, test accuracy and training time (``leakbench train`` once wired).
+``leakbench train --model lenet-zhu --dataset digits --epochs 5`` prints the hash, card path,
+test accuracy and training time.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -141,7 +140,6 @@ def train_victim(
 
     # 3. Fit.
     import lightning
-
     from lightning.pytorch.utilities.seed import isolate_rng
 
     from leakbench.models._lightning_training import DefendedTraining
@@ -415,66 +413,6 @@ def reference_classifier(
     )
 
 
-# ------------------------------------------------------------------ command line
-
-
-def add_command(subparsers: Any) -> None:
-    """Register ``leakbench train``."""
-    p = subparsers.add_parser(
-        "train", help="train a victim on a dataset's train split; save a checkpoint"
-    )
-    _add_arguments(p)
-    p.set_defaults(func=_run_from_args)
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registered model, e.g. lenet-zhu, fcn")
-    p.add_argument("--dataset", required=True, help="registered dataset, e.g. digits")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, shuffling, defense")
-    p.add_argument("--defense", help="registered defense active during training")
-    for kind in ("model", "dataset", "defense"):
-        p.add_argument(
-            f"--{kind}-option",
-            action="append",
-            metavar="KEY=VALUE",
-            help=f"{kind} option (the value is read as YAML); repeatable",
-        )
-    p.add_argument(
-        "--checkpoint-dir", help=f"default: ${CHECKPOINT_ENV} or ./{DEFAULT_CHECKPOINT_DIR}"
-    )
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-
-
-def _run_from_args(args: argparse.Namespace) -> int:
-    from leakbench.datamodules.check import parse_options
-
-    return train_command(
-        args.model,
-        args.dataset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        model_options=parse_options(args.model_option),
-        dataset_options=parse_options(args.dataset_option),
-        defense=args.defense,
-        defense_options=parse_options(args.defense_option),
-        checkpoint_dir=args.checkpoint_dir,
-        accelerator=args.accelerator,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m leakbench.models.training")
-    _add_arguments(parser)
-    return _run_from_args(parser.parse_args(argv))
-
-
 # ------------------------------------------------------------------ helpers
 
 
@@ -492,7 +430,3 @@ def _make(registry: Any, name: str, options: Mapping[str, Any], kind: str) -> An
 def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` as JSON data (tuples become lists), as a card stores them."""
     return json.loads(json.dumps(dict(options)))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,12 +1,18 @@
 """Test-wide settings: no network, no W&B traffic, results in temporary folders."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Reference classifiers (task leakage) and trained victims: trained once per test session, in a
+# folder of its own, never in the working tree.
+os.environ.setdefault(
+    "LEAKBENCH_CHECKPOINTS", tempfile.mkdtemp(prefix="leakbench-test-checkpoints-")
+)
 
 
 @pytest.fixture(autouse=True)

@@ -211,6 +211,22 @@ def test_lpips_is_reported_unavailable_without_local_backbone(tmp_path, monkeypa
     available, reason = metrics.lpips_status()
     assert not available
     assert "unavailable" in reason and str(tmp_path) in reason
+    assert "leakbench lpips-fetch" in reason
+
+
+def test_lpips_is_unavailable_for_images_too_small_for_alexnet(tmp_path, monkeypatch):
+    # Weights present: only the image size decides (lfw-subset is 25x25, AlexNet needs 31).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = tmp_path / "hub" / "checkpoints" / metrics.LPIPS_BACKBONE
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    assert metrics.lpips_status((3, 32, 32))[0]
+    available, reason = metrics.lpips_status((1, 25, 25))
+    assert not available
+    assert (
+        reason == "unavailable: images of 25x25 px are smaller than the 31x31 px LPIPS's "
+        "AlexNet layers need"
+    )
 
 
 def test_without_gallery_or_classifier_scores_carry_no_privacy_fields():

@@ -37,9 +37,9 @@ def test_run_writes_config_trials_summary_and_grids(tmp_path):
     run_dir = tmp_path / "run"
     assert (run_dir / "config.yaml").is_file()
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-    assert sorted(p.name for p in run_dir.glob("grid-*.png")) == [
-        "grid-noisy-copy-test__none__b1.png",
-        "grid-noisy-copy-test__none__b2.png",
+    assert sorted(p.name for p in (run_dir / "figures").glob("*.png")) == [
+        "noisy-copy-test__none__b1.png",
+        "noisy-copy-test__none__b2.png",
     ]
     rows = records(run_dir)
     assert len(rows) == 6

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from leakbench.cli import main
 from leakbench.client import build_victim
 from leakbench.models import training
 from leakbench.models.checkpoint import CheckpointError, load_checkpoint, state_bytes
-from leakbench.models.training import TrainedVictim, main, train_command, train_victim
+from leakbench.models.training import TrainedVictim, train_command, train_victim
 from leakbench.protocol.victim import Victim, resolve_victim_state
 
 SMALL = {"widths": [16]}
@@ -116,7 +117,7 @@ def test_checkpoint_round_trip_gives_the_trained_weights(trained: TrainedVictim)
 def test_same_seed_gives_the_same_checkpoint_hash(
     trained: TrainedVictim, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--model", "fcn", "--dataset", "digits", "--model-option", "widths=[16]"]
+    argv = ["train", "--model", "fcn", "--dataset", "digits", "--model-options", "{widths: [16]}"]
     argv += ["--epochs", "1", "--batch-size", "64", "--lr", "0.1", "--seed", "5"]
     argv += ["--accelerator", "cpu", "--checkpoint-dir", str(tmp_path)]
     assert main(argv) == 0

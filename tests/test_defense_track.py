@@ -1,0 +1,88 @@
+"""Defense tracks: the worst case over attacks, the track file, and a small track end to end."""
+
+import pytest
+
+from leakbench.analysis.defense_track import (
+    DefenseSetting,
+    DefenseTrack,
+    UtilityRecipe,
+    with_training_accounting,
+    worst_case,
+)
+from leakbench.config import ConfigError
+
+
+def cell(attack, psnr_median, success_rate):
+    return {"attack": attack, "psnr": {"median": psnr_median}, "success_rate": success_rate}
+
+
+def test_worst_case_names_the_strongest_attack_for_each_measure():
+    cells = {
+        "dlg__noise__b4": cell("dlg", 18.0, 0.25),
+        "exan__noise__b4": cell("exan", 12.0, 0.5),
+        "bias__noise__b4": cell("bias", 9.0, 0.0),
+    }
+    worst = worst_case(cells)
+    assert (worst.psnr_median, worst.psnr_attack) == (18.0, "dlg")
+    assert (worst.success_rate, worst.success_attack) == (0.5, "exan")
+    assert worst.attacks == ("bias", "dlg", "exan")
+
+
+def test_worst_case_skips_unscored_cells_and_breaks_ties_by_name():
+    cells = {
+        "b": cell("zeta", 20.0, 0.5),
+        "a": cell("alpha", 20.0, None),
+        "c": cell("mid", None, 0.5),
+    }
+    worst = worst_case(cells)
+    assert (worst.psnr_median, worst.psnr_attack) == (20.0, "alpha")
+    assert (worst.success_rate, worst.success_attack) == (0.5, "mid")
+    assert worst_case({"x": cell("x", None, None)}).psnr_attack is None
+
+
+def write(tmp_path, text):
+    path = tmp_path / "track.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("track: {name: t, kind: attack}\n", "track.kind is 'attack', expected 'defense'"),
+        (
+            "track: {name: t, kind: defense, defenses: [{defense: none}]}\ndefense: noise\n",
+            "'defense' is set per setting in track.defenses",
+        ),
+        (
+            "track: {name: t, kind: defense, defenses: [{name: noise}]}\n",
+            "track.defenses[0] = {'name': 'noise'}; expected keys defense, options, label",
+        ),
+        ("track: {name: t, kind: defense, defenses: []}\n", "lists no defense setting"),
+        (
+            "track: {name: t, kind: defense, defenses: [{defense: none}, {defense: none}]}\n",
+            "two defense settings share a label",
+        ),
+        (
+            "track: {name: t, kind: defense, defenses: [{defense: none}], utility: {epoch: 1}}\n",
+            "track.utility",
+        ),
+        ("track: [unclosed\n", "line 2 column 1: invalid YAML"),
+    ],
+)
+def test_bad_track_files_are_refused_in_one_line(tmp_path, text, message):
+    with pytest.raises(ConfigError) as excinfo:
+        DefenseTrack.load(write(tmp_path, text))
+    assert message in str(excinfo.value)
+    assert "\n" not in str(excinfo.value).strip()
+
+
+def test_a_dp_setting_given_by_epsilon_is_accounted_over_the_utility_training():
+    setting = DefenseSetting("dp eps=8", "dp-sgd", {"max_grad_norm": 1.0, "epsilon": 8.0})
+    filled = with_training_accounting(setting, UtilityRecipe(epochs=3, batch_size=32), 1437)
+    assert filled.options["sample_rate"] == 32 / 1437
+    assert filled.options["steps"] == 3 * 45  # ⌈1437 / 32⌉ = 45 steps per epoch
+    stated = DefenseSetting("dp", "dp-sgd", {"epsilon": 8.0, "steps": 7})
+    assert with_training_accounting(stated, UtilityRecipe(), 1437).options["steps"] == 7
+    noise = DefenseSetting("noise", "noise", {"scale": 0.1})
+    assert with_training_accounting(noise, UtilityRecipe(), 1437) is noise
