@@ -4,7 +4,8 @@
 
 1. check every argument (before anything is built or written);
 2. build the datamodule with ``seed`` (the shuffling of the train split) and the model from the
-   seeded initialisation ``random(seed)`` (:func:`leakbench.client.build_victim`);
+   seeded initialisation ``random(seed)`` (:func:`leakbench.client.build_victim`), or from the
+   weights of ``initial_checkpoint`` (training continued from a checkpoint);
 3. seed everything with ``seed`` and fit ``epochs`` epochs of mini-batches of ``batch_size``:
    each step's gradient is the update the client would share under ``defense``, i.e.
    ``defense.apply(model, x, y, generator, fedsgd_update).update`` is written into every
@@ -47,7 +48,12 @@ from torch.utils.data import DataLoader
 
 from leakbench.client import build_victim
 from leakbench.interfaces import positive_int
-from leakbench.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from leakbench.models.checkpoint import (
+    Checkpoint,
+    check_state_matches,
+    load_checkpoint,
+    save_checkpoint,
+)
 from leakbench.registry import DATAMODULES, DEFENSES, MODELS
 
 CHECKPOINT_ENV = "LEAKBENCH_CHECKPOINTS"
@@ -91,12 +97,15 @@ def train_victim(
     defense_options: Mapping[str, Any] | None = None,
     checkpoint_dir: str | Path | None = None,
     accelerator: str = "auto",
+    initial_checkpoint: str | None = None,
 ) -> TrainedVictim:
     """Train ``model`` on ``dataset``'s train split, save and return the checkpoint.
 
     ``defense`` (a registered name, with ``defense_options``) is active in every step; its
     randomness comes from a generator seeded with ``seed``. ``checkpoint_dir`` defaults to
-    :func:`default_checkpoint_dir`.
+    :func:`default_checkpoint_dir`. ``initial_checkpoint`` (a sha256 or unique prefix of a
+    checkpoint there) starts the training from its weights instead of ``random(seed)``; the
+    card records its full hash.
     """
     # 1. Arguments.
     positive_int("epochs", epochs)
@@ -122,6 +131,8 @@ def train_victim(
     defense_options = dict(defense_options or {})
     MODELS.get(model)  # an unknown name raises, listing the valid ones
     defense_instance = _make(DEFENSES, defense or "none", defense_options, "defense")
+    folder = default_checkpoint_dir() if checkpoint_dir is None else Path(checkpoint_dir)
+    start = None if initial_checkpoint is None else load_checkpoint(initial_checkpoint, folder)
 
     # 2. Data and the seeded initialisation.
     datamodule = _make(
@@ -137,6 +148,9 @@ def train_victim(
         raise ValueError(
             f"model_options {model_options!r} do not fit model {model!r}: {exc}"
         ) from None
+    if start is not None:
+        check_state_matches(network, start.state, f"initial_checkpoint {start.sha256[:16]}")
+        network.load_state_dict(start.state)
 
     # 3. Fit.
     import lightning
@@ -189,13 +203,14 @@ def train_victim(
         "seed": seed,
         "defense": defense or "none",
         "defense_options": _plain(defense_options),
+        # Only when set, so that the cards of training from random(seed) keep their keys.
+        **({} if start is None else {"initial_checkpoint": start.sha256}),
         "test_accuracy": accuracy,
         "train_seconds": round(train_seconds, 3),
         "cpu_threads": torch.get_num_threads(),
         "accelerator": trainer.accelerator.__class__.__name__.removesuffix("Accelerator").lower(),
         "versions": versions(),
     }
-    folder = default_checkpoint_dir() if checkpoint_dir is None else Path(checkpoint_dir)
     checkpoint = save_checkpoint(network.state_dict(), card, folder)
     return TrainedVictim(checkpoint, accuracy, train_seconds, network)
 
@@ -374,8 +389,6 @@ def trained_once(
             seed=int(card["seed"]),
             **card["model_options"],
         )
-        from leakbench.models.checkpoint import check_state_matches
-
         check_state_matches(network, checkpoint.state, f"checkpoint {checkpoint.path}")
         network.load_state_dict(checkpoint.state)
         return TrainedVictim(

@@ -3,10 +3,14 @@
 import json
 
 import pytest
+import torch
 import yaml
 
+from leakbench.analysis.boundary import Study
+from leakbench.analysis.exclusivity import analyse_exclusivity
 from leakbench.cli import main
 from leakbench.commands import COMMANDS, build
+from leakbench.models.training import train_victim
 
 
 def run_cli(capsys, argv):
@@ -77,6 +81,80 @@ def test_boundary_runs_through_the_command_line(capsys, tmp_path):
     assert rows[0]["p_condition"] == 1.0 and rows[1]["p_condition"] == 0.0
     assert result["config"]["batch_sizes"] == [1, 16] and result["config"]["train_epochs"] == [0]
     assert "P(exclusivity condition) over 4 trials per batch size" in out
+
+
+def test_boundary_studies_a_trained_checkpoint_and_trains_on_from_it(capsys, tmp_path):
+    dataset_options = {"input_shape": [1, 8, 8], "num_classes": 4, "size": 64}
+    checkpoints = tmp_path / "checkpoints"
+    trained = train_victim(
+        "fcn",
+        "synthetic-uniform",
+        model_options={"widths": [64]},
+        dataset_options=dataset_options,
+        epochs=1,
+        batch_size=8,
+        seed=3,
+        checkpoint_dir=checkpoints,
+        accelerator="cpu",
+    )
+    sha = trained.checkpoint.sha256
+    code, out, err = run_cli(
+        capsys,
+        [
+            "boundary",
+            "--dataset",
+            "synthetic-uniform",
+            "--dataset-options",
+            json.dumps(dataset_options),
+            "--model",
+            "fcn",
+            "--model-options",
+            '{"widths": [64]}',
+            "--model-state",
+            sha[:12],
+            "--checkpoint-dir",
+            checkpoints,
+            "--train-epochs",
+            "[0,1]",
+            "--batch-sizes",
+            "[16]",
+            "--trials",
+            "4",
+            "--psnr-attack",
+            "none",
+            "--output-dir",
+            tmp_path,
+            "--run-name",
+            "study",
+            "--no-progress",
+        ],  # fmt: skip
+    )
+    assert code == 0, err
+    result = json.loads((tmp_path / "study" / "boundary.json").read_text())
+    assert result["config"]["model_state"] == sha[:12]
+    base, further = result["states"]
+    assert base == {
+        "state": sha[:16],
+        "train_epochs": 0,
+        "model_state": sha,
+        "test_accuracy": trained.test_accuracy,
+    }
+    # The trained state continues from the checkpoint, with its card's seed.
+    card = json.loads((checkpoints / f"{further['model_state']}.json").read_text())
+    assert card["initial_checkpoint"] == sha and card["seed"] == 3 and card["epochs"] == 1
+    assert further["state"] == f"trained-1ep {further['model_state'][:16]}"
+    assert sha[:16] in out and further["model_state"][:16] in out
+    # The condition rows measure the checkpoint's weights on the study's batches.
+    batches = Study(
+        dataset="synthetic-uniform",
+        dataset_options=dataset_options,
+        model="fcn",
+        model_options={"widths": [64]},
+    ).trials(16, 4)
+    counts = torch.stack([analyse_exclusivity(trained.model, b["images"]).counts for b in batches])
+    row = result["boundary"][0]
+    assert row["state"] == sha[:16]
+    assert row["mean_exans_per_sample"] == [round(float(v), 3) for v in counts.float().mean((0, 1))]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from leakbench.analysis.boundary import Study, train_victim
+from leakbench.analysis.boundary import Study
 from leakbench.analysis.exclusivity import analyse_exclusivity
 from leakbench.attacks.exan import ExAN
 from leakbench.attacks.exan_cnn import ExANCNN
@@ -144,11 +144,7 @@ def confident_trained_victim():
     """d-512-2 with biases trained to 100 % on lfw-subset, float64: many held-out faces get
     p(y) within 1e-8 of 1 (loss vectors 1e-8 of their batch mates')."""
     study = Study(dtype=torch.float64, split="test")
-    model = study.victim()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        train_victim(model, study, epochs=40, lr=0.2)
-    return study, model
+    return study, study.state(40, lr=0.2).victim.build()
 
 
 def test_exact_on_a_confident_trained_victim():

@@ -1,6 +1,8 @@
 """Exclusivity analysis: activation patterns, ExAN counts and the condition, against brute force."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,9 +204,22 @@ def test_boundary_command_writes_tables_and_figure(tmp_path, capsys):
         assert (run / name).stat().st_size > 0, name
     result = json.loads((run / "boundary.json").read_text())
     rows = result["boundary"]
-    assert [(r["state"][:7], r["batch_size"]) for r in rows] == [
-        ("random-", 1), ("random-", 2), ("random-", 16), ("trained", 1), ("trained", 2),
-        ("trained", 16),
+    # The trained state is a cached checkpoint: its label names the hash prefix that reloads it.
+    random, trained = result["states"]
+    assert random == {
+        "state": "random(0)",
+        "train_epochs": 0,
+        "model_state": "random(0)",
+        "test_accuracy": random["test_accuracy"],
+    }
+    sha = trained["model_state"]
+    assert trained["state"] == f"trained-1ep {sha[:16]}" and trained["train_epochs"] == 1
+    card = json.loads((Path(os.environ["LEAKBENCH_CHECKPOINTS"]) / f"{sha}.json").read_text())
+    assert card["epochs"] == 1 and card["lr"] == 0.05 and card["batch_size"] == 16
+    assert card["test_accuracy"] == trained["test_accuracy"] and "initial_checkpoint" not in card
+    assert [(r["state"], r["batch_size"]) for r in rows] == [
+        ("random(0)", 1), ("random(0)", 2), ("random(0)", 16), (trained["state"], 1),
+        (trained["state"], 2), (trained["state"], 16),
     ]  # fmt: skip
     assert rows[0]["p_condition"] == 1.0 and rows[2]["p_condition"] == 0.0
     compared = {r["attack"]: r for r in result["compare"]}

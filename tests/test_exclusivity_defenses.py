@@ -6,7 +6,7 @@ import inspect
 import pytest
 import torch
 
-from leakbench.analysis.boundary import Study, accuracy_on_test_split, defense_rows, train_victim
+from leakbench.analysis.boundary import Study, defense_rows
 from leakbench.analysis.exclusivity import activation_patterns, analyse_exclusivity, exan_mask
 from leakbench.attacks.exan import ExAN
 from leakbench.client import build_victim, fedsgd_update
@@ -151,8 +151,9 @@ def test_utility_cost_smoke(tmp_path):
         model="fcn",
         model_options={"widths": [16]},
     )
-    trained = train_victim(study.victim(), study, epochs=1, defense=DEFENSES.get(NAMES[0])())
-    assert 0.0 <= accuracy_on_test_split(trained, study) <= 1.0
+    trained = study.trained(1, defense=NAMES[0])
+    assert trained.checkpoint.card["defense"] == NAMES[0]
+    assert trained.test_accuracy == study.test_accuracy(trained.model)
     rows = defense_rows(
         study.victim(),
         study,
@@ -164,4 +165,7 @@ def test_utility_cost_smoke(tmp_path):
     )
     assert [r["defense"] for r in rows] == ["none", NAMES[2]]
     assert rows[0]["utility_cost"] == 0.0
-    assert all(r["test_accuracy"] is not None and 0 <= r["p_condition"] <= 1 for r in rows)
+    defended = study.trained(1, defense=NAMES[2]).test_accuracy
+    assert rows[1]["test_accuracy"] == defended
+    assert rows[1]["utility_cost"] == study.trained(1).test_accuracy - defended
+    assert all(0 <= r["p_condition"] <= 1 for r in rows)

@@ -337,8 +337,12 @@ def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys)
     config = result["config"]
     assert config["batch_sizes"] == [4] and config["train_epochs"] == [0, 1]
     assert config["solvers"] == ["cbc", "highs"] and config["ig_options"] == {"iterations": 2}
+    random, trained = result["states"]
+    assert random["state"] == random["model_state"] == "random(0)"
+    assert trained["state"] == f"trained-1ep {trained['model_state'][:16]}"
+    assert result["test_accuracy"] == {s["state"]: s["test_accuracy"] for s in (random, trained)}
     summary = {line["state"]: line for line in result["summary"]}
-    assert set(summary) == {"random-init", "trained-1ep"}
+    assert set(summary) == {random["state"], trained["state"]}
     for line in summary.values():
         assert line["batches"] == 2 and line["ig_batches"] == 1 and line["exan_batches"] == 2
         assert line["lp_feasible"] == 1.0 and line["B_correct"] == 1.0

@@ -5,8 +5,8 @@ For one victim and one dataset it measures, and writes to a run folder (and to W
 
 * **P(condition) versus batch size** (``boundary.csv``): the fraction of trial batches that meet
   the exclusivity condition (:mod:`leakbench.analysis.exclusivity`), with the mean ExANs per
-  sample of every ReLU layer; per training state (random init, and after N epochs of FedSGD on
-  the train split with ``--train-epochs [0,N]``).
+  sample of every ReLU layer; per training state (``--train-epochs [0,N]``: the victim of
+  ``--model-state``, and that victim after N more epochs of FedSGD on the train split).
 * **PSNR versus ExAN count** (``psnr_by_exans.csv``): every trial batch is attacked (the ExAN
   attack unless ``--psnr-attack`` says otherwise) and each ground-truth sample's PSNR is binned
   by its fewest ExANs over the ReLU layers.
@@ -22,6 +22,10 @@ For one victim and one dataset it measures, and writes to a run folder (and to W
   ExAN attack's PSNR against the private batch, and the utility cost: test accuracy of a victim
   trained ``--utility-epochs`` epochs with the defense minus the same without it.
 
+Every trained state is a cached checkpoint (:func:`leakbench.models.training.trained_once`, in
+the run's ``checkpoint_dir``): its label names the hash prefix, which ``--model-state`` reloads,
+and ``boundary.json``'s ``states`` lists each state's full hash and test accuracy.
+
 Every trial is the protocol's (:func:`leakbench.protocol.run_trial`): the same client, defense,
 isolated attack and canonical scoring as ``leakbench run``; this module only chooses the trials.
 """
@@ -34,6 +38,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,24 +49,60 @@ from torch import nn
 
 from leakbench.analysis.commands import BOUNDARY_RUN_KEYS, BoundaryOptions
 from leakbench.analysis.exclusivity import analyse_exclusivity
-from leakbench.client import fedsgd_update
 from leakbench.config import RunConfig
 from leakbench.figures import boundary_figure, median_interval
 from leakbench.interfaces import Defense
 from leakbench.metrics import DEFAULT_SUCCESS_PSNR
+from leakbench.models.training import (
+    TrainedVictim,
+    accuracy_on,
+    default_checkpoint_dir,
+    trained_once,
+)
 from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, TrialSetting, Victim, prepare_attack
 from leakbench.protocol import run_trial as run_protocol_trial
+from leakbench.protocol.victim import resolve_victim_state
 from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
 from leakbench.results import atomic_write_bytes, atomic_write_text, cell_key
+from leakbench.runner import checkpoint_folder
 from leakbench.threat_model import Budget
 
 # Bins of a sample's fewest ExANs over its ReLU layers (lower edges; the last is open).
 EXAN_BINS = (0, 1, 2, 3, 5, 9, 17, 33, 65)
+# The studies' training recipe (plain SGD on each mini-batch's update, i.e. FedSGD).
+TRAIN_LR = 0.05
+TRAIN_BATCH_SIZE = 16
+# Hex digits of a checkpoint's hash in a state's label: enough for --model-state to reload it.
+LABEL_HASH_DIGITS = 16
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """One training state of a study's victim: its label, the victim, its test accuracy."""
+
+    label: str
+    epochs: int
+    victim: Victim
+    test_accuracy: float
+
+    def record(self) -> dict[str, Any]:
+        """The state as a table row; ``model_state`` is what ``--model-state`` reloads."""
+        return {
+            "state": self.label,
+            "train_epochs": self.epochs,
+            "model_state": self.victim.state_text,
+            "test_accuracy": self.test_accuracy,
+        }
 
 
 class Study:
-    """One dataset and one victim architecture, and how to draw trials of them."""
+    """One dataset and one victim (architecture and state), and how to draw trials of them.
+
+    ``model_state`` is the base victim (:func:`~leakbench.protocol.victim.resolve_victim_state`:
+    ``random``, ``random(<seed>)`` or a checkpoint hash of ``checkpoint_dir``); training states
+    (:meth:`state`) continue from it.
+    """
 
     def __init__(
         self,
@@ -74,6 +115,8 @@ class Study:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         isolation: str = "process",
+        model_state: str = "random",
+        checkpoint_dir: str | Path | None = None,
     ) -> None:
         self.dataset = dataset
         self.isolation = isolation
@@ -84,7 +127,28 @@ class Study:
         self.model_seed = model_seed
         self.dtype = dtype
         self.seed = seed
+        self.checkpoint_dir = (
+            default_checkpoint_dir() if checkpoint_dir is None else Path(checkpoint_dir)
+        )
         self.reference = self.datamodule(1, 1)
+        self.base = self.resolve(model_state)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Study:
+        """The study of a run configuration's dataset, victim, seeds and isolation."""
+        return cls(
+            dataset=config.dataset,
+            dataset_options=config.dataset_options,
+            split=config.split,
+            model=config.model,
+            model_options=config.model_options,
+            model_seed=config.model_seed,
+            dtype=getattr(torch, config.dtype),
+            seed=config.seed,
+            isolation=config.isolation,
+            model_state=config.model_state,
+            checkpoint_dir=checkpoint_folder(config),
+        )
 
     def datamodule(self, batch_size: int, trials: int, **options: Any) -> Any:
         factory = DATAMODULES.get(self.dataset)
@@ -100,65 +164,91 @@ class Study:
         except TypeError as exc:
             raise ValueError(f"bad options for dataset {self.dataset!r}: {exc}") from None
 
-    def victim_spec(self) -> Victim:
+    def resolve(self, model_state: str) -> Victim:
+        """The study's victim in the state ``model_state`` names, checked against the study."""
         dm = self.reference
-        return Victim(
-            self.model_name,
-            tuple(dm.input_shape),
-            dm.num_classes,
-            self.model_options,
-            self.model_seed,
-            self.dtype,
-        )
-
-    def victim(self) -> nn.Module:
         try:
-            return self.victim_spec().build()
+            return resolve_victim_state(
+                model_state,
+                model=self.model_name,
+                model_options=self.model_options,
+                input_shape=tuple(dm.input_shape),
+                num_classes=dm.num_classes,
+                dtype=self.dtype,
+                checkpoint_dir=self.checkpoint_dir,
+                seed=self.model_seed,
+            )
         except TypeError as exc:
             raise ValueError(f"bad options for model {self.model_name!r}: {exc}") from None
+
+    def victim_spec(self) -> Victim:
+        """The base victim (``model_state``)."""
+        return self.base
+
+    def victim(self) -> nn.Module:
+        """A fresh model of the base victim."""
+        try:
+            return self.base.build()
+        except TypeError as exc:
+            raise ValueError(f"bad options for model {self.model_name!r}: {exc}") from None
+
+    def trained(
+        self,
+        epochs: int,
+        *,
+        lr: float = TRAIN_LR,
+        defense: str = "none",
+        defense_options: dict[str, Any] | None = None,
+    ) -> TrainedVictim:
+        """The base victim after ``epochs`` epochs of FedSGD on the train split (``defense``
+        active in every step), trained once and then loaded from the checkpoint folder.
+
+        The training seed is the base victim's (its initialisation, or its card's seed), so
+        that training continues from exactly the state of ``model_state``."""
+        defended = {} if defense == "none" else {"defense": defense}
+        if defense_options:
+            defended["defense_options"] = dict(defense_options)
+        start = {} if self.base.checkpoint is None else {"initial_checkpoint": self.base.checkpoint}
+        return trained_once(
+            self.model_name,
+            self.dataset,
+            checkpoint_dir=self.checkpoint_dir,
+            model_options=self.model_options,
+            dataset_options=self.dataset_options,
+            epochs=epochs,
+            batch_size=TRAIN_BATCH_SIZE,
+            lr=lr,
+            optimizer="sgd",
+            seed=self.base.seed,
+            **defended,
+            **start,
+        )
+
+    def test_accuracy(self, model: nn.Module) -> float:
+        """``model``'s accuracy on the dataset's test split."""
+        return accuracy_on(model, self.reference.samples("test"))
+
+    def state(self, epochs: int, lr: float = TRAIN_LR) -> StudyState:
+        """Training state ``epochs``: 0 is the base victim, N the base after N epochs
+        (:meth:`trained`). The label is ``random(<seed>)`` or the checkpoint's hash prefix."""
+        if epochs == 0:
+            victim = self.base
+            label = self._label(victim)
+        else:
+            victim = self.resolve(self.trained(epochs, lr=lr).checkpoint.sha256)
+            label = f"trained-{epochs}ep {self._label(victim)}"
+        return StudyState(label, epochs, victim, self.test_accuracy(victim.build()))
+
+    @staticmethod
+    def _label(victim: Victim) -> str:
+        text = victim.state_text
+        return text if victim.checkpoint is None else text[:LABEL_HASH_DIGITS]
 
     def trials(self, batch_size: int, trials: int) -> list[dict[str, Any]]:
         return [
             {**t, "images": t["images"].to(self.dtype)}
             for t in self.datamodule(batch_size, trials).trials()
         ]
-
-
-def train_victim(
-    model: nn.Module,
-    study: Study,
-    epochs: int,
-    lr: float = 0.05,
-    defense: Defense | None = None,
-    train_batch_size: int = 16,
-) -> nn.Module:
-    """FedSGD on the train split: every mini-batch's (defended) update is one SGD step.
-
-    The defense sees every mini-batch as a client batch (``Defense.apply``). Its randomness
-    comes from the study seed.
-    """
-    dm = study.datamodule(1, 1, train_batch_size=train_batch_size)
-    generator = torch.Generator().manual_seed(study.seed)
-    model.train()
-    for _ in range(epochs):
-        for images, labels, _ in dm.train_dataloader():
-            images = images.to(study.dtype)
-            update = (
-                (defense or Defense()).apply(model, images, labels, generator, fedsgd_update).update
-            )
-            with torch.no_grad():
-                for name, parameter in model.named_parameters():
-                    parameter -= lr * update[name].to(parameter.dtype)
-    return model.eval()
-
-
-def accuracy_on_test_split(model: nn.Module, study: Study) -> float:
-    """Accuracy on the dataset's test split."""
-    samples = study.reference.samples("test")
-    images = torch.stack([samples[i][0] for i in range(len(samples))]).to(study.dtype)
-    labels = torch.tensor([samples[i][1] for i in range(len(samples))])
-    with torch.no_grad():
-        return float((model.eval()(images).argmax(dim=1) == labels).float().mean())
 
 
 def condition_rows(
@@ -350,17 +440,14 @@ def defense_rows(
     """Exclusivity, ExAN-attack PSNR and utility cost of each defense (``"none"`` included)."""
     baseline_accuracy = None
     if utility_epochs > 0:
-        baseline_accuracy = accuracy_on_test_split(
-            train_victim(study.victim(), study, utility_epochs), study
-        )
+        baseline_accuracy = study.trained(utility_epochs).test_accuracy
     rows = []
     for label, (name, options) in defenses.items():
         accuracy = baseline_accuracy
         if utility_epochs > 0 and name != "none":
-            trained = train_victim(
-                study.victim(), study, utility_epochs, defense=DEFENSES.get(name)(**options)
-            )
-            accuracy = accuracy_on_test_split(trained, study)
+            accuracy = study.trained(
+                utility_epochs, defense=name, defense_options=options
+            ).test_accuracy
         for b in batch_sizes:
             exans, conditions, psnr, failures = [], [], [], 0
             batches = track(study.trials(b, trials), f"defense {label} B={b}", progress)
@@ -443,17 +530,7 @@ def boundary_command(
 ) -> int:
     """Run the study: ``config`` gives the run keys it shares with ``leakbench run``
     (:data:`~leakbench.analysis.commands.BOUNDARY_RUN_KEYS`), ``options`` its own."""
-    study = Study(
-        dataset=config.dataset,
-        dataset_options=config.dataset_options,
-        split=config.split,
-        model=config.model,
-        model_options=config.model_options,
-        model_seed=config.model_seed,
-        dtype=getattr(torch, config.dtype),
-        seed=config.seed,
-        isolation=config.isolation,
-    )
+    study = Study.from_config(config)
     batch_sizes = [int(b) for b in config.batch_sizes]
     states = options.train_epochs
     psnr_attack = (
@@ -477,14 +554,11 @@ def boundary_command(
         config.run_name or datetime.now().strftime("boundary-%Y%m%d-%H%M%S")
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    condition, samples, compare, defended = [], [], [], []
+    condition, samples, compare, defended, state_rows = [], [], [], [], []
     for epochs in states:
-        model = study.victim()
-        state = "random-init"
-        if epochs:
-            train_victim(model, study, epochs)
-            state = f"trained-{epochs}ep (test acc {accuracy_on_test_split(model, study):.2f})"
-        model.eval()
+        studied = study.state(epochs)
+        state_rows.append(studied.record())
+        model, state = studied.victim.build().eval(), studied.label
         condition += condition_rows(model, study, batch_sizes, config.trials, state, progress)
         if psnr_attack is not None:
             samples += attack_sample_rows(
@@ -514,6 +588,7 @@ def boundary_command(
     binned = psnr_by_exans(samples)
     title = f"{study.dataset} / {study.model_name} {study.model_options or ''}".strip()
     tables = {
+        "states": state_rows,
         "boundary": condition,
         "psnr_by_exans": binned,
         "samples": samples,
@@ -532,7 +607,9 @@ def boundary_command(
     atomic_write_bytes(run_dir / "boundary.png", boundary_figure(condition, binned, title))
     if options.wandb:
         log_to_wandb(options.wandb, run_dir, settings, tables)
-    echo(f"{title}: P(exclusivity condition) over {config.trials} trials per batch size")
+    echo(f"{title}: victim states (model_state reloads each one)")
+    echo(format_table(state_rows))
+    echo(f"\n{title}: P(exclusivity condition) over {config.trials} trials per batch size")
     echo(format_table([{k: v for k, v in r.items() if k != "layers"} for r in condition]))
     if binned:
         echo(f"\n{options.psnr_attack} PSNR by the sample's fewest ExANs")

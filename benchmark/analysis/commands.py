@@ -19,8 +19,8 @@ class BoundaryOptions:
     """The boundary study's own keys.
 
     Args:
-        train_epochs: Training states: 0 is the random init, N is N epochs of FedSGD on the
-            train split.
+        train_epochs: Training states: 0 is the victim of model_state, N is that victim after N
+            epochs of FedSGD on the train split (a checkpoint, trained once and cached).
         psnr_attack: Attack for PSNR versus ExANs, or none.
         attack_trials: Attacked batches per batch size.
         attack_options: Per attack, its keyword options.
@@ -65,6 +65,8 @@ BOUNDARY_RUN_KEYS = (
     "model",
     "model_options",
     "model_seed",
+    "model_state",
+    "checkpoint_dir",
     "dtype",
     "seed",
     "isolation",
@@ -182,7 +184,8 @@ class FishingStudyOptions:
 
     Args:
         ig_trials: Of the trials, those also attacked by Inverting Gradients.
-        train_epochs: Training states: 0 is the random init, N is N epochs of FedSGD.
+        train_epochs: Training states: 0 is the victim of model_state, N is that victim after N
+            epochs of FedSGD (a checkpoint, trained once and cached).
         train_lr: Learning rate of the victim's training.
         solvers: Fishing's LP solvers to compare.
         fishing_options: Fishing hyperparameters.
@@ -206,9 +209,13 @@ class FishingStudyOptions:
 
 FISHING_RUN_KEYS = (
     "dataset",
+    "dataset_options",
     "split",
     "model",
+    "model_options",
     "model_seed",
+    "model_state",
+    "checkpoint_dir",
     "dtype",
     "seed",
     "isolation",
@@ -222,7 +229,13 @@ FISHING_RUN_KEYS = (
 @command(
     "fishing-study",
     keys=FISHING_RUN_KEYS,
-    defaults={"split": "train", "model": "fcn-exan", "batch_sizes": [8, 16, 32, 64], "trials": 5},
+    defaults={
+        "split": "train",
+        "model": "fcn-exan",
+        "model_options": {},
+        "batch_sizes": [8, 16, 32, 64],
+        "trials": 5,
+    },
 )
 def fishing_study(config: RunConfig, options: FishingStudyOptions, *, progress: bool = True) -> int:
     """Fishing attack study: LP feasibility and time, perturbation cost, exactness, against

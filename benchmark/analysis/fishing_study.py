@@ -1,9 +1,12 @@
 """The fishing study (Pan, Zhang, Yang, CRAD 2022; issue 9), as ``leakbench fishing-study``.
 
-For the d-512-K ReLU FCN on lfw-subset at random initialisation and after a few epochs of
-FedSGD training (``--train-epochs [0,5]``), every batch size (``--batch-sizes [8,16,32,64]``) and
-the first ``--trials`` batches of each, it runs through the trial protocol
-(:func:`leakbench.protocol.run_trial`, via :func:`leakbench.analysis.boundary.run_trial`):
+For the d-512-K ReLU FCN on lfw-subset in the state ``--model-state`` (default: its random
+initialisation) and after a few epochs of FedSGD training from it (``--train-epochs [0,5]``;
+each trained state a cached checkpoint whose hash prefix the state's label names, see
+:meth:`leakbench.analysis.boundary.Study.state`), every batch size
+(``--batch-sizes [8,16,32,64]``) and the first ``--trials`` batches of each, it runs through
+the trial protocol (:func:`leakbench.protocol.run_trial`, via
+:func:`leakbench.analysis.boundary.run_trial`):
 
 * ``fishing`` with CBC and with HiGHS (the same batches; the client code's LPs differ only by
   solver), granted ``client_code``;
@@ -36,17 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from leakbench.analysis.boundary import (
-    Study,
-    accuracy_on_test_split,
-    format_table,
-    run_trial,
-    to_csv,
-    train_victim,
-)
+from leakbench.analysis.boundary import Study, format_table, run_trial, to_csv
 from leakbench.analysis.commands import FISHING_RUN_KEYS, FishingStudyOptions
 from leakbench.config import RunConfig
 from leakbench.progress import track
@@ -226,15 +221,7 @@ def fishing_study_command(
 ) -> int:
     """Run the study: ``config`` gives the run keys it shares with ``leakbench run``
     (:data:`~leakbench.analysis.commands.FISHING_RUN_KEYS`), ``options`` its own."""
-    study = Study(
-        dataset=config.dataset,
-        split=config.split,
-        model=config.model,
-        model_seed=config.model_seed,
-        dtype=getattr(torch, config.dtype),
-        seed=config.seed,
-        isolation=config.isolation,
-    )
+    study = Study.from_config(config)
     batch_sizes = [int(b) for b in config.batch_sizes]
     states = options.train_epochs
     solvers = {s: f"fishing-{s}" for s in options.solvers}
@@ -256,17 +243,13 @@ def fishing_study_command(
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    accuracy: dict[str, float] = {}
-    for epochs in states:
-        model = study.victim()
-        state = "random-init"
-        if epochs:
-            train_victim(model, study, epochs, lr=options.train_lr)
-            state = f"trained-{epochs}ep"
-        accuracy[state] = accuracy_on_test_split(model.eval(), study)
+    trained = [study.state(epochs, options.train_lr) for epochs in states]
+    accuracy = {s.label: s.test_accuracy for s in trained}
+    for studied in trained:
+        state = studied.label
         echo(f"{state}: test accuracy {accuracy[state]:.3f}")
         rows += study_batches(
-            model,
+            studied.victim.build().eval(),
             study,
             state,
             batch_sizes,
@@ -283,7 +266,13 @@ def fishing_study_command(
     atomic_write_text(
         run_dir / "fishing_study.json",
         json.dumps(
-            {"config": settings, "test_accuracy": accuracy, "summary": summary, "batches": rows},
+            {
+                "config": settings,
+                "states": [s.record() for s in trained],
+                "test_accuracy": accuracy,
+                "summary": summary,
+                "batches": rows,
+            },
             indent=2,
         )
         + "\n",
