@@ -12,11 +12,13 @@ This module imports no torch, so the command line can validate a run before load
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
 import re
 import tempfile
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -298,6 +300,17 @@ def one_line(error: BaseException) -> str:
     return f"{key}: " + re.sub(r"\s*\n\s*", "; ", body.strip())
 
 
+def _holds_any(annotation: Any) -> bool:
+    return annotation is Any or any(_holds_any(a) for a in typing.get_args(annotation))
+
+
+@functools.cache
+def _free_form_fields(cls: type) -> frozenset[str]:
+    """The fields of a dataclass whose type holds ``Any`` somewhere (``dict[str, Any]``, ...)."""
+    hints = typing.get_type_hints(cls)
+    return frozenset(f.name for f in fields(cls) if _holds_any(hints[f.name]))
+
+
 def validated(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     """An instance of the dataclass ``cls`` from ``values``, every key and type checked."""
     known = [f.name for f in fields(cls)]
@@ -308,13 +321,19 @@ def validated(cls: type, values: dict[str, Any], source: str = "config") -> Any:
             f"valid keys: {', '.join(sorted(known))}"
         )
     values = {
-        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+        for k, v in values.items()
     }
     try:
-        namespace = parser_for(cls).parse_object(values)
+        # On a copy: jsonargparse edits the mappings it is given.
+        namespace = parser_for(cls).parse_object(copy.deepcopy(values))
     except Exception as exc:  # jsonargparse's ArgumentError; one line, naming the key
         raise ConfigError(f"{source}: {one_line(exc)}") from None
     checked = namespace.as_dict()
+    # Free-form values (typed with Any: options, the track block) are kept as given: jsonargparse
+    # would read every string in them as YAML ("1" -> 1, "a: b" -> {"a": "b"}).
+    for key in _free_form_fields(cls) & set(values):
+        checked[key] = values[key]
     instance = cls(**{k: checked[k] for k in known})
     if hasattr(instance, "check"):
         instance.check()

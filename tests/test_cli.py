@@ -348,3 +348,19 @@ def test_plugin_names_come_from_entry_point_metadata(monkeypatch, capsys):
     monkeypatch.setattr(registry.ATTACKS, "_items", dict(registry.ATTACKS._items))
     code, out, _ = run_cli(capsys, ["list"])
     assert code == 0 and "plug-test" in out and "requires: nothing beyond the update" in out
+
+
+def test_free_form_values_are_kept_as_given_and_never_edited():
+    # Options and the track block hold strings that look like YAML ("1", "a: b", "yes"); a
+    # track's description once came back as a mapping and the caller's dict was edited.
+    from leakbench.config import RunConfig
+
+    values = {
+        "track": {"name": "t", "description": "FCN, batches: 1 and 4", "tag": "1"},
+        "dataset_options": {"root": "data: here", "flag": "yes"},
+    }
+    given = json.loads(json.dumps(values))
+    config = RunConfig.from_mapping(values)
+    assert config.track == given["track"]
+    assert config.dataset_options == given["dataset_options"]
+    assert values == given

@@ -36,7 +36,7 @@ from leakbench.results import atomic_write_bytes, atomic_write_text
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STATIC = ("site.css", "sort.js")
 MARKER = ".leakbench-site"  # a folder holding it is a site this command may rebuild
-THUMBNAIL_SCALE = 1  # the cell figures are drawn at a readable size already
+THUMBNAIL_SCALE = 4  # old 25 px strips shown 4x; the wide cell figures fit MAX_WIDTH at 1x
 MAX_WIDTH = 1000
 PSNR_BINS = [*range(0, 65, 5)]  # dB; the last bin collects everything from 60 dB up
 SSIM_BINS = [round(-0.2 + 0.1 * i, 1) for i in range(13)]  # -0.2 .. 1.0
@@ -99,6 +99,26 @@ def threat_words(config: dict[str, Any]) -> str:
     return text
 
 
+def victim_state_words(config: dict[str, Any]) -> str:
+    """The attacked state: the seeded initialisation, or the checkpoint that names it."""
+    state = str(config.get("model_state", "random"))
+    if state == "random":
+        return f"at its seeded random initialisation (model seed {config.get('model_seed', 0)})"
+    if state.startswith("random("):
+        return f"at its seeded random initialisation ({state})"
+    return f"trained: checkpoint sha256 {state}"
+
+
+def client_words(protocol: str | dict[str, Any], batch_sizes: str) -> str:
+    """The client protocol in a sentence."""
+    spec = {"name": protocol} if isinstance(protocol, str) else dict(protocol)
+    name = spec.pop("name")
+    if name == "fedsgd":
+        return f"FedSGD: one gradient of a private batch of {batch_sizes} image(s)."
+    details = ", ".join(f"{k} {json.dumps(v, sort_keys=True)}" for k, v in sorted(spec.items()))
+    return f"{name} ({details}), client batches of {batch_sizes} image(s)."
+
+
 def protocol_words(config: dict[str, Any]) -> list[tuple[str, str]]:
     """The track's protocol as (heading, sentence) pairs."""
     from leakbench.config import RunConfig
@@ -119,11 +139,10 @@ def protocol_words(config: dict[str, Any]) -> list[tuple[str, str]]:
         ("Dataset", dataset + "."),
         (
             "Victim",
-            f"{model} at its seeded random initialisation (model seed "
-            f"{config.get('model_seed', 0)}), {config.get('client_mode', 'eval')} mode on the "
-            f"client, {config.get('dtype', 'float32')}.",
+            f"{model} {victim_state_words(config)}, {config.get('client_mode', 'eval')} mode "
+            f"on the client, {config.get('dtype', 'float32')}.",
         ),
-        ("Client", f"FedSGD: one gradient of a private batch of {batch_sizes} image(s)."),
+        ("Client", client_words(config.get("client_protocol", "fedsgd"), batch_sizes)),
         ("Threat model", threat_words(config)),
         ("Budget", budget_words(config.get("budget", {})).capitalize() + "."),
         (
