@@ -235,12 +235,18 @@ def gallery_from_samples(
 ) -> tuple[Tensor, list[str]]:
     """A split's images as an identifiability gallery: [0, 1] pixels (float32) and sample ids.
 
-    ``samples`` yields (normalised image, label, sample id) items, as every datamodule's split.
+    ``samples`` yields (normalised image, label, sample id) items, as every datamodule's split;
+    a sample that cannot be read is left out.
     float32 halves the memory of large splits; the tolerance ``SAME_IMAGE_ATOL`` covers it.
     """
+    from leakbench.datamodules.base import DatasetError
+
     pixels, ids = [], []
     for index in range(len(samples)):  # type: ignore[arg-type]
-        image, _, sample_id = samples[index]
+        try:
+            image, _, sample_id = samples[index]
+        except DatasetError:
+            continue  # an unreadable sample fails its trials before scoring: never looked up
         pixels.append(to_pixels(image[None], mean, std)[0].float())
         ids.append(str(sample_id))
     return torch.stack(pixels), ids
@@ -622,19 +628,25 @@ PRIVACY_FIELDS = ("iip_pixel", "iip_lpips", "task_leakage", "task_ceiling")
 
 
 def _privacy_rates(records: list[dict[str, Any]], samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rates and counts of the privacy fields, for fields every sample of the cell carries.
+    """Rates and counts of the privacy fields over the samples scored for them.
 
-    IIP also gets its chance level: the mean over images of 1 / gallery size.
+    Every sample of an attacked trial is scored (a failed attack counts as not identified); a
+    trial that failed before the attack ran (an unreadable sample) has no ground truth to look
+    up, carries no privacy fields, and is left out of these rates (``images`` says how many
+    count). IIP also gets its chance level: the mean over images of 1 / gallery size.
     """
     summary: dict[str, Any] = {}
     for key in PRIVACY_FIELDS:
-        if not samples or not all(key in s for s in samples):
+        scored = [
+            (s, r["metrics"].get("iip_gallery_size"))
+            for r in records
+            for s in r["metrics"]["samples"]
+            if key in s
+        ]
+        if not scored:
             continue
-        count = sum(bool(s[key]) for s in samples)
-        summary[key] = {"rate": count / len(samples), "count": count, "images": len(samples)}
+        count = sum(bool(s[key]) for s, _ in scored)
+        summary[key] = {"rate": count / len(scored), "count": count, "images": len(scored)}
         if key.startswith("iip_"):
-            sizes = [
-                r["metrics"]["iip_gallery_size"] for r in records for _ in r["metrics"]["samples"]
-            ]
-            summary[key]["chance"] = float(np.mean([1.0 / n for n in sizes]))
+            summary[key]["chance"] = float(np.mean([1.0 / n for _, n in scored]))
     return summary

@@ -12,6 +12,7 @@ every rank is done. Resuming skips the trials already recorded, from any rank.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import os
 import platform
 import subprocess
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import leakbench
 from leakbench.client import ClientProtocol, protocol_from_spec
 from leakbench.config import ConfigError, RunConfig
+from leakbench.datamodules.base import DatasetError
 from leakbench.evaluator import Evaluator, log_run_to_wandb
 from leakbench.figures import Tile, cell_figure
 from leakbench.interfaces import Defense
@@ -59,6 +61,8 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
+# What config.yaml records next to the configuration (facts of the machine and the data).
+RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage")
 # Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
 RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
 # Keys that may differ when a run is resumed: they change how it runs, not what it measures.
@@ -142,6 +146,20 @@ def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> li
     return loggers
 
 
+@contextlib.contextmanager
+def run_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> Iterator[list[Logger]]:
+    """The run's loggers. A run that stops with an error finishes its W&B run as failed: left
+    open, W&B would hand it to the next run of the same process (a study runs many)."""
+    loggers = make_loggers(config, public, run_dir)
+    try:
+        yield loggers
+    except BaseException:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish(exit_code=1)
+        raise
+
+
 def environment(threads: int, processes: int) -> dict[str, Any]:
     try:
         commit = subprocess.run(
@@ -171,7 +189,7 @@ def saved_config(run_path: Path) -> RunConfig:
     saved = RunDirectory(run_path).read_config() if run_path.is_dir() else None
     if saved is None:
         raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
-    values = {k: v for k, v in saved.items() if k not in ("environment", "datamodule", "lpips")}
+    values = {k: v for k, v in saved.items() if k not in RECORDED_FACTS}
     return RunConfig.from_mapping(values, source=str(run_path / "config.yaml"))
 
 
@@ -232,7 +250,8 @@ class PreparedRun:
     # Privacy metrics (``privacy_metrics``): the split as a gallery, its ids, the classifier.
     gallery: torch.Tensor | None = None
     gallery_ids: tuple[str, ...] | None = None
-    classifier: torch.nn.Module | None = None
+    classifier: Victim | None = None
+    task_leakage: str = "off (privacy_metrics: false)"  # how it is scored, or why it is not
 
 
 def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
@@ -317,15 +336,33 @@ def privacy_references(config: RunConfig, datamodule: Any) -> dict[str, Any]:
     """What identifiability and task leakage are scored against: the split's images (the
     gallery a reconstruction must be identified in) and the dataset's reference classifier,
     trained once on the train split and then loaded from the checkpoint folder."""
-    from leakbench.models.training import reference_classifier
+    from leakbench.models.training import reference_classifier, reference_recipe
 
     gallery, ids = gallery_from_samples(
         datamodule.samples(config.split), datamodule.mean, datamodule.std
     )
-    classifier = reference_classifier(
-        config.dataset, config.dataset_options, cache_dir=checkpoint_folder(config)
+    references: dict[str, Any] = {"gallery": gallery, "gallery_ids": tuple(ids)}
+    try:
+        reference = reference_classifier(
+            config.dataset, config.dataset_options, cache_dir=checkpoint_folder(config)
+        )
+    except DatasetError as exc:  # like LPIPS: the run goes on without it, and says why once
+        return {**references, "task_leakage": f"unavailable: the reference classifier: {exc}"}
+    recipe = reference_recipe(tuple(datamodule.input_shape))
+    classifier = Victim(  # a specification: every trial scores with a fresh copy
+        recipe["model"],
+        tuple(datamodule.input_shape),
+        datamodule.num_classes,
+        recipe["model_options"],
+        recipe["seed"],
+        state={k: v.detach().clone() for k, v in reference.network.state_dict().items()},
     )
-    return {"gallery": gallery, "gallery_ids": tuple(ids), "classifier": classifier}
+    accuracy = f"{reference.test_accuracy:.3f}"
+    return {
+        **references,
+        "classifier": classifier,
+        "task_leakage": f"reference classifier {reference.sha256[:16]}, test accuracy {accuracy}",
+    }
 
 
 def run(
@@ -369,96 +406,104 @@ def _run_cells(
         "environment": environment(prepared.threads, prepared.processes),
         "datamodule": prepared.datamodule,
         "lpips": lpips_reason,
+        "task_leakage": prepared.task_leakage,
     }
     if first_process:
         for note in run_dir.repair():
             echo(f"note: {note}")
+        if prepared.task_leakage.startswith("unavailable"):
+            echo(f"note: task leakage {prepared.task_leakage}")
         run_dir.write_config(resolved)
     done = run_dir.completed()
-    loggers = make_loggers(config, resolved, run_path)
-    trainer = Trainer(
-        accelerator=config.accelerator,
-        devices=config.devices,
-        logger=loggers or False,
-        inference_mode=False,
-        use_distributed_sampler=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,  # ours names the cell and the trial (leakbench.progress)
-    )
-    rank, world = trainer.global_rank, trainer.world_size
-    protocol = prepared.client_protocol
-    to_run = sum(
-        (cell_key(name, config.defense, b), i) not in done
-        for b in config.batch_sizes
-        for name, attack in prepared.attacks.items()
-        if attack.max_batch_size is None or protocol.samples_per_trial(b) <= attack.max_batch_size
-        for i in range(rank, config.trials, world)
-    )
-    bar = Progress(to_run, "run", enabled=progress and rank == 0)
-    galleries: dict[str, list[Tile]] = {}
+    with run_loggers(config, resolved, run_path) as loggers:
+        trainer = Trainer(
+            accelerator=config.accelerator,
+            devices=config.devices,
+            logger=loggers or False,
+            inference_mode=False,
+            use_distributed_sampler=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,  # ours names the cell and the trial (leakbench.progress)
+        )
+        rank, world = trainer.global_rank, trainer.world_size
+        protocol = prepared.client_protocol
 
-    skipped: dict[str, str] = {}
-    for batch_size in config.batch_sizes:
-        # An aggregate of K clients draws K times the client's batch per trial.
-        datamodule = build_datamodule(config, protocol.samples_per_trial(batch_size))
-        trials = datamodule.trials()
-        for name, attack in prepared.attacks.items():
-            cell = cell_key(name, config.defense, batch_size)
+        def fits(attack: PreparedAttack, batch_size: int) -> bool:
+            """Whether the attack handles what a trial draws (K·B samples for K clients)."""
             limit = attack.max_batch_size
-            if limit is not None and protocol.samples_per_trial(batch_size) > limit:
-                skipped[cell] = f"{name} handles batches of at most {limit}"
-                if first_process:
-                    echo(f"skipping {cell}: {skipped[cell]}")
-                continue
-            setting = TrialSetting(
-                cell=cell,
-                attack_name=name,
-                defense_name=config.defense,
-                batch_size=batch_size,
-                input_shape=tuple(datamodule.input_shape),
-                num_classes=datamodule.num_classes,
-                mean=tuple(datamodule.mean),
-                std=tuple(datamodule.std),
-                granted=config.granted,
-                budget=config.trial_budget,
-                dtype=dtype,
-                client_mode=config.client_mode,
-                seed=config.seed,
-                success_psnr=config.success_psnr,
-                covariates=prepared.covariates,
-                with_lpips=with_lpips,
-                isolation=config.isolation,
-                threads=prepared.threads,
-                private_transform=prepared.private_transform,
-                client_protocol=protocol,
-                gallery=prepared.gallery,
-                gallery_ids=prepared.gallery_ids,
-                classifier=prepared.classifier,
-            )
-            evaluator = Evaluator(
-                prepared.victim, attack, prepared.defense, setting, run_dir, progress=bar
-            )
-            trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
-            if evaluator.gallery:
-                galleries[cell] = evaluator.gallery
-    bar.close()
+            return limit is None or protocol.samples_per_trial(batch_size) <= limit
 
-    trainer.strategy.barrier()  # every rank's records are on disk before summarising
-    summary = summarize(run_dir, config, skipped)
-    if trainer.global_rank == 0:
-        run_dir.write_summary(summary)
-        # Rank 0's first samples; a resumed cell whose trials all ran before keeps its figure.
-        for cell, tiles in galleries.items():
-            run_dir.write_figure(cell, cell_figure(tiles, cell, summary["cells"][cell]))
+        to_run = sum(
+            (cell_key(name, config.defense, b), i) not in done
+            for b in config.batch_sizes
+            for name, attack in prepared.attacks.items()
+            if fits(attack, b)
+            for i in range(rank, config.trials, world)
+        )
+        bar = Progress(to_run, "run", enabled=progress and rank == 0)
+        galleries: dict[str, list[Tile]] = {}
+
+        skipped: dict[str, str] = {}
+        for batch_size in config.batch_sizes:
+            # An aggregate of K clients draws K times the client's batch per trial.
+            datamodule = build_datamodule(config, protocol.samples_per_trial(batch_size))
+            trials = datamodule.trials()
+            for name, attack in prepared.attacks.items():
+                cell = cell_key(name, config.defense, batch_size)
+                if not fits(attack, batch_size):
+                    skipped[cell] = f"{name} handles batches of at most {attack.max_batch_size}"
+                    if first_process:
+                        echo(f"skipping {cell}: {skipped[cell]}")
+                    continue
+                setting = TrialSetting(
+                    cell=cell,
+                    attack_name=name,
+                    defense_name=config.defense,
+                    batch_size=batch_size,
+                    input_shape=tuple(datamodule.input_shape),
+                    num_classes=datamodule.num_classes,
+                    mean=tuple(datamodule.mean),
+                    std=tuple(datamodule.std),
+                    granted=config.granted,
+                    budget=config.trial_budget,
+                    dtype=dtype,
+                    client_mode=config.client_mode,
+                    seed=config.seed,
+                    success_psnr=config.success_psnr,
+                    covariates=prepared.covariates,
+                    with_lpips=with_lpips,
+                    isolation=config.isolation,
+                    threads=prepared.threads,
+                    private_transform=prepared.private_transform,
+                    client_protocol=protocol,
+                    gallery=prepared.gallery,
+                    gallery_ids=prepared.gallery_ids,
+                    classifier=prepared.classifier,
+                )
+                evaluator = Evaluator(
+                    prepared.victim, attack, prepared.defense, setting, run_dir, progress=bar
+                )
+                trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
+                if evaluator.gallery:
+                    galleries[cell] = evaluator.gallery
+        bar.close()
+
+        trainer.strategy.barrier()  # every rank's records are on disk before summarising
+        summary = summarize(run_dir, config, skipped)
+        if trainer.global_rank == 0:
+            run_dir.write_summary(summary)
+            # Rank 0's first samples; a resumed cell whose trials all ran before keeps its figure.
+            for cell, tiles in galleries.items():
+                run_dir.write_figure(cell, cell_figure(tiles, cell, summary["cells"][cell]))
+            for logger in loggers:
+                if isinstance(logger, WandbLogger):
+                    log_run_to_wandb(logger, run_dir, summary, list(summary["cells"]))
+            echo(format_summary(summary))
+            echo(f"results: {run_path}")
         for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                log_run_to_wandb(logger, run_dir, summary, list(summary["cells"]))
-        echo(format_summary(summary))
-        echo(f"results: {run_path}")
-    for logger in loggers:
-        logger.finalize("success")
-    return summary
+            logger.finalize("success")
+        return summary
 
 
 def _run_folder(config: RunConfig, resume: str | Path | None) -> tuple[Path, bool]:

@@ -14,6 +14,7 @@ from leakbench.attacks.improved_rgap import ImprovedRGAP, ssras_route
 from leakbench.attacks.rgap import RGAP, U_STAR, logistic_roots
 from leakbench.client import build_victim, fedsgd_update
 from leakbench.interfaces import TrialFailure, UnsupportedModelError
+from leakbench.protocol.attack import prepare_attack
 from leakbench.registry import ATTACKS
 from leakbench.threat_model import Budget, Capability, Observation, make_observation
 
@@ -258,3 +259,8 @@ def test_single_sample_limit_is_declared_so_runs_skip_larger_batches():
     assert ATTACKS.get("rgap")().max_batch_size == 1
     assert ATTACKS.get("rgap")(allow_combination=True).max_batch_size is None
     assert ATTACKS.get("improved-rgap")().max_batch_size == 1
+    # What a run skips by: the limit the prepared hyperparameters set, and the listed one.
+    none = frozenset()
+    assert prepare_attack("rgap", {}, none).max_batch_size == 1
+    assert prepare_attack("rgap", {"allow_combination": True}, none).max_batch_size is None
+    assert ATTACKS.get("rgap").max_batch_size == 1  # `leakbench list` reads the class

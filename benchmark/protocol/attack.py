@@ -37,14 +37,13 @@ class PreparedAttack:
     requires: frozenset[Capability]
     runs_client_code: bool  # requires client code, and the run grants it: checked once, here
     client_protocol: ClientProtocol = FedSGD()  # the protocol it was checked against
+    # The largest batch it handles, as its hyperparameters set it (R-GAP's allow_combination
+    # lifts its single-sample limit): read once, here. Larger cells are skipped with the reason.
+    max_batch_size: int | None = None
 
     def instance(self) -> Attack:
         """A fresh attack object with the recorded hyperparameters."""
         return self.cls(**self.hparams)
-
-    @property
-    def max_batch_size(self) -> int | None:
-        return self.cls.max_batch_size
 
 
 class UnsupportedClientProtocol(ValueError):
@@ -94,6 +93,7 @@ def prepare_attack(
         requires=requires,
         runs_client_code=Capability.CLIENT_CODE in requires,
         client_protocol=client_protocol or FedSGD(),
+        max_batch_size=attack.max_batch_size,
     )
 
 

@@ -90,10 +90,11 @@ class TrialSetting:
     client_protocol: ClientProtocol = FedSGD()
     # Privacy metrics beyond pixels (leakbench.metrics): the split's images in [0, 1] with their
     # ids, the gallery a reconstruction must be identified in, and the dataset's reference
-    # classifier (eval mode). Left out of comparisons: they hold tensors.
+    # classifier, rebuilt for every trial like the victim (nothing an attack does to a model
+    # object reaches the scoring of another trial). Left out of comparisons: they hold tensors.
     gallery: Tensor | None = field(default=None, compare=False)
     gallery_ids: tuple[str, ...] | None = None
-    classifier: nn.Module | None = field(default=None, compare=False)
+    classifier: Victim | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -304,7 +305,7 @@ def _score(
         with_lpips=s.with_lpips,
         gallery=s.gallery if privacy else None,
         gallery_ids=s.gallery_ids if privacy else None,
-        classifier=s.classifier if privacy else None,
+        classifier=s.classifier.build().eval() if privacy and s.classifier else None,
     )
 
 
@@ -316,8 +317,9 @@ def _failed(
     sample_ids: Sequence[str],
     error: str,
 ) -> TrialOutcome:
-    """A trial that failed before the attack ran: scored as failed, with its reason."""
-    scores = _score(s, images, labels, sample_ids, None)
+    """A trial that failed before the attack ran: scored as failed, with its reason (not for
+    identifiability or task leakage: an unreadable sample has no ground truth to look up)."""
+    scores = _score(s, images, labels, sample_ids, None, privacy=False)
     matched = scores.pop("matched_pixels")
     record.update(
         status="failed",
