@@ -75,3 +75,25 @@ class PoisonUpdate(Defense):
 
 if "poison-test" not in __import__("leakbench").DEFENSES:
     register_defense("poison-test")(PoisonUpdate)
+
+
+def small_bias_run(output_dir, **overrides):
+    """The run configuration of the figure, report and W&B tests: the exact, analytic bias
+    attack on a tiny FCN over 8×8 synthetic images, in-process, two batch sizes."""
+    from leakbench.config import RunConfig
+
+    values = dict(
+        dataset="synthetic-uniform",
+        dataset_options={"input_shape": [3, 8, 8], "num_classes": 3, "size": 16},
+        model="fcn",
+        model_options={"widths": [8]},
+        attacks=["bias"],
+        batch_sizes=[1, 2],
+        trials=2,
+        output_dir=str(output_dir),
+        run_name="run",
+        logger="none",
+        isolation="in-process",
+    )
+    values.update(overrides)
+    return RunConfig.from_mapping(values)

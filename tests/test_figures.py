@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from leakbench.config import RunConfig
 from leakbench.figures import (
     EMPTY_TILE,
     LEFT,
@@ -23,26 +22,13 @@ from leakbench.figures import (
 )
 from leakbench.progress import track
 from leakbench.runner import run
+from tests.components import small_bias_run
 
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
 def tiny_run(tmp_path, progress=False, **overrides):
-    values = dict(
-        dataset="synthetic-uniform",
-        dataset_options={"input_shape": [3, 8, 8], "num_classes": 3, "size": 16},
-        model="fcn",
-        model_options={"widths": [8]},
-        attacks=["bias"],
-        batch_sizes=[1, 2],
-        trials=2,
-        output_dir=str(tmp_path),
-        run_name="run",
-        logger="none",
-        isolation="in-process",
-    )
-    values.update(overrides)
-    return run(RunConfig.from_mapping(values), progress=progress, echo=lambda _: None)
+    return run(small_bias_run(tmp_path, **overrides), progress=progress, echo=lambda _: None)
 
 
 def rgb(path_or_bytes):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from leakbench.config import RunConfig
 from leakbench.report import report_command, write_report
 from leakbench.runner import run
+from tests.components import small_bias_run
 
 
 class Page(HTMLParser):
@@ -45,20 +45,10 @@ class Page(HTMLParser):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    config = RunConfig.from_mapping(
-        dict(
-            dataset="synthetic-uniform",
-            dataset_options={"input_shape": [1, 8, 8], "num_classes": 3, "size": 16},
-            model="fcn",
-            model_options={"widths": [8]},
-            attacks=["bias"],
-            batch_sizes=[1, 3],
-            trials=2,
-            output_dir=str(root),
-            run_name="run",
-            logger="none",
-            isolation="in-process",
-        )
+    config = small_bias_run(
+        root,
+        dataset_options={"input_shape": [1, 8, 8], "num_classes": 3, "size": 16},
+        batch_sizes=[1, 3],
     )
     run(config, progress=False, echo=lambda _: None)
     return root / "run"

@@ -34,8 +34,9 @@ def records(tmp_path):
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_a_trained_victim_named_by_its_hash_is_the_one_attacked(tmp_path):
-    trained = train_victim(
+@pytest.fixture
+def trained(tmp_path):
+    return train_victim(
         "fcn",
         "digits",
         model_options={"widths": [16]},
@@ -44,6 +45,9 @@ def test_a_trained_victim_named_by_its_hash_is_the_one_attacked(tmp_path):
         checkpoint_dir=tmp_path / "checkpoints",
         accelerator="cpu",
     )
+
+
+def test_a_trained_victim_named_by_its_hash_is_the_one_attacked(tmp_path, trained):
     summary = run(
         config(tmp_path, model_state=trained.checkpoint.sha256[:12]),
         progress=False,
@@ -55,16 +59,7 @@ def test_a_trained_victim_named_by_its_hash_is_the_one_attacked(tmp_path):
     assert summary["cells"]["bias__none__b1"]["psnr"]["worst"] > 100
 
 
-def test_a_checkpoint_of_another_architecture_is_refused_before_any_trial(tmp_path):
-    trained = train_victim(
-        "fcn",
-        "digits",
-        model_options={"widths": [16]},
-        epochs=1,
-        batch_size=64,
-        checkpoint_dir=tmp_path / "checkpoints",
-        accelerator="cpu",
-    )
+def test_a_checkpoint_of_another_architecture_is_refused_before_any_trial(tmp_path, trained):
     wrong = config(tmp_path, model_state=trained.checkpoint.sha256, model_options={"widths": [8]})
     with pytest.raises(ValueError, match="model_options"):
         run(wrong, progress=False, echo=lambda _: None)

@@ -18,9 +18,9 @@ import pytest
 import wandb
 from PIL import Image
 
-from leakbench.config import RunConfig
 from leakbench.evaluator import artifact_name
 from leakbench.runner import run, wandb_configured
+from tests.components import small_bias_run
 
 BLOCK = 32 * 1024
 HEADER = b":W&B"
@@ -70,21 +70,7 @@ def wandb_run(tmp_path_factory):
         patch.setenv("WANDB_SILENT", "true")
         for variable in ("DIR", "CACHE_DIR", "DATA_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):
             patch.setenv(f"WANDB_{variable}", str(root / variable.lower()))
-        config = RunConfig.from_mapping(
-            dict(
-                dataset="synthetic-uniform",
-                dataset_options={"input_shape": [3, 8, 8], "num_classes": 3, "size": 16},
-                model="fcn",
-                model_options={"widths": [8]},
-                attacks=["bias"],
-                batch_sizes=[1, 2],
-                trials=2,
-                output_dir=str(root / "out"),
-                run_name="wb",
-                logger="wandb",
-                isolation="in-process",
-            )
-        )
+        config = small_bias_run(root / "out", run_name="wb", logger="wandb")
         summary = run(config, progress=False, echo=lambda _: None)
         # finish() may return before wandb-core has written the log; teardown waits for it.
         wandb.teardown()

@@ -382,18 +382,20 @@ def format_table(results: Sequence[SettingResult]) -> str:
     """The privacy–utility table as Markdown."""
     lines = [
         "| setting | worst median PSNR (attack) | worst success rate (attack) | accuracy "
-        "| vs undefended |",
-        "|---|---|---|---|---|",
+        "| vs undefended | DP ε |",
+        "|---|---|---|---|---|---|",
     ]
     for result in results:
         row = result.row()
         psnr = row["worst_psnr_median"]
         success = row["worst_success_rate"]
+        epsilon = row["defense_report"].get("epsilon")  # DP defenses: over the utility training
         lines.append(
             f"| {row['setting']} "
             f"| {'-' if psnr is None else f'{psnr:.1f} dB'} ({row['worst_psnr_attack']}) "
             f"| {'-' if success is None else f'{success:.2f}'} ({row['worst_success_attack']}) "
-            f"| {row['accuracy']:.3f} | {row['accuracy_change']:+.3f} |"
+            f"| {row['accuracy']:.3f} | {row['accuracy_change']:+.3f} "
+            f"| {'-' if epsilon is None else f'{epsilon:.2f}'} |"
         )
     return "\n".join(lines)
 
