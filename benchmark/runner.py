@@ -561,7 +561,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     header = (
         f"{'attack':<{wa}}{'defense':<{wd}}{'B':>3}{'trials':>7}{'failed':>7}"
         f"{'PSNR med':>9}{'mean':>7}{'worst':>7}{'SSIM med':>9}{'label':>7}{'B ok':>6}"
-        f"{'succ@' + _fmt(summary['success_psnr'], 0):>8}{'time med':>9}"
+        f"{'succ@' + _fmt(summary['success_psnr'], 0):>8}{'IIP':>6}{'task':>6}{'time med':>9}"
     )
     lines = [f"{summary['dataset']} / {summary['model']}", header, "-" * len(header)]
     for cell in cells:
@@ -571,8 +571,19 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{_fmt(cell['psnr']['median']):>9}{_fmt(cell['psnr']['mean']):>7}"
             f"{_fmt(cell['psnr']['worst']):>7}{_fmt(cell['ssim']['median'], 3):>9}"
             f"{_fmt(cell['label_accuracy'], 2):>7}{_fmt(cell['batch_size_accuracy'], 2):>6}"
-            f"{_fmt(cell['success_rate'], 2):>8}{_fmt(cell['time_s']['median'], 3):>8}s"
+            f"{_fmt(cell['success_rate'], 2):>8}{_fmt(_rate(cell, 'iip_pixel'), 2):>6}"
+            f"{_fmt(_rate(cell, 'task_leakage'), 2):>6}{_fmt(cell['time_s']['median'], 3):>8}s"
         )
     for cell, reason in summary["skipped"].items():
         lines.append(f"skipped {cell}: {reason}")
+    if any("iip_pixel" in c for c in cells):
+        chance = next(c["iip_pixel"]["chance"] for c in cells if "iip_pixel" in c)
+        lines.append(
+            f"IIP: share of reconstructions whose nearest split image is their own (chance "
+            f"{chance:.3f}); task: share the reference classifier labels as the ground truth"
+        )
     return "\n".join(lines)
+
+
+def _rate(cell: dict[str, Any], key: str) -> float | None:
+    return cell[key]["rate"] if key in cell else None

@@ -70,6 +70,9 @@ def wandb_run(tmp_path_factory):
         patch.setenv("WANDB_SILENT", "true")
         for variable in ("DIR", "CACHE_DIR", "DATA_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):
             patch.setenv(f"WANDB_{variable}", str(root / variable.lower()))
+        # W&B reads its settings (the mode among them) once per process, at its first run: an
+        # earlier test's run under WANDB_MODE=disabled would make this one disabled too.
+        wandb.teardown()
         config = small_bias_run(root / "out", run_name="wb", logger="wandb")
         summary = run(config, progress=False, echo=lambda _: None)
         # finish() may return before wandb-core has written the log; teardown waits for it.
