@@ -254,29 +254,34 @@ def boundary_figure(
 
 def privacy_utility_figure(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     """The defense track's scatter as PNG bytes. ``rows``: the table's rows (setting,
-    worst_psnr_median, worst_psnr_attack, accuracy, accuracy_per_seed, undefended_accuracy)."""
-    fig = Figure(figsize=(7.5, 5.0), dpi=120, facecolor="white")
+    worst_psnr_median, worst_psnr_attack, accuracy, accuracy_per_seed, undefended_accuracy).
+    Points are told apart by colour and marker in the legend (settings often overlap)."""
+    fig = Figure(figsize=(9.5, 5.0), dpi=120, facecolor="white")
     ax = fig.subplots()
-    for row in rows:
+    markers = "osD^vP*Xh<>"
+    for i, row in enumerate(rows):
         psnr = _number(row["worst_psnr_median"])
         seeds = row["accuracy_per_seed"]
         ax.errorbar(
             row["accuracy"],
             psnr,
             xerr=[[row["accuracy"] - min(seeds)], [max(seeds) - row["accuracy"]]],
-            fmt="o",
+            fmt=markers[i % len(markers)],
+            color=matplotlib.colormaps["tab20"](i % 20),
+            markersize=7,
             capsize=3,
+            label=f"{row['setting']} ({row['worst_psnr_attack']})",
         )
-        ax.annotate(
-            f"{row['setting']} ({row['worst_psnr_attack']})",
-            (row["accuracy"], psnr),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=7,
-        )
-    ax.axvline(rows[0]["undefended_accuracy"], linestyle="--", color="grey", linewidth=1)
+    ax.axvline(
+        rows[0]["undefended_accuracy"],
+        linestyle="--",
+        color="grey",
+        linewidth=1,
+        label="undefended accuracy",
+    )
     ax.set_xlabel("test accuracy of victims trained with the defense (range over seeds)")
     ax.set_ylabel("worst-case median PSNR over attacks (dB)")
     ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="setting (attack)")
     fig.tight_layout()
     return _png(fig)
