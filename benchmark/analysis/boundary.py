@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leakbench.analysis.commands import BOUNDARY_RUN_KEYS, BoundaryOptions
+from leakbench.analysis.commands import STUDY_RUN_KEYS, BoundaryOptions
 from leakbench.analysis.exclusivity import analyse_exclusivity
 from leakbench.config import RunConfig
 from leakbench.figures import boundary_figure, median_interval
@@ -529,7 +529,7 @@ def boundary_command(
     config: RunConfig, options: BoundaryOptions, progress: bool = True, echo: Any = print
 ) -> int:
     """Run the study: ``config`` gives the run keys it shares with ``leakbench run``
-    (:data:`~leakbench.analysis.commands.BOUNDARY_RUN_KEYS`), ``options`` its own."""
+    (:data:`~leakbench.analysis.commands.STUDY_RUN_KEYS`), ``options`` its own."""
     study = Study.from_config(config)
     batch_sizes = [int(b) for b in config.batch_sizes]
     states = options.train_epochs
@@ -597,7 +597,7 @@ def boundary_command(
     }
     run_keys = config.to_dict()
     # What was measured, lists as lists: the run keys the study uses and its own keys.
-    settings = {**{key: run_keys[key] for key in BOUNDARY_RUN_KEYS}, **dataclasses.asdict(options)}
+    settings = {**{key: run_keys[key] for key in STUDY_RUN_KEYS}, **dataclasses.asdict(options)}
     for name, rows in tables.items():
         if rows:
             atomic_write_text(run_dir / f"{name}.csv", to_csv(rows))

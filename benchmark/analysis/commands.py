@@ -52,13 +52,18 @@ class BoundaryOptions:
     wandb: Literal["offline", "online", "disabled"] | None = None
 
     def check(self) -> None:
-        bad = [e for e in self.train_epochs if e < 0]
-        if bad:
-            raise ValueError(f"train_epochs: got {bad}, expected non-negative integers")
+        check_train_epochs(self.train_epochs)
 
 
-# The run keys the boundary study uses, and its own defaults for them.
-BOUNDARY_RUN_KEYS = (
+def check_train_epochs(epochs: list[int]) -> None:
+    """A study's training states: 0 (the model_state itself) or more epochs."""
+    bad = [e for e in epochs if e < 0]
+    if bad:
+        raise ValueError(f"train_epochs: got {bad}, expected non-negative integers")
+
+
+# The run keys the studies (boundary, fishing-study) share with `leakbench run`.
+STUDY_RUN_KEYS = (
     "dataset",
     "dataset_options",
     "split",
@@ -79,7 +84,7 @@ BOUNDARY_RUN_KEYS = (
 
 @command(
     "boundary",
-    keys=BOUNDARY_RUN_KEYS,
+    keys=STUDY_RUN_KEYS,
     defaults={
         "model": "fcn-exan",
         "model_options": {},
@@ -200,35 +205,14 @@ class FishingStudyOptions:
     ig_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        bad = [e for e in self.train_epochs if e < 0]
-        if bad:
-            raise ValueError(f"train_epochs: got {bad}, expected non-negative integers")
+        check_train_epochs(self.train_epochs)
         if not self.solvers:
             raise ValueError("solvers: got [], expected cbc and/or highs")
 
 
-FISHING_RUN_KEYS = (
-    "dataset",
-    "dataset_options",
-    "split",
-    "model",
-    "model_options",
-    "model_seed",
-    "model_state",
-    "checkpoint_dir",
-    "dtype",
-    "seed",
-    "isolation",
-    "batch_sizes",
-    "trials",
-    "output_dir",
-    "run_name",
-)
-
-
 @command(
     "fishing-study",
-    keys=FISHING_RUN_KEYS,
+    keys=STUDY_RUN_KEYS,
     defaults={
         "split": "train",
         "model": "fcn-exan",

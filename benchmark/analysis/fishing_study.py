@@ -42,7 +42,7 @@ import numpy as np
 from torch import nn
 
 from leakbench.analysis.boundary import Study, format_table, run_trial, to_csv
-from leakbench.analysis.commands import FISHING_RUN_KEYS, FishingStudyOptions
+from leakbench.analysis.commands import STUDY_RUN_KEYS, FishingStudyOptions
 from leakbench.config import RunConfig
 from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, prepare_attack
@@ -220,7 +220,7 @@ def fishing_study_command(
     config: RunConfig, options: FishingStudyOptions, progress: bool = True, echo: Any = print
 ) -> int:
     """Run the study: ``config`` gives the run keys it shares with ``leakbench run``
-    (:data:`~leakbench.analysis.commands.FISHING_RUN_KEYS`), ``options`` its own."""
+    (:data:`~leakbench.analysis.commands.STUDY_RUN_KEYS`), ``options`` its own."""
     study = Study.from_config(config)
     batch_sizes = [int(b) for b in config.batch_sizes]
     states = options.train_epochs
@@ -262,7 +262,7 @@ def fishing_study_command(
     summary = summarize(rows, solvers)
     run_keys = config.to_dict()
     # What was measured, lists as lists: the run keys the study uses and its own keys.
-    settings = {**{key: run_keys[key] for key in FISHING_RUN_KEYS}, **dataclasses.asdict(options)}
+    settings = {**{key: run_keys[key] for key in STUDY_RUN_KEYS}, **dataclasses.asdict(options)}
     atomic_write_text(
         run_dir / "fishing_study.json",
         json.dumps(
