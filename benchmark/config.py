@@ -276,6 +276,25 @@ def parser_for(cls: type) -> Any:
     return parser
 
 
+def _top_level_items(text: str) -> list[str]:
+    """``"a, dict[b, c], d"`` -> ``["a", "dict[b, c]", "d"]``: split on commas outside brackets."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*items, current.strip()] if current.strip() else items
+
+
+def _type_name(text: str) -> str:
+    """A type as jsonargparse prints it, as a user reads it: ``<class 'int'>`` -> ``int``."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text).replace("typing.", "")
+    return "null" if text == "NoneType" else text
+
+
 def one_line(error: BaseException) -> str:
     """jsonargparse's multi-line message as one line: ``key: expected ..., got ...``."""
     text = str(error).strip()
@@ -286,10 +305,9 @@ def one_line(error: BaseException) -> str:
     own = re.search(r"Not of type \w+: (expected .*?)(?:\n|$)", body)
     if own:  # our own types say what they expected and what they got
         return f"{key}: {own.group(1)}"
-    union = re.search(r"Subtypes: \[(.*?)\].*Given value: (.*)$", body, re.S)
+    union = re.search(r"Subtypes: \[(.*)\]\n.*Given value: (.*)$", body, re.S)
     if union:
-        kinds = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", union.group(1))
-        kinds = kinds.replace("NoneType", "null").replace(", ", " or ")
+        kinds = " or ".join(_type_name(t) for t in _top_level_items(union.group(1)))
         return f"{key}: expected {kinds}, got {union.group(2).strip()}"
     single = re.search(r"Expected a (.*?)\. Got value: (.*)$", body, re.S)
     if single:

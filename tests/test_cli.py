@@ -364,3 +364,12 @@ def test_free_form_values_are_kept_as_given_and_never_edited():
     assert config.track == given["track"]
     assert config.dataset_options == given["dataset_options"]
     assert values == given
+
+
+def test_a_bad_value_of_a_union_type_names_every_type_it_could_be(capsys):
+    code, _, err = run_cli(capsys, ["train", "--model", "fcn", "--dataset", "digits",
+                                    "--model-options", "{widths:[256]}"])  # fmt: skip
+    assert code == 2
+    assert err == (
+        "leakbench: error: model_options: expected dict[str, Any] or null, got {widths:[256]}\n"
+    )
