@@ -88,8 +88,12 @@ def test_a_dp_setting_given_by_epsilon_is_accounted_over_the_utility_training():
     assert with_training_accounting(noise, UtilityRecipe(), 1437) is noise
 
 
-def test_a_small_track_runs_every_setting_and_tabulates_privacy_against_utility(tmp_path):
+def test_a_small_track_runs_every_setting_and_tabulates_privacy_against_utility(
+    tmp_path, monkeypatch
+):
     import json
+
+    import wandb
 
     from leakbench.analysis.defense_track import run_defense_track
     from leakbench.models.training import trained_once
@@ -114,7 +118,7 @@ grants: [batch_size]
 attack_options: {idlg: {iterations: 5}}
 isolation: in-process
 privacy_metrics: false
-logger: csv
+logger: wandb
 """
     )
     track = DefenseTrack.load(track_file)
@@ -125,7 +129,10 @@ logger: csv
         track.utility,
         track.attacks,
     )
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # W&B keeps the mode of the process's first run (conftest: disabled)
     rows = run_defense_track(track, output_dir=tmp_path / "out", progress=False, echo=print)
+    wandb.teardown()  # waits until the offline run's files are written
     folder = tmp_path / "out" / "tiny-defenses"
     table = json.loads((folder / "privacy_utility.json").read_text())
     # fishing needs client code, which the track does not grant: listed, with the reason.
@@ -158,3 +165,9 @@ logger: csv
     for name in ("privacy_utility.md", "privacy_utility.csv", "privacy_utility.png"):
         assert (folder / name).stat().st_size > 0
     assert (folder / "none" / "summary.json").is_file()
+    # The table and the scatter went to the track's own (offline) W&B run.
+    (offline,) = (folder / "wandb").glob("offline-run-*")
+    media = offline / "files" / "media"
+    (logged,) = (media / "table").glob("privacy_utility_*.table.json")
+    assert [r[0] for r in json.loads(logged.read_text())["data"]] == ["none", "noise s=0.1"]
+    assert list((media / "images").glob("privacy_utility_scatter_*.png"))

@@ -218,8 +218,14 @@ def applicable_attacks(
     reasons: dict[str, str] = {}
     for name in candidates:
         options = {k: v for k, v in config.attack_options.items() if k == name}
+        # Only the checks: no gallery or reference classifier is needed to refuse an attack.
         single = RunConfig.from_mapping(
-            {**config.to_dict(), "attacks": [name], "attack_options": options}
+            {
+                **config.to_dict(),
+                "attacks": [name],
+                "attack_options": options,
+                "privacy_metrics": False,
+            }
         )
         try:
             prepared = prepare(single)
@@ -446,7 +452,8 @@ def log_table_to_wandb(folder: Path, track: DefenseTrack, config: RunConfig) -> 
         group=config.wandb_group or track.name,
         job_type="defense-track",
         dir=str(folder),
-        mode="online" if wandb_configured() else "offline",
+        # What the user configured decides (WANDB_MODE, a login); without it, offline.
+        mode=None if wandb_configured() else "offline",
         config={"track": track.name, "utility": document["utility"]},
     )
     table = wandb.Table(
