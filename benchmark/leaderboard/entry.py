@@ -203,9 +203,13 @@ def result_fields(records: list[dict[str, Any]]) -> dict[str, Any]:
 def attack_distribution(name: str) -> dict[str, str] | None:
     """The installed distribution that provides attack ``name``: the one whose
     ``leakbench.attacks`` entry point registers it, else the one that ships its module."""
-    from leakbench.registry import ATTACKS
+    from leakbench.registry import ATTACKS, Plugin
 
     cls = ATTACKS.get(name)
+    if isinstance(cls, Plugin):  # known from its metadata: never imported here
+        return (
+            None if cls.distribution is None else {"name": cls.distribution, "version": cls.version}
+        )
     module = cls.__module__
     for ep in metadata.entry_points(group="leakbench.attacks"):
         target = ep.value.split(":")[0]
