@@ -51,6 +51,7 @@ ISOLATION_MODES = ("sandbox", "process", "in-process")
 WORKER_START_ALLOWANCE_S = 30.0
 # Per-job rlimits in the sandbox (the zygote sets them before the attack's code loads).
 SANDBOX_PROCESSES = 128  # processes and threads of the sandbox's user
+SANDBOX_MEMORY_SHARE = 0.75  # of this machine's memory, per process of a job
 SANDBOX_OPEN_FILES = 1024
 SANDBOX_FILE_BYTES = 1 << 30
 
@@ -89,7 +90,7 @@ def sandbox_limits(max_seconds: float | None, threads: int) -> dict[str, int | N
         None if max_seconds is None else (max_seconds + WORKER_START_ALLOWANCE_S) * max(threads, 1)
     )
     return {
-        "memory_bytes": int(memory * 0.75),
+        "memory_bytes": int(memory * SANDBOX_MEMORY_SHARE),
         "cpu_seconds": None if cpu is None else int(cpu) + 1,
         "processes": SANDBOX_PROCESSES,
         "open_files": SANDBOX_OPEN_FILES,
