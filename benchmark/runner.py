@@ -65,7 +65,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 # What config.yaml records next to the configuration (facts of the machine and the data).
-RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage", "sandbox")
+RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage", "sandbox", "attacks_run")
 # The maintainers' private verification data: never published, never shown to attack code.
 PRIVATE_DATA_ENV = "LEAKBENCH_PRIVATE_DATA"
 # Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
@@ -433,8 +433,12 @@ def run(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     secret_keys: Sequence[str] = (),
+    collect: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run every cell of ``config``; returns the summary also written to ``summary.json``.
+
+    ``collect`` receives every record this process makes, as it makes it (verification takes
+    its figures from there, never from a file).
 
     With ``resume``, ``config`` must be the run's saved configuration (see :func:`saved_config`)
     up to keys that do not change what is measured. ``secret_keys`` (verification's seeds) are
@@ -446,7 +450,7 @@ def run(
     torch.set_num_threads(prepared.threads)
     run_path, first_process = _run_folder(config, resume)
     try:
-        return _run_cells(prepared, run_path, first_process, progress, echo)
+        return _run_cells(prepared, run_path, first_process, progress, echo, collect)
     finally:
         if first_process:
             os.environ.pop(RUN_DIR_VARIABLE, None)
@@ -458,6 +462,7 @@ def _run_cells(
     first_process: bool,
     progress: bool,
     echo: Callable[[str], None],
+    collect: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     config = prepared.config
     dtype = getattr(torch, config.dtype)
@@ -471,6 +476,11 @@ def _run_cells(
         "lpips": lpips_reason,
         "task_leakage": prepared.task_leakage,
         "sandbox": prepared.sandbox,
+        # What ran: each attack's hyperparameters as its jobs rebuild it, and its code.
+        "attacks_run": {
+            name: {"hparams": a.hparams, "code": dict(a.code), "threat_model": a.threat_model}
+            for name, a in prepared.attacks.items()
+        },
     }
     if first_process:
         if prepared.placement.isolation != config.isolation:
@@ -549,7 +559,13 @@ def _run_cells(
                     classifier=prepared.classifier,
                 )
                 evaluator = Evaluator(
-                    prepared.victim, attack, prepared.defense, setting, run_dir, progress=bar
+                    prepared.victim,
+                    attack,
+                    prepared.defense,
+                    setting,
+                    run_dir,
+                    progress=bar,
+                    collect=collect,
                 )
                 trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
                 if evaluator.gallery:
