@@ -284,3 +284,41 @@ def test_the_sandbox_works_for_an_ordinary_user(tmp_path):
         pytest.skip(f"no user namespaces for this test: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "leakbench.attacks.bias:BiasAttack"
+
+
+def test_verification_refuses_a_machine_without_a_sandbox(tmp_path, monkeypatch):
+    """Verification never falls back: without a sandbox it refuses, saying why."""
+    from leakbench.leaderboard import verify
+
+    entry = next((Path(__file__).parents[1] / "leaderboards" / "entries").glob("*/*.json"))
+    monkeypatch.setattr(verify, "load_entry", lambda *a, **k: json.loads(entry.read_text()))
+    monkeypatch.setattr(verify, "require_attack", lambda entry: None)
+    monkeypatch.setattr("leakbench.protocol.sandbox._STATUS", ["no bubblewrap binary: install it"])
+    with pytest.raises(verify.EntryError, match="in the sandbox, which this machine lacks: no bub"):
+        verify.verify_entry(entry, check_only=True, echo=lambda _: None)
+
+
+def test_verification_refuses_a_distribution_that_runs_code_everywhere(tmp_path, monkeypatch):
+    """A .pth file runs in every Python process of the environment, the harness's too."""
+    from leakbench.leaderboard.entry import EntryError
+    from leakbench.leaderboard.verify import _refuse_intrusive_distribution
+
+    site = tmp_path / "site"
+    (site / "sneaky").mkdir(parents=True)
+    (site / "sneaky" / "__init__.py").write_text("")
+    (site / "sneaky-init.pth").write_text("import sneaky\n")
+    dist = site / "sneaky-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sneaky\nVersion: 1.0\n")
+    (dist / "top_level.txt").write_text("sneaky\n")
+    (dist / "RECORD").write_text(
+        "sneaky/__init__.py,,\nsneaky-init.pth,,\nsneaky-1.0.dist-info/RECORD,,\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(EntryError, match=r"installs sneaky-init.pth, which runs code in every"):
+        _refuse_intrusive_distribution("sneaky")
+    (site / "sneaky-init.pth").unlink()
+    (site / "leakbench").mkdir()
+    (dist / "RECORD").write_text("sneaky/__init__.py,,\nleakbench/metrics.py,,\n")
+    with pytest.raises(EntryError, match=r"installs leakbench/metrics.py outside its own packages"):
+        _refuse_intrusive_distribution("sneaky")

@@ -282,25 +282,26 @@ def require_attack(entry: Mapping[str, Any]) -> None:
 
 def _refuse_intrusive_distribution(name: str) -> None:
     """A ``.pth`` file runs its code in every Python process of the environment, the harness's
-    included; files outside the distribution's own top-level packages can replace another's."""
+    included; files outside the distribution's own top-level packages (those of its attack
+    entry points, and its ``top_level.txt``) can replace another distribution's."""
     dist = metadata.distribution(name)
-    files = list(dist.files or [])
-    own = {f.parts[0] for f in files if f.suffix == ".py" or f.name.endswith(".dist-info")}
-    tops = (dist.read_text("top_level.txt") or "").split() or sorted(
-        p for p in own if not p.endswith(".dist-info")
-    )
-    for f in files:
+    tops = set((dist.read_text("top_level.txt") or "").split()) | {
+        ep.value.split(":")[0].split(".")[0].strip()
+        for ep in dist.entry_points
+        if ep.group == "leakbench.attacks"
+    }
+    for f in dist.files or []:
         if f.name.endswith(".pth"):
             raise EntryError(
                 f"distribution {name} installs {f}, which runs code in every Python process "
                 "(the harness's too): it cannot be verified; install it without .pth files"
             )
         top = f.parts[0]
-        inside = top.endswith(".dist-info") or top in tops or top.split(".")[0] in tops
-        if not inside and not top.startswith(("..", "__pycache__")):
+        script = f.parts[:-1] == ("..", "..", "..", "bin")  # a console script
+        if not (top.endswith(".dist-info") or top.split(".")[0] in tops or script):
             raise EntryError(
-                f"distribution {name} installs {f} outside its own packages ({', '.join(tops)}): "
-                "it cannot be verified"
+                f"distribution {name} installs {f} outside its own packages "
+                f"({', '.join(sorted(tops)) or 'none declared'}): it cannot be verified"
             )
 
 
