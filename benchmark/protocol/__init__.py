@@ -8,8 +8,7 @@ The names below load on first use (PEP 562): the attack sandbox imports
 ``leakbench.protocol.zygote`` and ``jobs`` without the scoring machinery.
 """
 
-import importlib
-from typing import Any
+from leakbench.lazy import lazy_exports
 
 _EXPORTS = {
     "PreparedAttack": "leakbench.protocol.attack",
@@ -30,14 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'leakbench.protocol' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
