@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from leakbench.protocol.jobs import (
 )
 from leakbench.protocol.sandbox import SandboxError, SandboxTimeout, SandboxView, run_in_sandbox
 from leakbench.protocol.victim import Victim
+from leakbench.protocol.zygote import exit_words
 from leakbench.threat_model import Budget, Reconstruction
 
 ISOLATION_MODES = ("sandbox", "process", "in-process")
@@ -263,7 +263,7 @@ def _in_worker(message: dict[str, Any], limit: float | None, max_seconds: float 
             worker.join()
             return {
                 "error": "the attack's worker process died without answering "
-                f"({_exit(worker.exitcode)})",
+                f"({exit_words(worker.exitcode)})",
                 "usage": _used(started),
             }
         answered = True
@@ -276,12 +276,6 @@ def _in_worker(message: dict[str, Any], limit: float | None, max_seconds: float 
         if worker.is_alive():
             worker.kill()
             worker.join()
-
-
-def _exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
-    return f"exit code {code}"
 
 
 def default_threads(processes: int = 1) -> int:

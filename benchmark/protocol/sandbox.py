@@ -43,7 +43,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -52,7 +51,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leakbench.protocol.zygote import FRAME
+from leakbench.protocol.zygote import FRAME, exit_words
 
 SANDBOX_UID = 65534  # nobody
 TMP_BYTES = 1 << 30
@@ -394,12 +393,7 @@ class Sandbox:
     def _ended(self) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
-        code = self.process.returncode
-        return (
-            f"killed by signal {signal.Signals(-code).name}"
-            if code and code < 0
-            else f"exit code {code}"
-        )
+        return exit_words(self.process.returncode)
 
     def call(self, job: bytes, timeout: float | None) -> tuple[bytes | None, str]:
         """Run one job; its answer (None if the job's process died) and, if it died, how.

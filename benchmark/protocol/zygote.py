@@ -98,6 +98,13 @@ def _child(job: bytes, answer_fd: int) -> None:
         os._exit(status)
 
 
+def exit_words(code: int | None) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
+    if code is not None and code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 def _other_processes() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
 
@@ -157,12 +164,7 @@ def _collect(pid: int, answer_fd: int) -> tuple[bytes | None, str]:
             exited = os.waitpid(pid, 0)[1]
     code = os.waitstatus_to_exitcode(exited) if exited is not None else None
     complete = len(data) >= FRAME.size and len(data) == FRAME.size + FRAME.unpack(data[:8])[0]
-    how = (
-        f"killed by signal {signal.Signals(-code).name}"
-        if code and code < 0
-        else f"exit code {code}"
-    )
-    return (bytes(data[FRAME.size :]) if complete else None), how
+    return (bytes(data[FRAME.size :]) if complete else None), exit_words(code)
 
 
 def serve(harness_fd: int) -> None:
