@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,23 +148,32 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
     assert "unknown model 'nope'" in result.stderr and "Traceback" not in result.stderr
 
 
-def interrupted_dlg_run(capsys, tmp_path):
-    """A DLG / LeNet-Zhu run that was interrupted after its first trial."""
-    config = tmp_path / "dlg.yaml"
+@pytest.fixture(scope="module")
+def finished_dlg_run(tmp_path_factory):
+    """A DLG / LeNet-Zhu run (not the quickstart's configuration), made once per module."""
+    folder = tmp_path_factory.mktemp("dlg")
+    config = folder / "dlg.yaml"
     config.write_text(
         "model: lenet-zhu\nattacks: [dlg]\nattack_options: {dlg: {iterations: 2}}\n"
-        "covariates: []\n"
-        f"batch_sizes: [1]\ntrials: 3\nlogger: none\noutput_dir: {tmp_path}\nrun_name: dlg\n"
+        "covariates: []\nprivacy_metrics: false\nisolation: in-process\n"
+        f"batch_sizes: [1]\ntrials: 3\nlogger: none\noutput_dir: {folder}\nrun_name: dlg\n"
     )
-    assert run_cli(capsys, ["run", "--config", str(config), "--no-progress"])[0] == 0
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    return folder / "dlg"
+
+
+@pytest.fixture
+def interrupted_dlg_run(finished_dlg_run, tmp_path):
+    """A copy of the DLG run, interrupted after its first trial."""
     run_dir = tmp_path / "dlg"
+    shutil.copytree(finished_dlg_run, run_dir)
     records = run_dir / "trials.jsonl"
     records.write_text(records.read_text().splitlines(keepends=True)[0])
     return run_dir
 
 
-def test_resume_alone_continues_the_saved_configuration(capsys, tmp_path):
-    run_dir = interrupted_dlg_run(capsys, tmp_path)
+def test_resume_alone_continues_the_saved_configuration(capsys, interrupted_dlg_run):
+    run_dir = interrupted_dlg_run
     saved = (run_dir / "config.yaml").read_text()
     code, out, _ = run_cli(capsys, ["run", "--resume", str(run_dir), "--no-progress"])
     assert code == 0 and "lenet-zhu" in out
@@ -177,8 +187,8 @@ def test_resume_alone_continues_the_saved_configuration(capsys, tmp_path):
     )
 
 
-def test_resume_refuses_flags_that_change_the_protocol(capsys, tmp_path):
-    run_dir = interrupted_dlg_run(capsys, tmp_path)
+def test_resume_refuses_flags_that_change_the_protocol(capsys, interrupted_dlg_run):
+    run_dir = interrupted_dlg_run
     before = (run_dir / "trials.jsonl").read_text()
     code, _, err = run_cli(
         capsys, ["run", "--resume", str(run_dir), "--attack", "bias", "--seed", "3"]
@@ -191,7 +201,7 @@ def test_resume_refuses_flags_that_change_the_protocol(capsys, tmp_path):
     assert (run_dir / "trials.jsonl").read_text() == before
     # Options that do not change the measurement are accepted.
     code, _, _ = run_cli(
-        capsys, ["run", "--resume", str(run_dir), "--isolation", "in-process", "--no-progress"]
+        capsys, ["run", "--resume", str(run_dir), "--isolation", "process", "--no-progress"]
     )
     assert code == 0
 
