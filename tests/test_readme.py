@@ -17,7 +17,9 @@ and a ``runs/`` of their own; a placeholder is filled with what the test made: `
 with the run the previous command made (the resumed one cut short first), ``<sha256>`` and
 ``1a2b3c4d`` with a checkpoint ``leakbench train`` made for the command's victim,
 ``my_run.yaml`` and ``GRID.yaml`` with the README's own config and grid blocks, ``my-attack``
-with the template attack package, installed as the README says. Budgets are documented options
+with the template attack package, installed as the README says. The leaderboard commands, which
+in a checkout write into the repository's ``leaderboards/``, are given the scratch copy's folders.
+Budgets are documented options
 appended after what is printed, so they win: one trial and two iterations per attack, no
 covariates. Commands
 of the studies that train or sweep many runs are ``@pytest.mark.slow`` and run every night;
@@ -62,6 +64,19 @@ BUDGETS: dict[str, dict[str, str]] = {
     "boundary": {"--trials": "2", "--attack_trials": "1", "--compare_trials": "1"},
     "fishing-study": {"--trials": "1", "--ig_trials": "1"},
     "sweep throughput": {"--trials": "2"},
+}
+# In a checkout the leaderboard commands write into the repository's own leaderboards/ by
+# default: here, into the scratch copy of it.
+PLACES: dict[str, dict[str, str]] = {
+    "submit": {"--entries_dir": "leaderboards/entries"},
+    "leaderboard render": {
+        "--entries_dir": "leaderboards/entries",
+        "--out_dir": "leaderboards/tables",
+    },
+    "leaderboard build": {
+        "--entries_dir": "leaderboards/entries",
+        "--out_dir": "leaderboards/site",
+    },
 }
 # What the README's grid runs with here (keys of its `set`, applied to every run).
 GRID_BUDGET = {"trials": 1, "budget": {"max_iterations": 2}}
@@ -191,8 +206,11 @@ def filled(command: Command, scratch: Scratch, capsys: pytest.CaptureFixture[str
     if TEMPLATE_ATTACK in argv:
         # A track fixes trials and budget (a submission changes only its attacks and their
         # options): the attack's own option keeps it fast instead.
-        budget = {"--attack_options": f"{{{TEMPLATE_ATTACK}: {{iterations: 2}}}}"}
-    for key, value in budget.items():
+        budget = {
+            "--attack_options": f"{{{TEMPLATE_ATTACK}: {{iterations: 2}}}}",
+            "--covariates": "[]",  # bookkeeping: an entry's protocol leaves it out
+        }
+    for key, value in {**budget, **PLACES.get(command.words, {})}.items():
         argv += [key, value]
     return argv
 
@@ -352,8 +370,15 @@ def walk(scratch: Scratch, capsys: pytest.CaptureFixture[str], slow: bool) -> li
     return ran
 
 
+def files_of_the_checkout() -> dict[Path, float]:
+    """What the README's commands must leave alone: the repository's leaderboards/ and runs."""
+    return {p: p.stat().st_mtime for p in (ROOT / "leaderboards").rglob("*") if p.is_file()}
+
+
 def test_every_fast_readme_command_runs_as_printed(scratch, capsys):
+    before = files_of_the_checkout()
     ran = walk(scratch, capsys, slow=False)
+    assert files_of_the_checkout() == before
     assert any(c.words == "run" for c in ran) and not any(c.slow for c in ran)
     # The quickstart's run: every cell of it, with the skipped one named.
     summary = json.loads(next((scratch.path / "runs").glob("*/summary.json")).read_text())
@@ -364,6 +389,8 @@ def test_every_fast_readme_command_runs_as_printed(scratch, capsys):
 
 @pytest.mark.slow
 def test_every_readme_command_runs_as_printed(scratch, capsys):
+    before = files_of_the_checkout()
     ran = walk(scratch, capsys, slow=True)
+    assert files_of_the_checkout() == before
     assert {c.words for c in ran if c.slow} == {*SLOW, "sweep"}
     print("\n".join(scratch.not_run))
