@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import netrc
@@ -21,7 +22,7 @@ import os
 import platform
 import subprocess
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +41,7 @@ from leakbench.config import ConfigError, RunConfig
 from leakbench.datamodules.base import DatasetError
 from leakbench.evaluator import Evaluator, log_run_to_wandb
 from leakbench.figures import Tile, cell_figure
-from leakbench.interfaces import Defense
+from leakbench.interfaces import Defense, UnsupportedModelError
 from leakbench.metrics import aggregate, gallery_from_samples, lpips_status
 from leakbench.progress import Progress
 from leakbench.protocol import (
@@ -55,11 +56,14 @@ from leakbench.protocol.attack import choose_placement
 from leakbench.protocol.isolation import Placement
 from leakbench.protocol.sandbox import SandboxUnavailable, make_non_dumpable
 from leakbench.protocol.victim import resolve_victim_state
-from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES
+from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES, MODELS
 from leakbench.results import RunDirectory, cell_key
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# Lightning's hint, on any machine with SLURM's tools, to launch through srun: a local run is
+# not a SLURM job, and `leakbench sweep --launcher slurm` launches those itself.
+warnings.filterwarnings("ignore", message="The `srun` command is available")
 # Lightning's hardware banner and product tips would bury the results table.
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -86,17 +90,77 @@ NOT_PROTOCOL_KEYS = frozenset(
 )
 
 
+def check_options(
+    kind: str,
+    name: str,
+    factory: Callable[..., Any],
+    options: dict[str, Any],
+    fixed: int = 0,
+    set_by_run: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse, in one line naming the key, its value and the valid keys, an option that the
+    registered ``factory`` does not take, or a missing one that it needs (its first ``fixed``
+    parameters are not options; ``set_by_run`` maps those the run sets to the run's key)."""
+    set_by_run = set_by_run or {}
+    taken = [key for key in options if key in set_by_run]
+    if taken:
+        raise ConfigError(
+            f"{kind}_options: {taken[0]} (given {options[taken[0]]!r}) is set by the run, "
+            f"expected it as the run's key {set_by_run[taken[0]]!r}"
+        )
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())[fixed:]
+    except (TypeError, ValueError):  # no signature to read: the call itself will say
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    parameters = [p for p in parameters if p.name not in set_by_run]
+    valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [key for key in options if key not in valid]
+    if unknown:
+        expected = f"expected one of: {', '.join(valid)}" if valid else "it takes no options"
+        raise ConfigError(
+            f"{kind}_options: unknown option {unknown[0]!r} (given {options[unknown[0]]!r}) for "
+            f"{kind} {name!r}; {expected}"
+        )
+    missing = [
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in options
+    ]
+    if missing:
+        raise ConfigError(
+            f"{kind}_options: got {options!r}, expected the option {missing[0]!r} that "
+            f"{kind} {name!r} needs"
+        )
+
+
 def instantiate(kind: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> Any:
     """Call a registered factory, turning a bad keyword into a one-line error."""
+    check_options(kind, name, factory, options)
     try:
         return factory(**options)
     except TypeError as exc:
         raise ConfigError(f"bad options for {kind} {name!r}: {exc}") from None
 
 
+# Datamodule options that a run sets from its own keys.
+DATASET_OPTIONS_OF_THE_RUN = {
+    "batch_size": "batch_sizes",
+    "num_trials": "trials",
+    "seed": "seed",
+    "split": "split",
+}
+
+
 def build_datamodule(config: RunConfig, batch_size: int) -> Any:
     factory = DATAMODULES.get(config.dataset)
     options = dict(config.dataset_options)
+    check_options(
+        "dataset", config.dataset, factory, options, set_by_run=DATASET_OPTIONS_OF_THE_RUN
+    )
     options.update(
         batch_size=batch_size, num_trials=config.trials, seed=config.seed, split=config.split
     )
@@ -128,7 +192,11 @@ def wandb_configured() -> bool:
         return False
 
 
-def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> list[Logger]:
+def make_loggers(
+    config: RunConfig, public: dict[str, Any], run_dir: Path, verbose: bool = False
+) -> list[Logger]:
+    """The run's loggers. W&B prints nothing of its own unless ``verbose``: the run says in one
+    line where its W&B run is (:func:`wandb_line`)."""
     if config.logger == "none":
         return []
     # A fresh CSV version per invocation: resuming must not overwrite earlier logs.
@@ -137,25 +205,41 @@ def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> li
     if config.logger == "wandb":
         # Offline unless the user configured W&B (WANDB_MODE, an API key, `wandb login`).
         offline = not wandb_configured()
-        loggers.append(
-            WandbLogger(
-                project=config.wandb_project,
-                name=run_dir.name,
-                group=config.wandb_group,
-                job_type=config.wandb_job_type,
-                save_dir=str(run_dir),
-                offline=offline,
-                config=public,
-            )
+        logger = WandbLogger(
+            project=config.wandb_project,
+            name=run_dir.name,
+            group=config.wandb_group,
+            job_type=config.wandb_job_type,
+            save_dir=str(run_dir),
+            offline=offline,
+            config=public,
+            settings={"silent": not verbose},
         )
+        # Lightning always passes `anonymous` (None by default), and W&B warns about the
+        # setting's deprecation before its silent setting applies.
+        logger._wandb_init.pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
+def wandb_line(run: Any) -> str | None:
+    """One line that says where a W&B run is: its page, or its offline folder and how to
+    upload it; None for a disabled run (``WANDB_MODE=disabled``)."""
+    if run.settings.mode == "disabled":
+        return None
+    if run.offline:
+        folder = run.settings.sync_dir
+        return f"W&B: offline run {run.id} in {folder} (upload: wandb sync {folder})"
+    return f"W&B: {run.url}"
+
+
 @contextlib.contextmanager
-def run_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> Iterator[list[Logger]]:
+def run_loggers(
+    config: RunConfig, public: dict[str, Any], run_dir: Path, verbose: bool = False
+) -> Iterator[list[Logger]]:
     """The run's loggers. A run that stops with an error finishes its W&B run as failed: left
     open, W&B would hand it to the next run of the same process (a study runs many)."""
-    loggers = make_loggers(config, public, run_dir)
+    loggers = make_loggers(config, public, run_dir, verbose)
     try:
         yield loggers
     except BaseException:
@@ -244,6 +328,8 @@ class PreparedRun:
     config: RunConfig
     public: dict[str, Any]  # the configuration as written to disk and to the loggers
     attacks: dict[str, PreparedAttack]
+    # Attacks that cannot handle the victim, with the reason: their cells are skipped, noted.
+    inapplicable: dict[str, str]
     defense: Defense
     victim: Victim
     datamodule: dict[str, Any]  # the datamodule's describe()
@@ -284,6 +370,7 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
             probe.trials()
         except ValueError as exc:
             raise ConfigError(f"{config.dataset} ({config.split} split): {exc}") from None
+    check_options("model", config.model, MODELS.get(config.model), config.model_options, fixed=2)
     try:
         victim = resolve_victim_state(
             config.model_state,
@@ -297,20 +384,28 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         )
     except TypeError as exc:
         raise ConfigError(f"bad options for model {config.model!r}: {exc}") from None
-    defense.check_model(victim.build())
+    try:
+        model = victim.build()
+    except TypeError as exc:
+        raise ConfigError(f"model_options of model {config.model!r}: {exc}") from None
+    defense.check_model(model)
     threads = config.threads or default_threads(processes)
     placement, sandbox = run_placement(config, threads, probe.describe().get("root"))
-    attacks = {
-        name: prepare_attack(
-            name,
-            config.attack_options.get(name, {}),
-            config.granted,
-            protocol,
-            victim=victim,
-            placement=placement,
-        )
-        for name in config.attacks
-    }
+    attacks, inapplicable = {}, {}
+    for name in config.attacks:
+        try:
+            attacks[name] = prepare_attack(
+                name,
+                config.attack_options.get(name, {}),
+                config.granted,
+                protocol,
+                victim=victim,
+                placement=placement,
+            )
+        except UnsupportedModelError as exc:
+            inapplicable[name] = str(exc)
+    if not attacks:  # nothing would run: refused, with every reason
+        raise UnsupportedModelError("; ".join(inapplicable.values()))
     covariates = tuple(COVARIATES.names() if config.covariates is None else config.covariates)
     for name in covariates:
         COVARIATES.get(name)  # an unknown name is refused before any trial
@@ -326,6 +421,7 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         config=config,
         public=public_config(config, secret_keys),
         attacks=attacks,
+        inapplicable=inapplicable,
         defense=defense,
         victim=victim,
         datamodule=probe.describe(),
@@ -434,6 +530,7 @@ def run(
     echo: Callable[[str], None] = print,
     secret_keys: Sequence[str] = (),
     collect: list[dict[str, Any]] | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run every cell of ``config``; returns the summary also written to ``summary.json``.
 
@@ -443,14 +540,17 @@ def run(
     With ``resume``, ``config`` must be the run's saved configuration (see :func:`saved_config`)
     up to keys that do not change what is measured. ``secret_keys`` (verification's seeds) are
     never written where an attack could read them during the run: ``config.yaml`` and the
-    loggers get a SHA-256 commitment instead of each value.
+    loggers get a SHA-256 commitment instead of each value. W&B prints its own output only
+    when ``verbose``.
     """
     make_non_dumpable()  # no process of this user reads the private batch out of our memory
-    prepared = prepare(config, secret_keys)
-    torch.set_num_threads(prepared.threads)
+    # The folder first: a resume it cannot continue is refused before anything is written (a
+    # reference classifier trained by prepare, say).
     run_path, first_process = _run_folder(config, resume)
     try:
-        return _run_cells(prepared, run_path, first_process, progress, echo, collect)
+        prepared = prepare(config, secret_keys)
+        torch.set_num_threads(prepared.threads)
+        return _run_cells(prepared, run_path, first_process, progress, echo, collect, verbose)
     finally:
         if first_process:
             os.environ.pop(RUN_DIR_VARIABLE, None)
@@ -463,6 +563,7 @@ def _run_cells(
     progress: bool,
     echo: Callable[[str], None],
     collect: list[dict[str, Any]] | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     config = prepared.config
     dtype = getattr(torch, config.dtype)
@@ -491,7 +592,7 @@ def _run_cells(
             echo(f"note: task leakage {prepared.task_leakage}")
         run_dir.write_config(resolved)
     done = run_dir.completed()
-    with run_loggers(config, resolved, run_path) as loggers:
+    with run_loggers(config, resolved, run_path, verbose) as loggers:
         trainer = Trainer(
             accelerator=config.accelerator,
             devices=config.devices,
@@ -525,10 +626,14 @@ def _run_cells(
             # An aggregate of K clients draws K times the client's batch per trial.
             datamodule = build_datamodule(config, protocol.samples_per_trial(batch_size))
             trials = datamodule.trials()
-            for name, attack in prepared.attacks.items():
+            for name in config.attacks:  # an attack that cannot handle the victim: skipped
                 cell = cell_key(name, config.defense, batch_size)
-                if not fits(attack, batch_size):
+                attack = prepared.attacks.get(name)
+                if attack is None:
+                    skipped[cell] = prepared.inapplicable[name]
+                elif not fits(attack, batch_size):
                     skipped[cell] = f"{name} handles batches of at most {attack.max_batch_size}"
+                if cell in skipped:
                     if first_process:
                         echo(f"skipping {cell}: {skipped[cell]}")
                     continue
@@ -579,11 +684,15 @@ def _run_cells(
             # Rank 0's first samples; a resumed cell whose trials all ran before keeps its figure.
             for cell, tiles in galleries.items():
                 run_dir.write_figure(cell, cell_figure(tiles, cell, summary["cells"][cell]))
+            wandb_lines = []
             for logger in loggers:
                 if isinstance(logger, WandbLogger):
+                    wandb_lines.append(wandb_line(logger.experiment))
                     log_run_to_wandb(logger, run_dir, summary, list(summary["cells"]))
             echo(format_summary(summary))
             echo(f"results: {run_path}")
+            for line in filter(None, wandb_lines):
+                echo(line)
         for logger in loggers:
             logger.finalize("success")
         return summary
@@ -606,6 +715,8 @@ def _run_folder(config: RunConfig, resume: str | Path | None) -> tuple[Path, boo
     if resume is not None and not (run_path / "config.yaml").is_file():
         raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
     refuse_another_configuration(run_path, config, "use another run_name or output_dir")
+    if run_path.is_dir():
+        RunDirectory(run_path).completed()  # a damaged records file is refused, left as it is
     os.environ[RUN_DIR_VARIABLE] = str(run_path.resolve())
     return run_path, True
 

@@ -223,8 +223,9 @@ def attack_fields(config: Mapping[str, Any], attack: str) -> dict[str, Any]:
 
 
 def wandb_run(run_dir: Path, project: str) -> dict[str, Any] | None:
-    """The W&B run the run logged to, from the folder W&B wrote: ``[offline-]run-<stamp>-<id>``."""
-    folders = sorted((run_dir / "wandb").glob("*run-*-*")) if (run_dir / "wandb").is_dir() else []
+    """The online W&B run the run logged to, from the folder W&B wrote: ``run-<stamp>-<id>``.
+    An offline run (``offline-run-...``) gives None: its id names nothing anyone can open."""
+    folders = sorted((run_dir / "wandb").glob("run-*-*")) if (run_dir / "wandb").is_dir() else []
     folders = [f for f in folders if f.is_dir() and not f.is_symlink()]
     if not folders:
         return None
@@ -232,7 +233,7 @@ def wandb_run(run_dir: Path, project: str) -> dict[str, Any] | None:
     return {
         "id": last.rsplit("-", 1)[-1],
         "project": project,
-        "mode": "offline" if last.startswith("offline-") else "online",
+        "mode": "online",
     }
 
 
