@@ -543,6 +543,9 @@ def boundary_command(
     study = Study.from_config(config)
     batch_sizes = [int(b) for b in config.batch_sizes]
     states = options.train_epochs
+    probe = study.victim()  # the study is about ReLU exclusivity: refused first without one
+    if analyse_exclusivity(probe, study.trials(1, 1)[0]["images"]) is None:
+        raise ValueError(f"model: {study.model_name!r} has no ReLU layer, expected one")
     psnr_attack = (
         None
         if options.psnr_attack == "none"
@@ -554,9 +557,6 @@ def boundary_command(
         DEFENSES.get(name)
         defenses[name] = (name, options.defense_options.get(name, {}))
     exan = _prepared("exan", options.attack_options, study)
-    probe = study.victim()
-    if analyse_exclusivity(probe, study.trials(1, 1)[0]["images"]) is None:
-        raise ValueError(f"model: {study.model_name!r} has no ReLU layer, expected one")
 
     run_dir = Path(config.output_dir) / (
         config.run_name or datetime.now().strftime("boundary-%Y%m%d-%H%M%S")
