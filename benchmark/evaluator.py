@@ -22,6 +22,7 @@ from PIL import Image
 
 from leakbench.figures import MAX_TILES, Tile, tiles_of
 from leakbench.interfaces import Defense
+from leakbench.interruption import take_signals
 from leakbench.progress import Progress
 from leakbench.protocol import PreparedAttack, TrialSetting, Victim, run_trial
 from leakbench.results import RunDirectory
@@ -60,6 +61,11 @@ class Evaluator(LightningModule):
         self.gallery_size = gallery_size
         self.gallery: list[Tile] = []
         self.progress = progress
+        # After a resume, or with fewer trials than ranks, a rank's shard of a cell may be empty.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def on_test_start(self) -> None:
+        take_signals()  # in place of the SIGTERM handler Lightning installed for this test
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         trial = f"{self.setting.cell} trial {int(batch['trial'])}"
