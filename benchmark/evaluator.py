@@ -22,7 +22,7 @@ from PIL import Image
 
 from leakbench.figures import MAX_TILES, Tile, tiles_of
 from leakbench.interfaces import Defense
-from leakbench.interruption import take_signals
+from leakbench.interruption import RunInterrupted, received, take_signals
 from leakbench.progress import Progress
 from leakbench.protocol import PreparedAttack, TrialSetting, Victim, run_trial
 from leakbench.results import RunDirectory
@@ -73,6 +73,11 @@ class Evaluator(LightningModule):
             self.progress.now(trial)
         with torch.enable_grad():
             outcome = run_trial(self.victim, self.attack, self.defense, self.setting, batch)
+        if (signum := received()) is not None:
+            # A signal came during the trial, and something swallowed its exception (an attack
+            # running in this process, torch's C++) or it killed the attack's worker first:
+            # whatever the trial says, it was interrupted, not failed. It is dropped.
+            raise RunInterrupted(signum)
         self.run_dir.append_trial(outcome.record, self.global_rank)
         if len(self.gallery) < self.gallery_size:
             limit = self.gallery_size - len(self.gallery)

@@ -250,7 +250,7 @@ def test_status_and_collect_give_the_expected_tables(killed_and_relaunched, caps
     lines = text.strip().splitlines()
     assert lines[1].split() == ["run", "state", "trials", "note"]
     assert [line.split() for line in lines[2:6]] == [[name, "done", "4/4"] for name in RUN_NAMES]
-    assert lines[-1] == "4 done, 0 running, 0 failed, 0 missing"
+    assert lines[-1] == "4 done, 0 running, 0 queued, 0 failed, 0 missing"
 
     code, text, _ = leakbench(capsys, "sweep", "collect", path)
     assert code == 0
@@ -347,7 +347,9 @@ def test_a_run_is_running_only_while_its_heartbeat_is_fresh_and_its_process_aliv
 
 
 def fake_slurm(folder: Path) -> tuple[Path, Path]:
-    """``srun`` and an ``sbatch`` that keeps what it was given and answers like SLURM."""
+    """``srun``, an ``sbatch`` that keeps what it was given and answers like SLURM, and a
+    ``squeue`` and ``sacct`` that print what the test puts in ``squeue.out`` / ``sacct.out``
+    (``squeue.err`` instead: squeue fails with that message)."""
     bin_dir, kept = folder / "bin", folder / "sbatch-files"
     bin_dir.mkdir()
     kept.mkdir()
@@ -355,6 +357,9 @@ def fake_slurm(folder: Path) -> tuple[Path, Path]:
         "srun": "#!/bin/sh\nexit 1\n",
         "sbatch": f'#!/bin/sh\nfor a; do f="$a"; done\ncp "$f" {kept}/\n'
         'echo "Submitted batch job 4242"\n',
+        "squeue": f"#!/bin/sh\nif [ -f {bin_dir}/squeue.err ]; then cat {bin_dir}/squeue.err >&2; "
+        f"exit 1; fi\ncat {bin_dir}/squeue.out 2>/dev/null\n",
+        "sacct": f"#!/bin/sh\ncat {bin_dir}/sacct.out 2>/dev/null\n",
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -376,7 +381,7 @@ def test_slurm_submits_one_array_per_resource_shape_with_the_grid_resources(
         capsys, "sweep", path, "--launcher", "slurm", "--time-min", "30", "--cpus-per-task", "3"
     )
     assert code == 0, err
-    assert "submitted array 4242: 4 run(s)" in text
+    assert "submitted array 4242: 4 runs, each 1 task x 3 CPU" in text
     (script,) = kept.iterdir()
     lines = script.read_text().splitlines()
     for expected in (
@@ -396,6 +401,80 @@ def test_slurm_submits_one_array_per_resource_shape_with_the_grid_resources(
     assert not any((tmp_path / "out" / name).exists() for name in RUN_NAMES)
 
 
+def test_a_run_alone_in_its_resource_shape_is_a_plain_job_not_an_array(
+    tmp_path, capsys, monkeypatch
+):
+    bin_dir, kept = fake_slurm(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, text, err = leakbench(
+        capsys, "sweep", write_grid(tmp_path, axes={"seeds": [0]}), "--launcher", "slurm"
+    )
+    assert code == 0, err
+    assert "submitted job 4242: 1 run, 1 task x 1 CPU" in text and "array" not in text
+    (script,) = kept.iterdir()
+    assert not [line for line in script.read_text().splitlines() if "--array" in line]
+    launch = json.loads((tmp_path / "out" / "seed0" / sweep.LAUNCHES_FILE).read_text())
+    assert (launch["launcher"], launch["job_id"]) == ("slurm", "4242")
+
+
+@pytest.fixture
+def submitted(tmp_path, capsys, monkeypatch):
+    """The 2 x 2 grid submitted to a fake SLURM as array 4242 (tasks 4242_0 ... 4242_3)."""
+    bin_dir, kept = fake_slurm(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = two_by_two(tmp_path)
+    code, text, err = leakbench(capsys, "sweep", path, "--launcher", "slurm")
+    assert code == 0 and "submitted array 4242: 4 runs" in text, err
+    return {"path": path, "bin": bin_dir, "kept": kept}
+
+
+def test_status_asks_slurm_and_a_relaunch_submits_only_what_is_not_queued_or_running(
+    submitted, capsys
+):
+    path, bin_dir, kept = submitted["path"], submitted["bin"], submitted["kept"]
+    (bin_dir / "squeue.out").write_text(
+        "4242_0|PENDING|Resources\n4242_1|RUNNING|None\n4242_2|CANCELLED|None\n"
+    )
+    (bin_dir / "sacct.out").write_text("4242_3|OUT_OF_MEMORY\n")  # squeue forgot it
+    code, text, _ = leakbench(capsys, "sweep", "status", path)
+    assert code == 0
+    rows = {line.split()[0]: line for line in text.splitlines()[2:6]}
+    assert rows["b1__seed0"].split()[1:] == [
+        "queued",
+        "0/4",
+        *"SLURM job 4242_0 PENDING".split(),
+    ] + ["(Resources)"]
+    assert rows["b1__seed1"].split()[1:] == ["running", "0/4", "SLURM", "job", "4242_1", "RUNNING"]
+    assert rows["b2__seed0"].split()[1] == "failed"
+    assert rows["b2__seed0"].endswith("SLURM job 4242_2 CANCELLED; a re-launch finishes it")
+    assert rows["b2__seed1"].endswith("SLURM job 4242_3 OUT_OF_MEMORY; a re-launch finishes it")
+    assert text.splitlines()[-1] == "0 done, 1 running, 1 queued, 2 failed, 0 missing"
+
+    code, text, _ = leakbench(capsys, "sweep", path, "--launcher", "slurm")
+    assert code == 0
+    assert "skipped  b1__seed0: queued SLURM job 4242_0 PENDING (Resources)" in text
+    assert "skipped  b1__seed1: running SLURM job 4242_1 RUNNING" in text
+    assert "grid grid: 2 of 4 runs to launch (slurm)" in text
+    assert "submitted array 4242: 2 runs, each 1 task x 1 CPU" in text
+    assert text.split("submitted")[1].splitlines()[0].endswith(": b2__seed0, b2__seed1")
+    assert len(list(kept.iterdir())) == 2  # the first array, then the second; nothing else
+
+
+def test_a_launch_guesses_nothing_when_slurm_cannot_be_asked(submitted, capsys):
+    path, bin_dir, kept = submitted["path"], submitted["bin"], submitted["kept"]
+    (bin_dir / "squeue.err").write_text("slurm_load_jobs error: Unable to contact slurm controller")
+    code, _, err = leakbench(capsys, "sweep", path, "--launcher", "slurm")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot tell which runs are still queued or running: squeue failed: " in err
+    assert "Unable to contact slurm controller; nothing launched" in err
+    code, _, err = leakbench(capsys, "sweep", path)  # nor locally
+    assert code == 2 and "nothing launched" in err
+    assert len(list(kept.iterdir())) == 1
+    code, text, _ = leakbench(capsys, "sweep", "status", path)  # the folders still tell
+    assert code == 0 and "0 done, 0 running, 0 queued, 0 failed, 4 missing" in text
+    assert "(SLURM not asked: squeue failed: slurm_load_jobs error: Unable to contact" in text
+
+
 def test_a_sharded_run_is_one_array_task_of_one_rank_per_task_on_one_node(tmp_path, monkeypatch):
     bin_dir, _ = fake_slurm(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -408,6 +487,7 @@ def test_a_sharded_run_is_one_array_task_of_one_rank_per_task_on_one_node(tmp_pa
     assert parameters["ntasks_per_node"] == 2 and parameters["nodes"] == 1
     assert parameters["gpus_per_node"] == 2 and parameters["array_parallelism"] == 4
     assert parameters["time"] == resources.time_min == 10 + 2  # 4 trials x 60 s / 2 ranks
+    assert parameters["signal_delay_s"] == 90  # SIGUSR2 90 s before the limit: requeue
 
 
 def test_an_unavailable_launcher_is_one_clear_line(tmp_path, capsys, monkeypatch):
