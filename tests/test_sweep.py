@@ -318,6 +318,87 @@ def test_a_run_whose_config_changed_is_refused_not_merged(killed_and_relaunched,
     assert "4 failed" in text and "differs in: trials" in text
 
 
+# --------------------------------------------------------------------------- ranks and signals
+
+# Rank 1 of a local job finds its disk full when it records its first trial (a fault injected
+# into the job's processes through sitecustomize, which Python imports at start-up).
+DISK_FULL = """
+import os
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "1" and not os.environ.get("HEALED"):
+    import leakbench.results
+
+    def append_trial(self, record, rank=0):
+        raise OSError(28, "No space left on device")
+
+    leakbench.results.RunDirectory.append_trial = append_trial
+"""
+
+
+def test_the_error_file_names_the_failing_rank_and_a_relaunch_finishes_with_one_rank_done(
+    tmp_path, capsys, monkeypatch
+):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "sitecustomize.py").write_text(DISK_FULL)
+    monkeypatch.setenv("PYTHONPATH", f"{faults}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    path = write_grid(tmp_path, axes={"seeds": [0]}, set={**BASE, "devices": 2, "trials": 2})
+    run_dir = tmp_path / "out" / "seed0"
+    code, text, _ = leakbench(capsys, "sweep", path)
+    assert code == 1 and "failed   seed0" in text
+    # Rank 0 ran its trial, then lost rank 1 at the next collective: the cause is rank 1's.
+    assert [(r["trial"], r["status"]) for r in records(run_dir)] == [(0, "ok")]
+    failure = json.loads((run_dir / sweep.FAILED_FILE).read_text())
+    assert failure["rank"] == 1
+    assert failure["error"] == "OSError: [Errno 28] No space left on device"
+    code, text, _ = leakbench(capsys, "sweep", "status", path)
+    (line,) = [line for line in text.splitlines() if line.startswith("seed0")]
+    assert line.split(maxsplit=3) == [
+        "seed0",
+        "failed",
+        "1/2",
+        "rank 1: OSError: [Errno 28] No space left on device",
+    ]
+
+    # Resumed: rank 0's shard is done, rank 1 has its trial left; one launch finishes it.
+    monkeypatch.setenv("HEALED", "1")
+    code, text, _ = leakbench(capsys, "sweep", path)
+    assert code == 0, text
+    counts = Counter((r["cell"], r["trial"]) for r in records(run_dir))
+    assert counts == {("dlg__none__b1", 0): 1, ("dlg__none__b1", 1): 1}
+    assert (run_dir / "summary.json").is_file() and not (run_dir / sweep.FAILED_FILE).exists()
+
+
+def test_sigterm_to_a_local_sweep_ends_its_jobs_and_a_relaunch_finishes(tmp_path, capsys):
+    settings = {**BASE, "trials": 6, "isolation": "process", "privacy_metrics": False}
+    path = write_grid(tmp_path, axes={"seeds": [0]}, set=settings)
+    run_dir = tmp_path / "out" / "seed0"
+    env = {k: v for k, v in os.environ.items() if k != "LEAKBENCH_RUN_DIR"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "leakbench.cli", "sweep", str(path)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_until(lambda: process.poll() is not None or bool(records(run_dir)), timeout=600)
+    assert process.poll() is None, process.stdout.read()
+    os.kill(process.pid, signal.SIGTERM)  # the sweep alone: it ends its jobs
+    assert process.wait(timeout=60) == 143
+    output = process.stdout.read()
+    assert "interrupted by SIGTERM; re-launch the grid to finish what is missing" in output
+    wait_until(lambda: not group_alive(process.pid), timeout=30)
+    kept = records(run_dir)
+    assert 1 <= len(kept) < 6 and {r["status"] for r in kept} == {"ok"}
+    assert not (run_dir / sweep.FAILED_FILE).exists()
+    assert sweep.run_status(sweep.load_grid(path, check=False).runs[0]).state == "failed"
+    code, text, _ = leakbench(capsys, "sweep", path)
+    assert code == 0, text
+    counts = Counter((r["cell"], r["trial"]) for r in records(run_dir))
+    assert sorted(counts) == [("dlg__none__b1", t) for t in range(6)]
+    assert set(counts.values()) == {1}
+
+
 # --------------------------------------------------------------------------- status details
 
 
