@@ -5,7 +5,6 @@ ends the attack's worker."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,32 +19,17 @@ import yaml
 
 from leakbench import interruption
 from leakbench.interruption import RunInterrupted, interruptible
+from tests.test_sweep import BASE, records
 
 CONFIG = {
-    "dataset": "synthetic-uniform",
-    "model": "fcn",
-    "model_options": {"widths": [16]},
-    "attacks": ["dlg"],
+    **BASE,
     "attack_options": {"dlg": {"iterations": 300}},
-    "batch_sizes": [1],
     "trials": 6,
-    "logger": "none",
-    "threads": 1,
-    "accelerator": "cpu",
     "isolation": "process",  # the attack in its worker: the worker must end with the run
     "privacy_metrics": False,
     "run_name": "run",
 }
 STOP_BOUND_S = 60  # a hang guard only; the time it takes is printed (the target is 2 s)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [
-        json.loads(line)
-        for path in sorted(run_dir.glob("trials*.jsonl"))
-        for line in path.read_text().splitlines()
-        if line.strip()
-    ]
 
 
 def living(pgid: int) -> list[int]:
