@@ -46,6 +46,9 @@ class RunInterrupted(BaseException):  # noqa: N818 (an interruption, like Keyboa
 
 
 _received: list[int] = []  # the signal of the interruption under way, once one has come
+# The signals the current run takes: those not ignored when it began (``nohup``, ``cmd &`` in a
+# script: an ignored SIGINT stays ignored, as Python itself leaves it).
+_taken: list[int] = list(INTERRUPTING_SIGNALS)
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
@@ -68,7 +71,7 @@ def take_signals() -> None:
     evaluator calls this when a test starts, and Lightning restores ours when it ends.
     """
     if threading.current_thread() is threading.main_thread():
-        for signum in INTERRUPTING_SIGNALS:
+        for signum in _taken:
             signal.signal(signum, _raise)
 
 
@@ -83,6 +86,7 @@ def interruptible() -> Iterator[None]:
         signum: signal.getsignal(signum) for signum in INTERRUPTING_SIGNALS
     }
     _received.clear()
+    _taken[:] = [signum for signum, handler in previous.items() if handler != signal.SIG_IGN]
     take_signals()
     try:
         yield

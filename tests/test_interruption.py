@@ -118,6 +118,19 @@ def test_only_the_first_signal_raises_and_the_handlers_are_restored():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_signal_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as ``cmd &`` in a script starts it
+    try:
+        with interruptible():
+            os.kill(os.getpid(), signal.SIGINT)
+            interruption.take_signals()  # also when a test starts (leakbench.evaluator)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert interruption.received() is None
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class SleepingAttack:
     """An attack that takes a minute (the worker imports it by module and name)."""
 
