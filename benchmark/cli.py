@@ -87,7 +87,7 @@ def list_command() -> int:
     print("defenses:   " + ", ".join(listing(DEFENSES).names))
     print("covariates: " + ", ".join(listing(COVARIATES).names))
     print("attacks:")
-    attacks = listing(ATTACKS)
+    attacks = listing(ATTACKS, describe=_plugin_facts)
     for name in attacks.names:
         facts = attacks.attack_facts[name]
         needs = ", ".join(facts["requires"]) or "nothing beyond the update"
@@ -96,6 +96,13 @@ def list_command() -> int:
         print(f"  {'':<24} batch size: {'any' if limit is None else f'at most {limit}'}")
         print(f"  {'':<24} threat model: {facts['threat_model']}")
     return 0
+
+
+def _plugin_facts(name: str) -> dict:
+    """A plug-in's facts, asked where its code may run (imports torch: only with plug-ins)."""
+    from leakbench.protocol.attack import plugin_facts
+
+    return plugin_facts(name)
 
 
 @command("report")

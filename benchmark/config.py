@@ -111,8 +111,10 @@ class RunConfig:
         accelerator: Lightning accelerator: cpu, gpu, auto, ...
         devices: Lightning devices: a number of processes, auto, or a list of GPU indices; the
             trials are sharded over them exactly.
-        isolation: Where attacks run: process (a fresh worker per trial, isolated from the
-            ground truth) or in-process (debugging, overhead measurements; isolates nothing).
+        isolation: Where attack code runs: sandbox (bubblewrap namespaces, nothing of the
+            harness visible; the default, with a fallback to process, said once, where the
+            machine cannot make one), process (a fresh worker process per job: isolated from
+            the harness's objects, not a sandbox) or in-process (debugging; isolates nothing).
         threads: Intra-op threads per process; null: the cores divided by the processes.
         private_transform: Leaderboard verification's secret change of every private sample
             ({seed, max_shift, flip, brightness}); null for ordinary runs.
@@ -156,7 +158,7 @@ class RunConfig:
     dtype: Literal["float32", "float64"] = "float32"
     accelerator: str = "auto"
     devices: Count | Literal["auto"] | list[int] = "auto"
-    isolation: Literal["process", "in-process"] = "process"
+    isolation: Literal["sandbox", "process", "in-process"] = "sandbox"
     threads: Count | None = None
     private_transform: dict[str, Any] | None = None
     success_psnr: float = 30.0

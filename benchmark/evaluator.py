@@ -51,8 +51,10 @@ class Evaluator(LightningModule):
         run_dir: RunDirectory,
         gallery_size: int = MAX_TILES,
         progress: Progress | None = None,
+        collect: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        self.collect = collect
         self.victim = victim
         self.attack = attack
         self.defense = defense
@@ -79,6 +81,8 @@ class Evaluator(LightningModule):
             # whatever the trial says, it was interrupted, not failed. It is dropped.
             raise RunInterrupted(signum)
         self.run_dir.append_trial(outcome.record, self.global_rank)
+        if self.collect is not None:
+            self.collect.append(outcome.record)
         if len(self.gallery) < self.gallery_size:
             limit = self.gallery_size - len(self.gallery)
             self.gallery.extend(tiles_of(outcome.record, outcome.pairs, limit))

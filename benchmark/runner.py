@@ -62,6 +62,9 @@ from leakbench.protocol import (
     default_threads,
     prepare_attack,
 )
+from leakbench.protocol.attack import choose_placement
+from leakbench.protocol.isolation import Placement
+from leakbench.protocol.sandbox import SandboxUnavailable, make_non_dumpable
 from leakbench.protocol.victim import resolve_victim_state
 from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES
 from leakbench.results import RunDirectory, cell_key
@@ -75,7 +78,9 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 # What config.yaml records next to the configuration (facts of the machine and the data).
-RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage")
+RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage", "sandbox", "attacks_run")
+# The maintainers' private verification data: never published, never shown to attack code.
+PRIVATE_DATA_ENV = "LEAKBENCH_PRIVATE_DATA"
 # Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
 RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
 # Keys that may differ when a run is resumed: they change how it runs, not what it measures.
@@ -260,6 +265,8 @@ class PreparedRun:
     threads: int
     processes: int
     client_protocol: ClientProtocol
+    placement: Placement  # where attack code runs (the sandbox's view of the files)
+    sandbox: str  # what the sandbox is, or why the run fell back to worker processes
     # Privacy metrics (``privacy_metrics``): the split as a gallery, its ids, the classifier.
     gallery: torch.Tensor | None = None
     gallery_ids: tuple[str, ...] | None = None
@@ -283,10 +290,6 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
             f"defense {config.defense!r} cannot run under the client protocol "
             f"{unsupported[0]!r} (it supports: {', '.join(sorted(defense.client_protocols))})"
         )
-    attacks = {
-        name: prepare_attack(name, config.attack_options.get(name, {}), config.granted, protocol)
-        for name in config.attacks
-    }
     probe = build_datamodule(config, protocol.samples_per_trial(max(config.batch_sizes)))
     for b in config.batch_sizes:
         probe.batch_size = protocol.samples_per_trial(b)
@@ -307,10 +310,20 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         )
     except TypeError as exc:
         raise ConfigError(f"bad options for model {config.model!r}: {exc}") from None
-    model = victim.build()
-    defense.check_model(model)
-    for attack in attacks.values():
-        attack.instance().check_model(model)
+    defense.check_model(victim.build())
+    threads = config.threads or default_threads(processes)
+    placement, sandbox = run_placement(config, threads, probe.describe().get("root"))
+    attacks = {
+        name: prepare_attack(
+            name,
+            config.attack_options.get(name, {}),
+            config.granted,
+            protocol,
+            victim=victim,
+            placement=placement,
+        )
+        for name in config.attacks
+    }
     covariates = tuple(COVARIATES.names() if config.covariates is None else config.covariates)
     for name in covariates:
         COVARIATES.get(name)  # an unknown name is refused before any trial
@@ -331,11 +344,60 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         datamodule=probe.describe(),
         covariates=covariates,
         private_transform=private_transform,
-        threads=config.threads or default_threads(processes),
+        threads=threads,
         processes=processes,
+        placement=placement,
+        sandbox=sandbox,
         client_protocol=protocol,
         **(privacy_references(config, probe) if config.privacy_metrics else {}),
     )
+
+
+def forbidden_folders(
+    output_dir: str | Path, checkpoint_dir: str | Path, data_root: str | None = None
+) -> list[Path]:
+    """What attack code must never see: the output and checkpoint folders, the data roots
+    (the run's, the default one and the maintainers' private data), the leaderboard's entries,
+    the source checkout of an editable install and the current folder."""
+    from leakbench.datamodules.base import DATA_ENV, DEFAULT_DATA_DIR
+    from leakbench.leaderboard.entry import LEADERBOARDS
+
+    folders = [
+        Path(output_dir),
+        Path(checkpoint_dir),
+        Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_DIR),
+        LEADERBOARDS,
+        Path.cwd(),
+    ]
+    folders += [Path(p) for p in (data_root, os.environ.get(PRIVATE_DATA_ENV)) if p]
+    checkout = Path(leakbench.__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        folders.append(checkout)
+    return [f.expanduser().resolve() for f in folders]
+
+
+def study_placement(
+    isolation: str, attacks: Sequence[str], output_dir: str | Path | None
+) -> Placement:
+    """Where a study's attack code runs (a study writes to ``output_dir``, or nowhere)."""
+    from leakbench.models.training import default_checkpoint_dir
+
+    forbidden = forbidden_folders(output_dir or Path.cwd(), default_checkpoint_dir())
+    try:
+        return choose_placement(isolation, default_threads(), attacks, forbidden)[0]
+    except SandboxUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def run_placement(
+    config: RunConfig, threads: int, data_root: str | None = None
+) -> tuple[Placement, str]:
+    """Where a run's attack code runs (:func:`leakbench.protocol.attack.choose_placement`)."""
+    forbidden = forbidden_folders(config.output_dir, checkpoint_folder(config), data_root)
+    try:
+        return choose_placement(config.isolation, threads, config.attacks, forbidden)
+    except SandboxUnavailable as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def checkpoint_folder(config: RunConfig) -> Path:
@@ -384,20 +446,25 @@ def run(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     secret_keys: Sequence[str] = (),
+    collect: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run every cell of ``config``; returns the summary also written to ``summary.json``.
+
+    ``collect`` receives every record this process makes, as it makes it (verification takes
+    its figures from there, never from a file).
 
     With ``resume``, ``config`` must be the run's saved configuration (see :func:`saved_config`)
     up to keys that do not change what is measured. ``secret_keys`` (verification's seeds) are
     never written where an attack could read them during the run: ``config.yaml`` and the
     loggers get a SHA-256 commitment instead of each value.
     """
+    make_non_dumpable()  # no process of this user reads the private batch out of our memory
     with interruptible():
         prepared = prepare(config, secret_keys)
         torch.set_num_threads(prepared.threads)
         run_path, first_process = _run_folder(config, resume)
         try:
-            return _run_cells(prepared, run_path, first_process, progress, echo)
+            return _run_cells(prepared, run_path, first_process, progress, echo, collect)
         except RunInterrupted as exc:
             if first_process:
                 echo(interrupted_message(run_path, exc))
@@ -469,6 +536,7 @@ def _run_cells(
     first_process: bool,
     progress: bool,
     echo: Callable[[str], None],
+    collect: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     config = prepared.config
     dtype = getattr(torch, config.dtype)
@@ -481,8 +549,16 @@ def _run_cells(
         "datamodule": prepared.datamodule,
         "lpips": lpips_reason,
         "task_leakage": prepared.task_leakage,
+        "sandbox": prepared.sandbox,
+        # What ran: each attack's hyperparameters as its jobs rebuild it, and its code.
+        "attacks_run": {
+            name: {"hparams": a.hparams, "code": dict(a.code), "threat_model": a.threat_model}
+            for name, a in prepared.attacks.items()
+        },
     }
     if first_process:
+        if prepared.placement.isolation != config.isolation:
+            echo(f"note: {prepared.sandbox}")
         for note in run_dir.repair():
             echo(f"note: {note}")
         if prepared.task_leakage.startswith("unavailable"):
@@ -551,7 +627,8 @@ def _run_cells(
                     success_psnr=config.success_psnr,
                     covariates=prepared.covariates,
                     with_lpips=with_lpips,
-                    isolation=config.isolation,
+                    isolation=prepared.placement.isolation,
+                    sandbox_view=prepared.placement.view,
                     threads=prepared.threads,
                     private_transform=prepared.private_transform,
                     client_protocol=protocol,
@@ -560,7 +637,13 @@ def _run_cells(
                     classifier=prepared.classifier,
                 )
                 evaluator = Evaluator(
-                    prepared.victim, attack, prepared.defense, setting, run_dir, progress=bar
+                    prepared.victim,
+                    attack,
+                    prepared.defense,
+                    setting,
+                    run_dir,
+                    progress=bar,
+                    collect=collect,
                 )
                 trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
                 if evaluator.gallery:

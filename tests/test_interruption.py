@@ -131,58 +131,43 @@ def test_an_ignored_signal_stays_ignored():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-class SleepingAttack:
-    """An attack that takes a minute (the worker imports it by module and name)."""
-
-    def __init__(self) -> None:
-        pass
-
-    def reconstruct(self, observation):
-        time.sleep(60)
-
-
 def descendants() -> set[int]:
     return set(interruption._descendants(os.getpid()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="process isolation leaves the worker running when an exception passes through its "
-    "wait; the sandbox rewrite of leakbench.protocol.isolation ends it",
-)
-def test_an_interruption_passing_through_the_isolation_layer_ends_the_attack_worker():
-    from leakbench.protocol.isolation import observation_payload, reconstruct
-    from leakbench.protocol.victim import Victim
-    from leakbench.threat_model import Budget
-    from tests.components import NoisyCopy
+@pytest.mark.parametrize("isolation", ["process", "sandbox"])
+def test_an_interruption_passing_through_the_isolation_layer_ends_the_attack_code(
+    tmp_path, isolation
+):
+    """The isolation layer's duty: whatever exception passes through its wait (here the
+    interruption), the attack's worker or sandbox ends with it."""
+    from leakbench.config import RunConfig
+    from leakbench.protocol.sandbox import sandbox_unavailable
+    from leakbench.runner import run
 
-    victim = Victim("fcn", (1, 4, 4), 2, {"widths": [4]}, 0)
-    payload = observation_payload(
-        victim=victim,
-        client_mode="eval",
-        update={},
-        input_shape=(1, 4, 4),
-        num_classes=2,
-        mean=(0.5,),
-        std=(0.5,),
-        budget=Budget(),
-        seed=0,
-        batch_size=1,
-        labels=None,
-        client_state=None,
-    )
-    options = {"isolation": "process", "max_seconds": None, "threads": 1}
-    reconstruct(NoisyCopy, {}, payload, **options)  # the fork server (or zygote) is up now
-    before = descendants()
-    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
-    with pytest.raises(RunInterrupted), interruptible():
-        timer.start()
-        reconstruct(SleepingAttack, {}, payload, **options)
+    if isolation == "sandbox" and sandbox_unavailable() is not None:
+        pytest.skip(f"no attack sandbox on this machine: {sandbox_unavailable()}")
+    values = {**CONFIG, "isolation": isolation, "trials": 1, "output_dir": str(tmp_path)}
+    run(RunConfig.from_mapping(values), progress=False, echo=lambda _: None)
+    before = descendants()  # the fork server or the warm sandbox stays for the next run
+
+    def interrupt_once_the_attack_runs() -> None:
+        deadline = time.monotonic() + 120
+        while not descendants() - before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    endless = {"dlg": {"iterations": 10**7}}
+    values.update(run_name="interrupted", attack_options=endless)
+    threading.Thread(target=interrupt_once_the_attack_runs, daemon=True).start()
+    with pytest.raises(RunInterrupted):
+        run(RunConfig.from_mapping(values), progress=False, echo=lambda _: None)
     deadline = time.monotonic() + 2.0
     while descendants() - before and time.monotonic() < deadline:
         time.sleep(0.02)
     left = descendants() - before
     for pid in left:  # the test leaves nothing behind either way
         os.kill(pid, signal.SIGKILL)
-    assert not left, f"the attack's worker outlived the interruption: {sorted(left)}"
+    assert not left, f"the attack's code outlived the interruption by 2 s: {sorted(left)}"
+    assert not records(tmp_path / "interrupted")

@@ -61,14 +61,19 @@ def test_a_template_attack_package_goes_from_pip_install_to_the_site(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     entries, site = tmp_path / "entries", tmp_path / "site"
     dirs = ["--tracks-dir", str(tracks)]
+    # The board's maintainers verify and sign with their key; the tests' board trusts theirs.
+    keys = ["--keys-dir", str(tmp_path / "keys")]
+    assert leakbench("leaderboard", "keygen", str(tmp_path / "board.pem"), "--name", "tests",
+                     *keys, env=with_plugin).returncode == 0  # fmt: skip
     steps = [
         ["run", "--config", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "runs"),
          "--run-name", "mine", "--logger", "none", "--no-progress"],
         ["submit", str(tmp_path / "runs" / "mine"), "--submitter", "me", "--entries-dir",
          str(entries), *dirs],
         ["leaderboard", "verify", str(entries / "tiny-test" / f"{NAME}-b1.json"), "--threads",
-         "1", *dirs],
-        ["leaderboard", "build", "--entries-dir", str(entries), "--out-dir", str(site), *dirs],
+         "1", "--key", str(tmp_path / "board.pem"), *keys, *dirs],
+        ["leaderboard", "build", "--entries-dir", str(entries), "--out-dir", str(site), *keys,
+         *dirs],
     ]  # fmt: skip
     for step in steps:
         done = leakbench(*step, env=with_plugin)
@@ -80,6 +85,8 @@ def test_a_template_attack_package_goes_from_pip_install_to_the_site(tmp_path):
         "version": "0.1.0",
     }
     assert entry["attack"]["options"] == {"iterations": 30}
+    assert entry["attack"]["hparams"]["iterations"] == 30  # every hyperparameter, as rebuilt
+    assert entry["attack"]["code"]["distribution"] == "leakbench-template-attack"
     assert entry["verification"]["passed"], entry["verification"]["reason"]
     assert f"{NAME}-b1.html" in "".join(p.name for p in (site / "tiny-test").iterdir())
 
