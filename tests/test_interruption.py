@@ -25,7 +25,7 @@ CONFIG = {
     **BASE,
     "attack_options": {"dlg": {"iterations": 300}},
     "trials": 6,
-    "isolation": "process",  # the attack in its worker: the worker must end with the run
+    "isolation": "process",  # the attack in a worker, or a sandbox: either ends with the run
     "privacy_metrics": False,
     "run_name": "run",
 }
@@ -58,13 +58,16 @@ def leakbench_run(tmp_path: Path, *argv: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize(
-    "signum, target",
-    [(signal.SIGINT, "group"), (signal.SIGTERM, "process")],
-    ids=["ctrl-c to the job", "kill -TERM of the run's pid"],
+    "signum, target, isolation",
+    [(signal.SIGINT, "group", "sandbox"), (signal.SIGTERM, "process", "process")],
+    ids=["ctrl-c to the job (sandbox)", "kill -TERM of the run's pid (worker process)"],
 )
-def test_a_signal_ends_the_run_and_its_processes_and_the_records_resume(tmp_path, signum, target):
+def test_a_signal_ends_the_run_and_its_processes_and_the_records_resume(
+    tmp_path, signum, target, isolation
+):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**CONFIG, "output_dir": str(tmp_path)}))
+    values = {**CONFIG, "isolation": isolation, "output_dir": str(tmp_path)}
+    config.write_text(yaml.safe_dump(values))
     run_dir = tmp_path / "run"
     process = leakbench_run(tmp_path, "--config", str(config))
     deadline = time.monotonic() + 600
@@ -72,7 +75,7 @@ def test_a_signal_ends_the_run_and_its_processes_and_the_records_resume(tmp_path
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "no trial was recorded"
         time.sleep(0.05)
-    time.sleep(0.3)  # into the next trial: its worker is running
+    time.sleep(0.3)  # into the next trial: its attack code is running
     if target == "group":
         os.killpg(process.pid, signum)
     else:
