@@ -231,10 +231,11 @@ def test_a_relaunch_while_queued_submits_nothing_twice_and_the_grid_is_collected
 def test_scancel_mid_run_fails_no_trial_and_a_relaunch_finishes_the_run(
     slurm, time_limited, tmp_path, capsys
 ):
-    # The attack runs in its own worker process, which SLURM signals along with the harness.
+    # The attack runs in its sandbox (the default; worker processes where the machine cannot
+    # make one), which SLURM signals along with the harness.
     settings = {
         "trials": 8,
-        "isolation": "process",
+        "isolation": "sandbox",
         "attack_options": {"dlg": {"iterations": 300}},
     }
     path = write_grid(tmp_path, "cancel", settings, {})
