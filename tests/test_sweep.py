@@ -556,6 +556,24 @@ def test_a_launch_guesses_nothing_when_slurm_cannot_be_asked(submitted, capsys):
     assert "(SLURM not asked: squeue failed: slurm_load_jobs error: Unable to contact" in text
 
 
+def test_a_refusal_of_sbatch_is_said_in_one_line_and_nothing_is_recorded(
+    tmp_path, capsys, monkeypatch
+):
+    bin_dir, _ = fake_slurm(tmp_path)
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        "echo 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1\n"
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, _, err = leakbench(capsys, "sweep", two_by_two(tmp_path), "--launcher", "slurm")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "leakbench: error: sbatch failed: sbatch: error: Batch job submission failed: "
+        "Invalid account"
+    )
+    assert not list((tmp_path / "out").glob(f"*/{sweep.LAUNCHES_FILE}"))
+
+
 def test_a_sharded_run_is_one_array_task_of_one_rank_per_task_on_one_node(tmp_path, monkeypatch):
     bin_dir, _ = fake_slurm(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")

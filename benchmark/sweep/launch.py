@@ -399,6 +399,8 @@ def launch_slurm(
 ) -> int:
     """Submit one SLURM job per run: a plain job for a run alone in its resource shape, a job
     array of one task per run otherwise; records each job with its run; returns at once."""
+    import submitit
+
     parallelism = int(options.resources.get("array_parallelism") or 256)
     with launch_lock(grid.output_dir, echo):
         shapes: dict[Resources, list[PlannedRun]] = {}
@@ -409,11 +411,16 @@ def launch_slurm(
             executor = slurm_executor(grid.submitit_folder, resources, grid.name, parallelism)
             values = [run.config.to_dict() for run in group]
             names = ", ".join(run.name for run in group)
+            try:
+                if len(group) == 1:
+                    jobs = [executor.submit(RunJob(), values[0])]
+                else:
+                    jobs = executor.map_array(RunJob(), values)
+            except submitit.core.utils.FailedJobError as exc:  # sbatch refused: say why
+                raise LauncherUnavailable(f"sbatch failed: {_last_line(str(exc))}") from None
             if len(group) == 1:
-                jobs = [executor.submit(RunJob(), values[0])]
                 echo(f"submitted job {jobs[0].job_id}: 1 run, {resources.describe()}: {names}")
             else:
-                jobs = executor.map_array(RunJob(), values)
                 echo(
                     f"submitted array {jobs[0].job_id.split('_')[0]}: {len(group)} runs, each "
                     f"{resources.describe()}: {names}"
