@@ -321,7 +321,8 @@ def launch_local(
     grid: Grid, runs: list[PlannedRun], options: LaunchOptions, echo: Callable[[str], None]
 ) -> int:
     """Run the jobs on this machine through submitit's local executor, ``jobs`` at a time.
-    Ctrl-C or SIGTERM cancels the jobs (their trials in flight are dropped) and ends the launch."""
+    Ctrl-C or SIGTERM cancels the jobs (their trials in flight are dropped) and ends the launch
+    with :class:`~leakbench.interruption.RunInterrupted`."""
     from leakbench.interruption import RunInterrupted, interruptible
 
     pending = list(runs)
@@ -353,7 +354,7 @@ def launch_local(
     except RunInterrupted as exc:
         _end_local_jobs(list(running))
         echo(f"{exc}; re-launch the grid to finish what is missing")
-        return exc.exit_code
+        raise  # the command line ends with 128 + the signal's number
     return 1 if failed else 0
 
 
