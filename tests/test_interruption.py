@@ -59,8 +59,16 @@ def leakbench_run(tmp_path: Path, *argv: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize(
     "signum, target, isolation",
-    [(signal.SIGINT, "group", "sandbox"), (signal.SIGTERM, "process", "process")],
-    ids=["ctrl-c to the job (sandbox)", "kill -TERM of the run's pid (worker process)"],
+    [
+        pytest.param(signal.SIGINT, "group", "sandbox", id="ctrl-c to the job (sandbox)"),
+        pytest.param(
+            signal.SIGTERM,
+            "process",
+            "process",
+            id="kill -TERM of the run's pid (worker process)",
+            marks=pytest.mark.slow,
+        ),
+    ],
 )
 def test_a_signal_ends_the_run_and_its_processes_and_the_records_resume(
     tmp_path, signum, target, isolation

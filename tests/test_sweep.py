@@ -372,6 +372,7 @@ def test_the_error_file_names_the_failing_rank_and_a_relaunch_finishes_with_one_
     assert (run_dir / "summary.json").is_file() and not (run_dir / sweep.FAILED_FILE).exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_local_sweep_ends_its_jobs_and_a_relaunch_finishes(tmp_path, capsys):
     settings = {**BASE, "trials": 6, "isolation": "process", "privacy_metrics": False}
     path = write_grid(tmp_path, axes={"seeds": [0]}, set=settings)
