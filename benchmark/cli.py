@@ -30,6 +30,7 @@ from leakbench.commands import (
     merged,
 )
 from leakbench.config import ConfigError, RunConfig, check_output_folder
+from leakbench.interruption import RunInterrupted, end_process
 
 # Light modules that declare commands with ``@command`` (imported for every invocation).
 COMMAND_MODULES: tuple[str, ...] = (
@@ -218,6 +219,7 @@ def overview() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    program = argv is None  # called as the program (its arguments are sys.argv), not by a test
     argv = list(sys.argv[1:] if argv is None else argv)
     for module in COMMAND_MODULES:
         importlib.import_module(module)
@@ -241,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             valid = ", ".join(sorted(COMMANDS))
             raise ConfigError(f"unknown command {words!r}; valid commands: {valid}")
         return invoke(cmd, rest)
+    except RunInterrupted as exc:  # the run said what it kept and how to continue
+        if program:
+            end_process(exc.exit_code)  # Python's own teardown takes seconds
+        return exc.exit_code
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as exc:
         # Bad input of any kind: one clear line, no traceback.
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -194,7 +194,16 @@ def build(cmd: Command) -> _Plan:
             metavar="ITEM",
             help=f"one item of --{key}; repeatable (older spelling)",
         )
+    # Options are defined with underscores (a config file's keys) and given either way
+    # (``_normalised``); the help shows the spelling the README uses: ``--dry-run``.
+    underscored_help = parser.format_help
+    parser.format_help = lambda: _dashed(underscored_help())
     return plan
+
+
+def _dashed(text: str) -> str:
+    """``--dry_run`` -> ``--dry-run`` for every option named in ``text``."""
+    return re.sub(r"(?<![\w-])--([\w.]+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 def _normalised(parser: Any, argv: Sequence[str]) -> list[str]:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from leakbench.figures import MAX_TILES, Tile, tiles_of
 from leakbench.interfaces import Defense
+from leakbench.interruption import RunInterrupted, received, take_signals
 from leakbench.progress import Progress
 from leakbench.protocol import PreparedAttack, TrialSetting, Victim, run_trial
 from leakbench.results import RunDirectory
@@ -62,6 +63,11 @@ class Evaluator(LightningModule):
         self.gallery_size = gallery_size
         self.gallery: list[Tile] = []
         self.progress = progress
+        # After a resume, or with fewer trials than ranks, a rank's shard of a cell may be empty.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def on_test_start(self) -> None:
+        take_signals()  # in place of the SIGTERM handler Lightning installed for this test
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         trial = f"{self.setting.cell} trial {int(batch['trial'])}"
@@ -69,6 +75,11 @@ class Evaluator(LightningModule):
             self.progress.now(trial)
         with torch.enable_grad():
             outcome = run_trial(self.victim, self.attack, self.defense, self.setting, batch)
+        if (signum := received()) is not None:
+            # A signal came during the trial, and something swallowed its exception (an attack
+            # running in this process, torch's C++) or it killed the attack's worker first:
+            # whatever the trial says, it was interrupted, not failed. It is dropped.
+            raise RunInterrupted(signum)
         self.run_dir.append_trial(outcome.record, self.global_rank)
         if self.collect is not None:
             self.collect.append(outcome.record)

@@ -7,7 +7,13 @@ handle, batch sizes the split cannot supply, a run folder that holds another con
 Every process of a run (``devices: N`` gives N ranks) writes into one run folder: the first
 process names it and hands the name to the ranks Lightning starts. Trials are sharded exactly,
 trial ``i`` on rank ``i mod N``, with no padding and no duplicates; the summary is written once
-every rank is done. Resuming skips the trials already recorded, from any rank.
+every rank is done. Resuming skips the trials already recorded, from any rank; a cell with no
+trial left on any rank is skipped by every rank alike, and a rank whose shard of a cell is empty
+waits for the others (uneven shards are the rule after a resume).
+
+A signal (Ctrl-C, SIGTERM, SIGUSR2) stops the run as :class:`RunInterrupted`: the trial in flight
+is dropped, not recorded, the ranks this process started are ended, and the run resumes later
+from its records (:mod:`leakbench.interruption`).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import logging
 import netrc
 import os
 import platform
+import signal
 import subprocess
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,6 +41,8 @@ import lightning
 import torch
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import leakbench
@@ -42,6 +52,7 @@ from leakbench.datamodules.base import DatasetError
 from leakbench.evaluator import Evaluator, log_run_to_wandb
 from leakbench.figures import Tile, cell_figure
 from leakbench.interfaces import Defense, UnsupportedModelError
+from leakbench.interruption import RunInterrupted, interruptible
 from leakbench.metrics import aggregate, gallery_from_samples, lpips_status
 from leakbench.progress import Progress
 from leakbench.protocol import (
@@ -61,9 +72,8 @@ from leakbench.results import RunDirectory, cell_key
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-# Lightning's hint, on any machine with SLURM's tools, to launch through srun: a local run is
-# not a SLURM job, and `leakbench sweep --launcher slurm` launches those itself.
-warnings.filterwarnings("ignore", message="The `srun` command is available")
+# leakbench's SLURM jobs always run under srun; a run on a machine that merely has srun is no error.
+warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
 # Lightning's hardware banner and product tips would bury the results table.
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -544,16 +554,77 @@ def run(
     when ``verbose``.
     """
     make_non_dumpable()  # no process of this user reads the private batch out of our memory
-    # The folder first: a resume it cannot continue is refused before anything is written (a
-    # reference classifier trained by prepare, say).
-    run_path, first_process = _run_folder(config, resume)
+    with interruptible():
+        # The folder first: a resume it cannot continue is refused before anything is written
+        # (a reference classifier trained by prepare, say).
+        run_path, first_process = _run_folder(config, resume)
+        try:
+            prepared = prepare(config, secret_keys)
+            torch.set_num_threads(prepared.threads)
+            return _run_cells(prepared, run_path, first_process, progress, echo, collect, verbose)
+        except RunInterrupted as exc:
+            if first_process:
+                echo(interrupted_message(run_path, exc))
+            raise
+        finally:
+            if first_process:
+                os.environ.pop(RUN_DIR_VARIABLE, None)
+
+
+def interrupted_message(run_path: Path, exc: RunInterrupted) -> str:
+    recorded = len(RunDirectory(run_path).completed()) if run_path.is_dir() else 0
+    return (
+        f"{exc}: the trial in flight was dropped, not recorded; {recorded} trial(s) are "
+        f"recorded in {run_path}; continue with: leakbench run --resume {run_path}"
+    )
+
+
+def ddp_timeout(config: RunConfig, cells: int) -> timedelta:
+    """How long a rank may wait for the others at a collective: a rank whose shard is empty
+    (after a resume) waits while another runs its trials, up to a whole run's worth of them."""
+    limit = config.budget.max_seconds
+    if not limit:
+        return timedelta(days=7)  # no bound on a trial: no bound worth the name on the wait
+    trials_per_rank = -(-config.trials // config.processes())
+    return timedelta(minutes=30, seconds=cells * trials_per_rank * (float(limit) + 30))
+
+
+def trainer_setup(config: RunConfig, cells: int) -> dict[str, Any]:
+    """The Trainer's strategy and plugins: DDP that waits for uneven shards, and SLURM's
+    environment without Lightning's own requeueing (a sweep job requeues through submitit)."""
+    setup: dict[str, Any] = {}
+    if config.processes() > 1:
+        setup["strategy"] = DDPStrategy(timeout=ddp_timeout(config, cells))
+    if SLURMEnvironment.detect():
+        setup["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    return setup
+
+
+@contextlib.contextmanager
+def ranks_ended_on_interrupt(grace_s: float = 1.5) -> Iterator[list[Trainer]]:
+    """On :class:`RunInterrupted`, end the rank processes the trainers appended to the yielded
+    list started (``devices: N`` on one machine): they get SIGTERM (each drops its trial in
+    flight), and SIGKILL if still there after ``grace_s``."""
+    trainers: list[Trainer] = []
     try:
-        prepared = prepare(config, secret_keys)
-        torch.set_num_threads(prepared.threads)
-        return _run_cells(prepared, run_path, first_process, progress, echo, collect, verbose)
-    finally:
-        if first_process:
-            os.environ.pop(RUN_DIR_VARIABLE, None)
+        yield trainers
+    except RunInterrupted:
+        for trainer in trainers:
+            _end_processes(list(getattr(trainer.strategy.launcher, "procs", None) or []), grace_s)
+        raise
+
+
+def _end_processes(processes: list[subprocess.Popen], grace_s: float) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _run_cells(
@@ -592,7 +663,10 @@ def _run_cells(
             echo(f"note: task leakage {prepared.task_leakage}")
         run_dir.write_config(resolved)
     done = run_dir.completed()
-    with run_loggers(config, resolved, run_path, verbose) as loggers:
+    with (
+        run_loggers(config, resolved, run_path, verbose) as loggers,
+        ranks_ended_on_interrupt() as started,
+    ):
         trainer = Trainer(
             accelerator=config.accelerator,
             devices=config.devices,
@@ -602,7 +676,9 @@ def _run_cells(
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=False,  # ours names the cell and the trial (leakbench.progress)
+            **trainer_setup(config, len(config.attacks) * len(config.batch_sizes)),
         )
+        started.append(trainer)
         rank, world = trainer.global_rank, trainer.world_size
         protocol = prepared.client_protocol
 
@@ -637,6 +713,8 @@ def _run_cells(
                     if first_process:
                         echo(f"skipping {cell}: {skipped[cell]}")
                     continue
+                if all((cell, i) in done for i in range(len(trials))):
+                    continue  # done on every rank: each rank read the same records, each skips it
                 setting = TrialSetting(
                     cell=cell,
                     attack_name=name,

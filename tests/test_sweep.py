@@ -250,7 +250,7 @@ def test_status_and_collect_give_the_expected_tables(killed_and_relaunched, caps
     lines = text.strip().splitlines()
     assert lines[1].split() == ["run", "state", "trials", "note"]
     assert [line.split() for line in lines[2:6]] == [[name, "done", "4/4"] for name in RUN_NAMES]
-    assert lines[-1] == "4 done, 0 running, 0 failed, 0 missing"
+    assert lines[-1] == "4 done, 0 running, 0 queued, 0 failed, 0 missing"
 
     code, text, _ = leakbench(capsys, "sweep", "collect", path)
     assert code == 0
@@ -293,7 +293,11 @@ def test_collect_feeds_the_leaderboard_commands(killed_and_relaunched, capsys, m
     assert entry["track"] == "tiny-track" and entry["results"]["trials"] == 4
     assert "no entry for b1__seed1 dlg__none__b1" in text and "seed" in text
     assert "no entry for b2__seed0 dlg__none__b2" in text
-    assert "| - | dlg |" in leaderboard.render(entries, tracks)["tiny-track.md"]  # unverified
+    # On the board, unranked until the board's own verification has run it.
+    (row,) = [
+        r for r in leaderboard.render(entries, tracks)["tiny-track.md"].splitlines() if "dlg" in r
+    ]
+    assert row.startswith("| - | dlg | dlg | none | 1 |") and row.endswith("| unverified |")
 
 
 def test_a_relaunch_of_a_finished_grid_launches_nothing(killed_and_relaunched, capsys):
@@ -316,6 +320,88 @@ def test_a_run_whose_config_changed_is_refused_not_merged(killed_and_relaunched,
     assert {name: records(out / name) for name in RUN_NAMES} == before
     code, text, _ = leakbench(capsys, "sweep", "status", changed)
     assert "4 failed" in text and "differs in: trials" in text
+
+
+# --------------------------------------------------------------------------- ranks and signals
+
+# Rank 1 of a local job finds its disk full when it records its first trial (a fault injected
+# into the job's processes through sitecustomize, which Python imports at start-up).
+DISK_FULL = """
+import os
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "1" and not os.environ.get("HEALED"):
+    import leakbench.results
+
+    def append_trial(self, record, rank=0):
+        raise OSError(28, "No space left on device")
+
+    leakbench.results.RunDirectory.append_trial = append_trial
+"""
+
+
+def test_the_error_file_names_the_failing_rank_and_a_relaunch_finishes_with_one_rank_done(
+    tmp_path, capsys, monkeypatch
+):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "sitecustomize.py").write_text(DISK_FULL)
+    monkeypatch.setenv("PYTHONPATH", f"{faults}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    path = write_grid(tmp_path, axes={"seeds": [0]}, set={**BASE, "devices": 2, "trials": 2})
+    run_dir = tmp_path / "out" / "seed0"
+    code, text, _ = leakbench(capsys, "sweep", path)
+    assert code == 1 and "failed   seed0" in text
+    # Rank 0 ran its trial, then lost rank 1 at the next collective: the cause is rank 1's.
+    assert [(r["trial"], r["status"]) for r in records(run_dir)] == [(0, "ok")]
+    failure = json.loads((run_dir / sweep.FAILED_FILE).read_text())
+    assert failure["rank"] == 1
+    assert failure["error"] == "OSError: [Errno 28] No space left on device"
+    code, text, _ = leakbench(capsys, "sweep", "status", path)
+    (line,) = [line for line in text.splitlines() if line.startswith("seed0")]
+    assert line.split(maxsplit=3) == [
+        "seed0",
+        "failed",
+        "1/2",
+        "rank 1: OSError: [Errno 28] No space left on device",
+    ]
+
+    # Resumed: rank 0's shard is done, rank 1 has its trial left; one launch finishes it.
+    monkeypatch.setenv("HEALED", "1")
+    code, text, _ = leakbench(capsys, "sweep", path)
+    assert code == 0, text
+    counts = Counter((r["cell"], r["trial"]) for r in records(run_dir))
+    assert counts == {("dlg__none__b1", 0): 1, ("dlg__none__b1", 1): 1}
+    assert (run_dir / "summary.json").is_file() and not (run_dir / sweep.FAILED_FILE).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_local_sweep_ends_its_jobs_and_a_relaunch_finishes(tmp_path, capsys):
+    settings = {**BASE, "trials": 6, "isolation": "process", "privacy_metrics": False}
+    path = write_grid(tmp_path, axes={"seeds": [0]}, set=settings)
+    run_dir = tmp_path / "out" / "seed0"
+    env = {k: v for k, v in os.environ.items() if k != "LEAKBENCH_RUN_DIR"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "leakbench.cli", "sweep", str(path)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_until(lambda: process.poll() is not None or bool(records(run_dir)), timeout=600)
+    assert process.poll() is None, process.stdout.read()
+    os.kill(process.pid, signal.SIGTERM)  # the sweep alone: it ends its jobs
+    assert process.wait(timeout=60) == 143
+    output = process.stdout.read()
+    assert "interrupted by SIGTERM; re-launch the grid to finish what is missing" in output
+    wait_until(lambda: not group_alive(process.pid), timeout=30)
+    kept = records(run_dir)
+    assert 1 <= len(kept) < 6 and {r["status"] for r in kept} == {"ok"}
+    assert not (run_dir / sweep.FAILED_FILE).exists()
+    assert sweep.run_status(sweep.load_grid(path, check=False).runs[0]).state == "failed"
+    code, text, _ = leakbench(capsys, "sweep", path)
+    assert code == 0, text
+    counts = Counter((r["cell"], r["trial"]) for r in records(run_dir))
+    assert sorted(counts) == [("dlg__none__b1", t) for t in range(6)]
+    assert set(counts.values()) == {1}
 
 
 # --------------------------------------------------------------------------- status details
@@ -347,7 +433,9 @@ def test_a_run_is_running_only_while_its_heartbeat_is_fresh_and_its_process_aliv
 
 
 def fake_slurm(folder: Path) -> tuple[Path, Path]:
-    """``srun`` and an ``sbatch`` that keeps what it was given and answers like SLURM."""
+    """``srun``, an ``sbatch`` that keeps what it was given and answers like SLURM, and a
+    ``squeue`` and ``sacct`` that print what the test puts in ``squeue.out`` / ``sacct.out``
+    (``squeue.err`` instead: squeue fails with that message)."""
     bin_dir, kept = folder / "bin", folder / "sbatch-files"
     bin_dir.mkdir()
     kept.mkdir()
@@ -355,6 +443,9 @@ def fake_slurm(folder: Path) -> tuple[Path, Path]:
         "srun": "#!/bin/sh\nexit 1\n",
         "sbatch": f'#!/bin/sh\nfor a; do f="$a"; done\ncp "$f" {kept}/\n'
         'echo "Submitted batch job 4242"\n',
+        "squeue": f"#!/bin/sh\nif [ -f {bin_dir}/squeue.err ]; then cat {bin_dir}/squeue.err >&2; "
+        f"exit 1; fi\ncat {bin_dir}/squeue.out 2>/dev/null\n",
+        "sacct": f"#!/bin/sh\ncat {bin_dir}/sacct.out 2>/dev/null\n",
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -376,7 +467,7 @@ def test_slurm_submits_one_array_per_resource_shape_with_the_grid_resources(
         capsys, "sweep", path, "--launcher", "slurm", "--time-min", "30", "--cpus-per-task", "3"
     )
     assert code == 0, err
-    assert "submitted array 4242: 4 run(s)" in text
+    assert "submitted array 4242: 4 runs, each 1 task x 3 CPU" in text
     (script,) = kept.iterdir()
     lines = script.read_text().splitlines()
     for expected in (
@@ -396,6 +487,98 @@ def test_slurm_submits_one_array_per_resource_shape_with_the_grid_resources(
     assert not any((tmp_path / "out" / name).exists() for name in RUN_NAMES)
 
 
+def test_a_run_alone_in_its_resource_shape_is_a_plain_job_not_an_array(
+    tmp_path, capsys, monkeypatch
+):
+    bin_dir, kept = fake_slurm(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, text, err = leakbench(
+        capsys, "sweep", write_grid(tmp_path, axes={"seeds": [0]}), "--launcher", "slurm"
+    )
+    assert code == 0, err
+    assert "submitted job 4242: 1 run, 1 task x 1 CPU" in text and "array" not in text
+    (script,) = kept.iterdir()
+    assert not [line for line in script.read_text().splitlines() if "--array" in line]
+    launch = json.loads((tmp_path / "out" / "seed0" / sweep.LAUNCHES_FILE).read_text())
+    assert (launch["launcher"], launch["job_id"]) == ("slurm", "4242")
+
+
+@pytest.fixture
+def submitted(tmp_path, capsys, monkeypatch):
+    """The 2 x 2 grid submitted to a fake SLURM as array 4242 (tasks 4242_0 ... 4242_3)."""
+    bin_dir, kept = fake_slurm(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = two_by_two(tmp_path)
+    code, text, err = leakbench(capsys, "sweep", path, "--launcher", "slurm")
+    assert code == 0 and "submitted array 4242: 4 runs" in text, err
+    return {"path": path, "bin": bin_dir, "kept": kept}
+
+
+def test_status_asks_slurm_and_a_relaunch_submits_only_what_is_not_queued_or_running(
+    submitted, capsys
+):
+    path, bin_dir, kept = submitted["path"], submitted["bin"], submitted["kept"]
+    (bin_dir / "squeue.out").write_text(
+        "4242_0|PENDING|Resources\n4242_1|RUNNING|None\n4242_2|CANCELLED|None\n"
+    )
+    (bin_dir / "sacct.out").write_text("4242_3|OUT_OF_MEMORY\n")  # squeue forgot it
+    code, text, _ = leakbench(capsys, "sweep", "status", path)
+    assert code == 0
+    rows = {line.split()[0]: line for line in text.splitlines()[2:6]}
+    assert rows["b1__seed0"].split()[1:] == [
+        "queued",
+        "0/4",
+        *"SLURM job 4242_0 PENDING".split(),
+    ] + ["(Resources)"]
+    assert rows["b1__seed1"].split()[1:] == ["running", "0/4", "SLURM", "job", "4242_1", "RUNNING"]
+    assert rows["b2__seed0"].split()[1] == "failed"
+    assert rows["b2__seed0"].endswith("SLURM job 4242_2 CANCELLED; a re-launch finishes it")
+    assert rows["b2__seed1"].endswith("SLURM job 4242_3 OUT_OF_MEMORY; a re-launch finishes it")
+    assert text.splitlines()[-1] == "0 done, 1 running, 1 queued, 2 failed, 0 missing"
+
+    code, text, _ = leakbench(capsys, "sweep", path, "--launcher", "slurm")
+    assert code == 0
+    assert "skipped  b1__seed0: queued SLURM job 4242_0 PENDING (Resources)" in text
+    assert "skipped  b1__seed1: running SLURM job 4242_1 RUNNING" in text
+    assert "grid grid: 2 of 4 runs to launch (slurm)" in text
+    assert "submitted array 4242: 2 runs, each 1 task x 1 CPU" in text
+    assert text.split("submitted")[1].splitlines()[0].endswith(": b2__seed0, b2__seed1")
+    assert len(list(kept.iterdir())) == 2  # the first array, then the second; nothing else
+
+
+def test_a_launch_guesses_nothing_when_slurm_cannot_be_asked(submitted, capsys):
+    path, bin_dir, kept = submitted["path"], submitted["bin"], submitted["kept"]
+    (bin_dir / "squeue.err").write_text("slurm_load_jobs error: Unable to contact slurm controller")
+    code, _, err = leakbench(capsys, "sweep", path, "--launcher", "slurm")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot tell which runs are still queued or running: squeue failed: " in err
+    assert "Unable to contact slurm controller; nothing launched" in err
+    code, _, err = leakbench(capsys, "sweep", path)  # nor locally
+    assert code == 2 and "nothing launched" in err
+    assert len(list(kept.iterdir())) == 1
+    code, text, _ = leakbench(capsys, "sweep", "status", path)  # the folders still tell
+    assert code == 0 and "0 done, 0 running, 0 queued, 0 failed, 4 missing" in text
+    assert "(SLURM not asked: squeue failed: slurm_load_jobs error: Unable to contact" in text
+
+
+def test_a_refusal_of_sbatch_is_said_in_one_line_and_nothing_is_recorded(
+    tmp_path, capsys, monkeypatch
+):
+    bin_dir, _ = fake_slurm(tmp_path)
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        "echo 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1\n"
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, _, err = leakbench(capsys, "sweep", two_by_two(tmp_path), "--launcher", "slurm")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "leakbench: error: sbatch failed: sbatch: error: Batch job submission failed: "
+        "Invalid account"
+    )
+    assert not list((tmp_path / "out").glob(f"*/{sweep.LAUNCHES_FILE}"))
+
+
 def test_a_sharded_run_is_one_array_task_of_one_rank_per_task_on_one_node(tmp_path, monkeypatch):
     bin_dir, _ = fake_slurm(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -408,6 +591,7 @@ def test_a_sharded_run_is_one_array_task_of_one_rank_per_task_on_one_node(tmp_pa
     assert parameters["ntasks_per_node"] == 2 and parameters["nodes"] == 1
     assert parameters["gpus_per_node"] == 2 and parameters["array_parallelism"] == 4
     assert parameters["time"] == resources.time_min == 10 + 2  # 4 trials x 60 s / 2 ranks
+    assert parameters["signal_delay_s"] == 90  # SIGUSR2 90 s before the limit: requeue
 
 
 def test_an_unavailable_launcher_is_one_clear_line(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from leakbench.sweep.grid import Grid
-from leakbench.sweep.status import RunStatus, run_status
+from leakbench.sweep.status import RunStatus, grid_status
 
 COLLECT_COLUMNS = (
     "run",
@@ -43,8 +43,7 @@ def collect_rows(grid: Grid) -> tuple[list[list[Any]], list[RunStatus]]:
     """One row per cell of every finished run, and the status of the runs left out."""
     rows: list[list[Any]] = []
     left_out = []
-    for run in grid.runs:
-        status = run_status(run)
+    for run, status in zip(grid.runs, grid_status(grid.runs, strict=False), strict=True):
         if status.state != "done":
             left_out.append(status)
             continue

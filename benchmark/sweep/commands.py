@@ -15,7 +15,7 @@ from leakbench.results import atomic_write_text
 from leakbench.sweep.collect import collect_rows, render_collected, write_entries
 from leakbench.sweep.grid import Grid, _tracks_dir, expected_trials, load_grid
 from leakbench.sweep.launch import LAUNCHERS, LaunchOptions, measured_peak_mb, run_resources
-from leakbench.sweep.status import RunStatus, format_status, run_status
+from leakbench.sweep.status import LAUNCHABLE, RunStatus, format_status, grid_status
 from leakbench.sweep.throughput import format_throughput, measure_throughput
 
 LauncherName = Literal[tuple(sorted(LAUNCHERS))]  # type: ignore[valid-type]
@@ -35,6 +35,8 @@ class ResourceOptions:
         account: SLURM account.
         qos: SLURM quality of service.
         constraint: SLURM node constraint.
+        signal_delay_s: Seconds before the time limit at which a job is told (SIGUSR2) to
+            requeue itself (default: 90, or a quarter of a shorter limit).
     """
 
     partition: str | None = None
@@ -46,6 +48,7 @@ class ResourceOptions:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    signal_delay_s: Count | None = None
 
 
 @command("sweep")
@@ -69,19 +72,22 @@ def launch_command(
     flags = {f.name: getattr(resources, f.name) for f in fields(resources)}
     given = {key: value for key, value in flags.items() if value}
     options = LaunchOptions(jobs=jobs, resources={**planned.resources, **given})
-    statuses = {run.name: run_status(run) for run in planned.runs}
-    todo = [run for run in planned.runs if statuses[run.name].state in ("failed", "missing")]
+    # A launch must know what is queued or running; the plan may show what the folders say.
+    found = grid_status(planned.runs, strict=not dry_run)
+    statuses = {status.name: status for status in found}
+    todo = [run for run in planned.runs if statuses[run.name].state in LAUNCHABLE]
     if dry_run:
         print(format_plan(planned, statuses, options, launcher))
         return 0
     LAUNCHERS[launcher].check()
     for run in planned.runs:
         status = statuses[run.name]
-        if status.state in ("done", "running"):
+        if status.state not in LAUNCHABLE:
             print(f"skipped  {run.name}: {status.state} {status.note}".rstrip())
     print(f"grid {planned.name}: {len(todo)} of {len(planned.runs)} runs to launch ({launcher})")
     if not todo:
         return 0
+    # The launcher decides again under the grid's launch lock: another launch may have come.
     return LAUNCHERS[launcher].launch(planned, todo, options, print)
 
 
@@ -102,7 +108,7 @@ def format_plan(
             f"{resources.describe()}{measured}"
         )
         total_trials += trials
-        if status.state in ("failed", "missing"):
+        if status.state in LAUNCHABLE:
             todo += 1
             cpu_count += resources.tasks * resources.cpus_per_task
             gpu_count += resources.gpus_per_node
@@ -118,13 +124,13 @@ def format_plan(
 
 @command("sweep status")
 def status_command(grid: str) -> int:
-    """The state of every run of a grid (done, running, failed, missing).
+    """The state of every run of a grid (done, running, queued, failed, missing).
 
     Args:
         grid: The grid file (GRID.yaml).
     """
     planned = load_grid(grid, check=False)
-    print(format_status(planned, [run_status(run) for run in planned.runs]))
+    print(format_status(planned, grid_status(planned.runs, strict=False)))
     return 0
 
 

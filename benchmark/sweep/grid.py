@@ -31,6 +31,7 @@ RESOURCE_KEYS = (
     "qos",
     "constraint",
     "setup",
+    "signal_delay_s",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 

@@ -1,0 +1,1 @@
+"""A single-node SLURM cluster for the tests (``cluster.py``)."""
