@@ -512,3 +512,79 @@ def test_top_k_keeps_the_k_largest_magnitudes_of_the_whole_update() -> None:
         TopKDefense()
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
         TopKDefense(fraction=0)
+
+
+# --- PRECODE ------------------------------------------------------------------------------
+
+
+def test_precode_inserts_a_variational_bottleneck_before_the_output_layer() -> None:
+    from leakbench.models.precode import VariationalBottleneck
+
+    model = victim("precode", base="fcn", base_options={"widths": (24,)}, latent=6)
+    children = list(model.children())
+    assert isinstance(children[-2], VariationalBottleneck) and children[-2].latent == 6
+    assert (children[-2].encoder.in_features, children[-1].in_features) == (24, 24)
+    images, _ = batch()
+    with torch.no_grad():  # without the client's noise source the bottleneck passes μ
+        first, again = model(images), model(images)
+        hidden = torch.nn.Sequential(*children[:-2])(images)
+        mean, _ = children[-2].statistics(hidden)
+        expected = children[-1](children[-2].decoder(mean))
+    assert torch.equal(first, again) and torch.allclose(first, expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="nn.Sequential ending in its nn.Linear output layer"):
+        build_victim("precode", SHAPE, CLASSES, seed=0, base="resnet18")
+
+
+def test_precode_shares_the_gradient_of_cross_entropy_and_kl_under_secret_noise() -> None:
+    from leakbench.defenses.precode import PrecodeDefense
+
+    model = victim("precode", base="fcn", base_options={"widths": (24,)}, latent=6)
+    images, labels = batch()
+    defense = PrecodeDefense(beta=0.01)
+    shared = share(defense, model, images, labels, seed=5)
+    # By hand: the same draws from a generator of the same seed, in the same order.
+    bottleneck = list(model.children())[-2]
+    hidden = torch.nn.Sequential(*list(model.children())[:-2])(images)
+    mean, log_variance = bottleneck.statistics(hidden)
+    noise = torch.randn(mean.shape, generator=generator(5), dtype=mean.dtype)
+    logits = list(model.children())[-1](
+        bottleneck.decoder(mean + (0.5 * log_variance).exp() * noise)
+    )
+    kl = 0.5 * (mean**2 + log_variance.exp() - log_variance - 1).sum(-1).mean()
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(
+        F.cross_entropy(logits, labels) + 0.01 * kl, list(model.parameters())
+    )
+    for name, g in zip(names, grads, strict=True):
+        assert torch.allclose(shared.update[name], g, rtol=0, atol=1e-12)
+    assert shared.info["kl"] == pytest.approx(float(kl.detach()), rel=1e-12)
+    assert bottleneck.noise_source is None  # the client's model is left as it was
+    assert not same(shared.update, share(defense, model, images, labels, seed=6).update)
+    with pytest.raises(ValueError, match="precode needs a victim with one variational bottleneck"):
+        defense.check_model(victim("fcn"))
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0, got -1"):
+        PrecodeDefense(beta=-1)
+
+
+def test_precode_leaves_the_first_layer_to_the_bias_attack_at_one_sample() -> None:
+    from leakbench.attacks.bias import BiasAttack
+    from leakbench.defenses.precode import PrecodeDefense
+    from leakbench.threat_model import Budget, make_observation
+
+    model = victim("precode", base="fcn", base_options={"widths": (24,)})
+    images, labels = batch(size=1)
+    shared = share(PrecodeDefense(), model, images, labels)
+    observation = make_observation(
+        model,
+        shared.update,
+        granted=frozenset(),
+        labels=labels,
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        budget=Budget(),
+        seed=0,
+    )
+    answer = BiasAttack().reconstruct(observation)
+    assert torch.allclose(answer.images, images, rtol=0, atol=1e-10)
