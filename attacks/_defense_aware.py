@@ -39,6 +39,7 @@ from leakbench.attacks._gradient_matching import (
     seeded_generator,
     simulated_update,
 )
+from leakbench.attacks.bias import first_linear_layer
 from leakbench.attacks.idlg import idlg_label
 from leakbench.attacks.inverting_gradients import (
     LR_DECAY,
@@ -47,7 +48,7 @@ from leakbench.attacks.inverting_gradients import (
     total_variation,
 )
 from leakbench.client import ClientProtocol, fedsgd_equivalent
-from leakbench.interfaces import TrialFailure, positive_int
+from leakbench.interfaces import TrialFailure, UnsupportedModelError, positive_int
 from leakbench.threat_model import Observation, Reconstruction
 
 # D(dummy update, shared update), both in ``model.parameters()`` order.
@@ -94,6 +95,20 @@ def known_labels(observation: Observation, batch_size: int) -> tuple[Tensor | No
         return bias_gradient_labels(readable, batch_size), "bias-gradient"
     except TrialFailure as exc:
         return None, f"learned jointly ({exc})"
+
+
+def first_layer_update(observation: Observation) -> tuple[Tensor, Tensor] | None:
+    """(∇W, ∇b) in float64 of a first ``nn.Linear`` with a bias fed the flattened input, read
+    as a gradient (:func:`leakbench.client.fedsgd_equivalent`); None for other victims."""
+    try:
+        name, layer = first_linear_layer(observation.model)
+    except UnsupportedModelError:
+        return None
+    if layer.in_features != math.prod(observation.input_shape):
+        return None
+    readable = fedsgd_equivalent(observation)
+    prefix = f"{name}." if name else ""
+    return readable.update[f"{prefix}weight"].double(), readable.update[f"{prefix}bias"].double()
 
 
 def box(observation: Observation, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,16 +26,13 @@ trained on, and separating convex mixtures of private images.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from leakbench.attacks.bias import first_linear_layer
+from leakbench.attacks._defense_aware import first_layer_update
 from leakbench.attacks.dlg import DLG
-from leakbench.client import fedsgd_equivalent
-from leakbench.interfaces import TrialFailure, UnsupportedModelError
+from leakbench.interfaces import TrialFailure
 from leakbench.threat_model import Observation
 
 # Rounds of alternating projected least squares after the successive projections.
@@ -45,16 +42,10 @@ REFINEMENT_ROUNDS = 50
 def first_layer_rows(observation: Observation) -> Tensor | None:
     """r_i = ∇W_i / ∇b_i for every first-layer unit with a non-zero bias gradient (float64),
     or None without a first ``nn.Linear`` with a bias fed the input."""
-    try:
-        name, layer = first_linear_layer(observation.model)
-    except UnsupportedModelError:
+    first = first_layer_update(observation)
+    if first is None:
         return None
-    if layer.in_features != math.prod(observation.input_shape):
-        return None
-    readable = fedsgd_equivalent(observation)
-    prefix = f"{name}." if name else ""
-    weight = readable.update[f"{prefix}weight"].double()
-    bias = readable.update[f"{prefix}bias"].double()
+    weight, bias = first
     active = bias.abs() > 1e-12 * bias.abs().max().clamp_min(1e-300)
     return weight[active] / bias[active, None]
 

@@ -43,10 +43,14 @@ import math
 import torch
 from torch import Tensor
 
-from leakbench.attacks._defense_aware import MatchingSchedule, masked_cosine, match
-from leakbench.attacks.bias import first_linear_layer
-from leakbench.client import EVERY_PROTOCOL, FedAvg, fedsgd_equivalent
-from leakbench.interfaces import Attack, UnsupportedModelError
+from leakbench.attacks._defense_aware import (
+    MatchingSchedule,
+    first_layer_update,
+    masked_cosine,
+    match,
+)
+from leakbench.client import EVERY_PROTOCOL, FedAvg
+from leakbench.interfaces import Attack
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, Observation, Reconstruction
 
@@ -54,18 +58,10 @@ from leakbench.threat_model import Capability, Observation, Reconstruction
 def kept_entries_start(observation: Observation) -> Tensor | None:
     """The first-layer ratio estimate over kept entries (module docstring), or None where the
     victim has no first ``nn.Linear`` with a bias or the batch is not one sample."""
-    if observation.batch_size != 1:
+    first = first_layer_update(observation) if observation.batch_size == 1 else None
+    if first is None:
         return None
-    try:
-        name, layer = first_linear_layer(observation.model)
-    except UnsupportedModelError:
-        return None
-    if layer.in_features != math.prod(observation.input_shape):
-        return None
-    readable = fedsgd_equivalent(observation)
-    prefix = f"{name}." if name else ""
-    weight = readable.update[f"{prefix}weight"].double()
-    bias = readable.update[f"{prefix}bias"].double()
+    weight, bias = first
     rows = bias != 0
     ratios = weight[rows] / bias[rows, None]
     ratios[weight[rows] == 0] = math.nan  # pruned entries say nothing

@@ -66,12 +66,12 @@ from leakbench.attacks._defense_aware import (
     Distance,
     MatchingSchedule,
     Simulator,
+    first_layer_update,
     match,
     protocol_simulator,
 )
-from leakbench.attacks.bias import first_linear_layer
-from leakbench.client import EVERY_PROTOCOL, Aggregate, FedAvg, FedSGD, fedsgd_equivalent
-from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError
+from leakbench.client import EVERY_PROTOCOL, Aggregate, FedAvg, FedSGD
+from leakbench.interfaces import Attack, TrialFailure
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, Observation, Reconstruction
 
@@ -114,26 +114,15 @@ def rank_one_start(observation: Observation, noise_std: float) -> tuple[Tensor |
     δ [xᵀ, 1]; (None, reason) where it does not apply."""
     if observation.batch_size != 1:
         return None, {"closed_form": "not applicable: more than one sample"}
-    try:
-        name, layer = first_linear_layer(observation.model)
-    except UnsupportedModelError as exc:
-        return None, {"closed_form": f"not applicable: {exc}"}
-    pixels = math.prod(observation.input_shape)
-    if layer.in_features != pixels:
-        return None, {"closed_form": "not applicable: the first layer is not fed the input"}
-    readable = fedsgd_equivalent(observation)
-    prefix = f"{name}." if name else ""
-    matrix = torch.cat(
-        [
-            readable.update[f"{prefix}weight"].double(),
-            readable.update[f"{prefix}bias"].double()[:, None],
-        ],
-        dim=1,
-    )
+    first = first_layer_update(observation)
+    if first is None:
+        return None, {"closed_form": "not applicable: no first nn.Linear with a bias on the input"}
+    weight, bias = first
+    matrix = torch.cat([weight, bias[:, None]], dim=1)
     _, singular, right = torch.linalg.svd(matrix, full_matrices=False)
     leading = right[0]
-    rows = matrix.shape[0]
-    edge = noise_std * (math.sqrt(rows) + math.sqrt(pixels + 1))
+    rows, columns = matrix.shape
+    edge = noise_std * (math.sqrt(rows) + math.sqrt(columns))
     info = {"leading_singular_value": float(singular[0]), "noise_edge": edge}
     if leading[-1].abs() < 1e-12 * leading.abs().max():
         return None, {**info, "closed_form": "skipped: the bias coordinate vanishes"}
