@@ -24,7 +24,8 @@ operating point for privacy and utility:
   attacked round itself (one release at q = 1, T = 1).
 
 A setting may carry its own ``client_protocol`` (secure aggregation of K clients is a setting:
-``{defense: none, client_protocol: {name: aggregate, clients: 4}}``). A track whose undefended
+``{defense: none, client_protocol: {name: aggregate, clients: 4}}``) and, for a defense that
+extends the model (PRECODE), its own ``model`` and ``model_options``. A track whose undefended
 worst case is below ``min_undefended_psnr`` (30 dB) says that it cannot rank defenses by PSNR.
 
 Steps, as :func:`run_defense_track` runs them:
@@ -79,7 +80,7 @@ PUBLISHED_BUDGETS: dict[str, dict[str, Any]] = {
 BUDGET_KEYS = ("iterations", "restarts", "dlg_iterations")
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
-SETTING_KEYS = {"label", "defense", "options", "client_protocol"}
+SETTING_KEYS = {"label", "defense", "options", "client_protocol", "model", "model_options"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class DefenseSetting:
     defense: str
     options: dict[str, Any] = field(default_factory=dict)
     client_protocol: str | dict[str, Any] | None = None  # None: the track's
+    # A defense that is a model extension (PRECODE) brings its own victim; None: the track's.
+    model: str | None = None
+    model_options: dict[str, Any] | None = None
 
     @property
     def slug(self) -> str:
@@ -154,7 +158,7 @@ class DefenseTrack:
             if unknown or "defense" not in entry:
                 raise ConfigError(
                     f"{path}: track.defenses[{i}] = {entry!r}; expected keys defense, options, "
-                    "label, client_protocol"
+                    "label, client_protocol, model, model_options"
                 )
             settings.append(
                 DefenseSetting(
@@ -162,6 +166,8 @@ class DefenseTrack:
                     entry["defense"],
                     dict(entry.get("options") or {}),
                     entry.get("client_protocol"),
+                    entry.get("model"),
+                    entry.get("model_options"),
                 )
             )
         if not settings:
@@ -405,6 +411,7 @@ class SettingResult:
     round_epsilon: float | None = None
     reason: str | None = None  # why the setting could not run
     undefended: bool = False  # the track's reference: no defense, the track's protocol
+    victim: dict[str, Any] = field(default_factory=dict)  # model, options, attacked checkpoint
 
     def row(self) -> dict[str, Any]:
         accuracy = _mean(self.accuracy)
@@ -416,6 +423,7 @@ class SettingResult:
             "defense": self.defense,
             "options": self.options,
             "client_protocol": self.client_protocol,
+            "victim": self.victim,
             "not_applicable": self.reason,
             # The scatter's and the CSV's headline numbers (the per-sample worst case).
             "worst_psnr_median": per_sample.get("psnr_max_median"),
@@ -619,6 +627,8 @@ def _run_defense_track(
         values = {
             **config.to_dict(),
             "client_protocol": spec,
+            "model": setting.model or config.model,
+            "model_options": _model_options(config, setting),
             "model_state": attacked.checkpoint.sha256,
             "checkpoint_dir": str(checkpoints),
             "defense": setting.defense,
@@ -630,7 +640,9 @@ def _run_defense_track(
             name: {**PUBLISHED_BUDGETS.get(name, {}), **track_options.get(name, {})}
             for name in candidates
         }
-        key = json.dumps(protocol.spec(), sort_keys=True)
+        key = json.dumps(
+            [protocol.spec(), values["model"], values["model_options"]], sort_keys=True
+        )
         if key not in applicability:
             applicability[key] = applicable_attacks(
                 RunConfig.from_mapping(values, source=f"track {track.name}"),
@@ -692,9 +704,15 @@ def _run_defense_track(
             accounting=dict(attacked.checkpoint.card.get("defense_accounting", {})),
             round_epsilon=round_epsilon,
             undefended=is_reference,
+            victim={
+                "model": values["model"],
+                "model_options": values["model_options"],
+                "checkpoint": attacked.checkpoint.sha256,
+                "test_accuracy": attacked.test_accuracy,
+            },
         )
         results.append(result)
-        write_setting(result, records, folder, track, attacked.checkpoint.sha256, adaptive)
+        write_setting(result, records, folder, track, adaptive)
 
     # 4. The table and its figure.
     for result in results:
@@ -721,11 +739,11 @@ def _trained(
     undefended = setting.defense == "none" and not setting.options
     defense = {} if undefended else {"defense": setting.defense, "defense_options": setting.options}
     return trained_once(
-        config.model,
+        setting.model or config.model,
         config.dataset,
         checkpoint_dir=checkpoints,
         seed=seed,
-        model_options=dict(config.model_options),
+        model_options=_model_options(config, setting),
         dataset_options=dict(config.dataset_options),
         epochs=recipe.epochs,
         batch_size=batch_size,
@@ -735,12 +753,18 @@ def _trained(
     )
 
 
+def _model_options(config: RunConfig, setting: DefenseSetting) -> dict[str, Any]:
+    """The setting's victim options: its own where it brings its own model."""
+    if setting.model is None:
+        return dict(config.model_options)
+    return dict(setting.model_options or {})
+
+
 def write_setting(
     result: SettingResult,
     records: Sequence[Mapping[str, Any]],
     folder: Path,
     track: DefenseTrack,
-    checkpoint: str,
     adaptive: Sequence[str],
 ) -> Path:
     """``settings/<slug>.json``: the setting's result as an entry can be made from it, next to
@@ -766,7 +790,7 @@ def write_setting(
             "options": result.options,
             "client_protocol": result.client_protocol,
         },
-        "victim": {"checkpoint": checkpoint, "utility_recipe": asdict(track.utility)},
+        "victim": {**result.victim, "utility_recipe": asdict(track.utility)},
         "attacks": {
             name: {
                 "options": options,
