@@ -288,3 +288,25 @@ def test_a_defense_that_cannot_run_under_the_track_protocol_is_a_row_that_says_s
     assert (
         "| dp eps=8 | not applicable: dp-sgd cannot run under the client protocol 'fedavg'" in table
     )
+
+
+def test_shipped_tracks_load_and_a_setting_may_bring_its_own_victim():
+    from pathlib import Path
+
+    from leakbench.analysis.defense_track import _model_options
+    from leakbench.config import RunConfig
+
+    folder = Path(__file__).resolve().parents[1] / "leaderboards" / "defense-tracks"
+    tracks = {t.name: t for t in map(DefenseTrack.load, sorted(folder.glob("*.yaml")))}
+    assert {(t.batch_size, t.base["client_protocol"] != "fedsgd") for t in tracks.values()} == {
+        (b, fedavg) for b in (1, 8, 32) for fedavg in (False, True)
+    }
+    track = tracks["digits-fcn-b8-fedsgd"]
+    precode = next(s for s in track.settings if s.defense == "precode")
+    assert precode.model == "precode"
+    config = RunConfig.from_mapping({"model": "fcn", "model_options": {"widths": [256]}})
+    assert _model_options(config, precode) == {"base": "fcn", "base_options": {"widths": [256]}}
+    none = track.settings[0]
+    assert none.model is None and _model_options(config, none) == {"widths": [256]}
+    secagg = next(s for s in track.settings if s.client_protocol)
+    assert secagg.client_protocol == {"name": "aggregate", "clients": 4}
