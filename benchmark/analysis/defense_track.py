@@ -768,13 +768,14 @@ def write_setting(
     adaptive: Sequence[str],
 ) -> Path:
     """``settings/<slug>.json``: the setting's result as an entry can be made from it, next to
-    its canonical records (``<slug>.records.jsonl``, one sorted-key line per record, ordered by
-    attack and trial) and their hashes (all fields; and without the measured ones)."""
-    from leakbench.leaderboard.entry import canonical, outcome_sha256
+    its canonical records (``<slug>.records.jsonl``: the attack board's records file, one
+    sorted-key line per record in trial order, the attacks of a trial by name) and their hashes
+    (every field; and without the fields that measure the machine)."""
+    from leakbench.leaderboard.entry import outcome_sha256, records_text
     from leakbench.results import atomic_write_text
 
-    ordered = sorted(records, key=lambda r: (r["attack"], r["trial"]))
-    text = "".join(canonical(r) + "\n" for r in ordered)
+    ordered = sorted(records, key=lambda r: (r["trial"], r["attack"]))
+    text = records_text(ordered)  # a stable sort by trial: the order above
     slug = DefenseSetting(result.label, result.defense).slug
     records_path = folder / "settings" / f"{slug}.records.jsonl"
     atomic_write_text(records_path, text)
