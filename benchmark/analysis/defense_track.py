@@ -709,6 +709,8 @@ def _run_defense_track(
                 "model_options": values["model_options"],
                 "checkpoint": attacked.checkpoint.sha256,
                 "test_accuracy": attacked.test_accuracy,
+                # Every seed's trained victim: what a verifier re-trains and compares.
+                "checkpoints_per_seed": [v.checkpoint.sha256 for v in victims],
             },
         )
         results.append(result)
