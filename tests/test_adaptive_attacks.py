@@ -115,6 +115,15 @@ NO_BIAS = {"widths": [32, 32], "bias": False}  # no closed-form first layer: mat
             1,
         ),
         (
+            "dp-sgd",
+            {"max_grad_norm": 1.0, "noise_multiplier": 0.005},
+            {"widths": [64]},
+            "noise-aware",
+            {"mechanism": "dp-sgd", "max_grad_norm": 1.0, "noise_multiplier": 0.005},
+            ["inverting-gradients", "bias"],
+            1.5,
+        ),
+        (
             "noise",
             {"scale": 0.1},
             {"widths": [64]},
