@@ -888,17 +888,28 @@ def undefended_note(results: Sequence[SettingResult], track: DefenseTrack) -> st
     reference = next((r for r in results if r.undefended and r.privacy is not None), None)
     if reference is None:
         return "The track has no undefended setting: nothing says whether its attacks are strong."
-    worst = reference.privacy["per_sample"]["psnr_max_median"]  # type: ignore[index]
+    privacy = reference.privacy or {}
+    worst = privacy["per_sample"]["psnr_max_median"]
+    success = privacy["per_sample"]["success_rate"]
+    strongest = (
+        f"; its strongest attack, {privacy['worst_attack']}, has a median of "
+        f"{_value(privacy['worst_attack_psnr_median'], 1, ' dB')} over the trials it completed"
+        if privacy.get("worst_attack")
+        else ""
+    )
+    measured = (
+        f"The undefended worst case is {_value(worst, 1, ' dB')} (median over samples of the "
+        f"best attack per sample; {_value(success, 2)} of the samples at or above 30 dB"
+        f"{strongest})"
+    )
     if worst is None or worst < track.min_undefended_psnr:
         return (
-            f"The undefended worst case is {_value(worst, 1, ' dB')} (median over samples of the "
-            f"best attack per sample), below {track.min_undefended_psnr:g} dB: this track cannot "
-            "rank defenses by reconstruction quality; read IIP and task leakage instead."
+            f"{measured}, below {track.min_undefended_psnr:g} dB: this track cannot rank defenses "
+            "by reconstruction quality; read the success rate, IIP and task leakage instead."
         )
     return (
-        f"The undefended worst case is {_value(worst, 1, ' dB')} (median over samples of the best "
-        f"attack per sample), at or above {track.min_undefended_psnr:g} dB: the attacks are "
-        "strong enough here for the track to rank defenses."
+        f"{measured}, at or above {track.min_undefended_psnr:g} dB: the attacks are strong "
+        "enough here for the track to rank defenses."
     )
 
 
