@@ -245,7 +245,9 @@ def invoke(cmd: Command, argv: Sequence[str]) -> int:
             parsed = plan.parser.parse_args(argv).as_dict()
     except Exception as exc:  # jsonargparse's ArgumentError
         raise ConfigError(one_line(exc)) from None
-    config_path = parsed.get("config")
+    # --config is the shared configuration's file only where a command has one (a study's
+    # own ``config`` parameter, such as a defense track's file, is passed as it is).
+    config_path = parsed.get("config") if plan.dataclasses else None
     from_file = read_yaml(config_path) if config_path else {}
     source = str(config_path) if config_path else "command line"
     # The first dataclass (the shared RunConfig) owns only the keys the command offers of it;

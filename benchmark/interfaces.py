@@ -60,6 +60,10 @@ class Attack(ABC):
     client_protocols: ClassVar[frozenset[str]] = frozenset({"fedsgd"})
     # Capabilities needed on top of ``requires`` when the run's protocol includes the key.
     protocol_requires: ClassVar[Mapping[str, frozenset[Capability]]] = {}
+    # The defenses an adaptive attack is built against (it models them, knowing their
+    # configuration); empty for a generic attack. Defense tracks run an adaptive attack only on
+    # the defenses that name it (``Defense.adaptive_attacks``).
+    adapts_to: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams
@@ -116,6 +120,27 @@ class Defense:
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError naming what of ``model`` this defense cannot handle (checked once,
         before any trial)."""
+
+    @classmethod
+    def options_for_training(
+        cls, options: Mapping[str, Any], *, batch_size: int, dataset_size: int, epochs: int
+    ) -> dict[str, Any]:
+        """The options that make this defense what it claims over a whole training run of
+        ``epochs`` passes over ``dataset_size`` samples in batches of ``batch_size`` (DP-SGD:
+        its privacy accounting); most defenses need no change."""
+        return dict(options)
+
+    def accounting(self) -> dict[str, Any]:
+        """What the defense guarantees under its options (DP-SGD: ε, δ, σ, q, T), as JSON
+        data: a trained checkpoint's card states it."""
+        return {}
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        """The registered attacks the literature uses against this defense, each with the
+        options that tell it the defense's configuration (Kerckhoffs: the configuration is
+        public, the client's randomness is not). Defense tracks run them next to the generic
+        attacks."""
+        return {}
 
     def apply(
         self,

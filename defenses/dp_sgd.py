@@ -30,16 +30,22 @@ Steps, as :meth:`DPSGDDefense.apply` runs them:
 5. Gaussian noise σC · n_l, n_l ~ N(0, I), drawn from the trial's generator tensor by tensor in
    parameter order, in each tensor's dtype on the generator's device, added to the sum;
 6. division by B;
-7. the report: σ, C, the sampling rate q, the number of steps T, δ, and ε at δ from Opacus' RDP
-   accountant for T steps of the sampled Gaussian mechanism (σ, q).
+7. the report: σ, C, the sampling rate q, the number of steps T, δ, ε at δ from Opacus' RDP
+   accountant for T steps of the sampled Gaussian mechanism (σ, q), and ``round_epsilon``: the
+   ε of the one release the server observes in this round (q = 1, T = 1: the attacker sees
+   this batch's update, so no subsampling amplifies it).
 
 σ is either given or, with ``epsilon`` instead, the smallest σ (Opacus' ``get_noise_multiplier``,
-binary search to 0.01 in ε) such that T steps at rate q cost at most ε at δ. In one benchmark
-trial the client runs one round on its whole batch, so the defaults are q = 1 and T = 1. For
-training a victim with this defense (one ``apply`` per mini-batch of B out of N samples), q = B/N
-and T = epochs · ⌈N/B⌉: :func:`training_epsilon` gives that ε. The RDP accountant assumes
-Poisson sampling of each batch; a shuffled loader of fixed-size batches is the usual
-approximation (as in Abadi et al., Sec. 3.1).
+binary search to 0.01 in ε) such that T steps at rate q cost at most ε at δ. The defaults are
+q = 1 and T = 1 (one round on the client's whole batch, nothing else). Training a victim with
+this defense (one ``apply`` per mini-batch of B out of N samples) is T = epochs · ⌈N/B⌉ steps at
+q = B/N: :meth:`DPSGDDefense.options_for_training` fills them in, so ``epsilon`` is the ε of the
+whole training and σ is calibrated for it (:func:`training_epsilon` gives the ε of a σ). The RDP
+accountant assumes Poisson sampling of each batch; a shuffled loader of fixed-size batches is
+the usual approximation (as in Abadi et al., Sec. 3.1).
+
+Adaptive attack (Kerckhoffs: σ and C are public): ``noise-aware``, which models the clipping and
+the Gaussian noise of known scale σC/B in its likelihood.
 
 ``compute_update`` (the client protocol) is not called: DP-SGD defines its own update, the
 per-sample-clipped FedSGD gradient above.
@@ -50,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -194,6 +200,52 @@ class DPSGDDefense(Defense):
             else noise_multiplier_for(epsilon, delta, sample_rate, steps)  # type: ignore[arg-type]
         )
         self.epsilon = epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta)
+        self.round_epsilon = epsilon_spent(self.noise_multiplier, 1.0, 1, self.delta)
+
+    @classmethod
+    def options_for_training(
+        cls, options: Mapping[str, Any], *, batch_size: int, dataset_size: int, epochs: int
+    ) -> dict[str, Any]:
+        """``options`` accounted over training: q = B/N and T = epochs · ⌈N/B⌉. Options that
+        state another q or T are refused: the card would state an ε the training did not have."""
+        positive_int("batch_size", batch_size)
+        positive_int("dataset_size", dataset_size)
+        positive_int("epochs", epochs)
+        training = {
+            "sample_rate": min(1.0, batch_size / dataset_size),
+            "steps": epochs * math.ceil(dataset_size / batch_size),
+        }
+        for key, value in training.items():
+            if key in options and options[key] != value:
+                raise ValueError(
+                    f"dp-sgd {key}={options[key]!r} disagrees with the training it accounts for "
+                    f"({epochs} epochs of batches of {batch_size} out of {dataset_size} samples: "
+                    f"{key}={value!r}); expected it left out or equal"
+                )
+        return {**dict(options), **training}
+
+    def accounting(self) -> dict[str, Any]:
+        """ε over the accounted steps, the round's own ε, and what they are computed from."""
+        return {
+            "epsilon": self.epsilon if math.isfinite(self.epsilon) else None,
+            "round_epsilon": self.round_epsilon if math.isfinite(self.round_epsilon) else None,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": "rdp (opacus)",
+            "target_epsilon": self.target_epsilon,
+        }
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        return {
+            "noise-aware": {
+                "mechanism": "dp-sgd",
+                "max_grad_norm": self.max_grad_norm,
+                "noise_multiplier": self.noise_multiplier,
+            }
+        }
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError naming the layers that have no per-sample gradient."""
@@ -237,14 +289,7 @@ class DPSGDDefense(Defense):
             update[name] = total / batch
         # 7. The report.
         info: dict[str, Any] = {
-            "epsilon": self.epsilon if math.isfinite(self.epsilon) else None,
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": self.max_grad_norm,
-            "sample_rate": self.sample_rate,
-            "steps": self.steps,
-            "accountant": "rdp (opacus)",
-            "target_epsilon": self.target_epsilon,
+            **self.accounting(),
             "clipped_fraction": float((norms > self.max_grad_norm).double().mean()),
             "noise_std_in_update": self.noise_multiplier * self.max_grad_norm / batch,
         }

@@ -26,6 +26,10 @@ Steps, as :meth:`InstaHideDefense.apply` runs them:
    generator) multiplied in;
 4. the update of (x̃, t) through the client protocol;
 5. the hard labels and the report (k, α, c, coefficients, partners, fraction of flipped signs).
+
+Adaptive attack (Kerckhoffs: k is public; partners, coefficients and masks are not):
+``instahide-decoding`` (Carlini et al., IEEE S&P 2021), which works on the encodings'
+magnitudes and unmixes them.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ def sign_masks(like: Tensor, generator: torch.Generator) -> Tensor:
 class InstaHideDefense(MixingDefense):
     def __init__(self, k: int = 4, alpha: float = 1.0, max_coefficient: float = 0.65) -> None:
         super().__init__(k=k, alpha=alpha, max_coefficient=max_coefficient)
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        return {"instahide-decoding": {"k": self.k}}
 
     def transform(self, mixed: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
         masks = sign_masks(mixed, generator)

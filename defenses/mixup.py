@@ -26,6 +26,10 @@ Steps, as :meth:`MixUpDefense.apply` runs them:
 3. the mixed batch x' and soft targets t (float64 sums, cast to the batch's dtype);
 4. the update of (x', t) through the client protocol;
 5. the hard labels and the report (k, α, c, the coefficients and partners of every mix).
+
+Adaptive attack (Kerckhoffs: k is public; partners and coefficients are not):
+``mixup-unmixing``, Carlini et al.'s decoding of instance encodings, which here is a linear
+unmixing of the recovered mixes.
 """
 
 from __future__ import annotations
@@ -163,3 +167,6 @@ class MixingDefense(Defense):
 class MixUpDefense(MixingDefense):
     def __init__(self, k: int = 2, alpha: float = 1.0, max_coefficient: float = 1.0) -> None:
         super().__init__(k=k, alpha=alpha, max_coefficient=max_coefficient)
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        return {"mixup-unmixing": {"k": self.k}}

@@ -17,12 +17,16 @@ For the update g = (g_1, ..., g_L) of all L parameter tensors:
 
 Noise is drawn from the passed generator, tensor by tensor in the update's order, in each
 tensor's dtype, on the generator's device, then moved to the tensor's device.
+
+Adaptive attack (Kerckhoffs: s, the distribution and C are public): ``noise-aware``, whose
+likelihood models the clipping and the noise of known scale.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +67,16 @@ class NoiseDefense(Defense):
         self.scale = float(scale)
         self.distribution = distribution
         self.clip_norm = None if clip_norm is None else float(clip_norm)
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        return {
+            "noise-aware": {
+                "mechanism": "update",
+                "noise_std": self.scale,
+                "distribution": self.distribution,
+                "clip_norm": self.clip_norm,
+            }
+        }
 
     def defend_update(
         self,

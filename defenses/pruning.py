@@ -11,12 +11,15 @@ Keep the k entries of largest magnitude and zero the rest, with k = ⌈f · n⌉
 * ``scope: global``: over the whole update, n = the total number of entries.
 
 Ties in magnitude at the cut are broken by ``torch.topk``, so exactly k entries are kept.
+
+Adaptive attack: ``mask-aware`` (the kept positions are visible; the attack matches only them).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +30,12 @@ from leakbench.registry import register_defense
 SCOPES = ("layer", "global")
 
 
-def keep_largest(values: Tensor, keep_fraction: float) -> Tensor:
-    """``values`` with all but its ⌈keep_fraction · n⌉ largest-magnitude entries set to zero."""
+def keep_largest(values: Tensor, keep_fraction: float, count: int | None = None) -> Tensor:
+    """``values`` with all but its ⌈keep_fraction · n⌉ (or ``count``) largest-magnitude entries
+    set to zero."""
     flat = values.flatten()
-    kept = torch.topk(flat.abs(), math.ceil(keep_fraction * flat.numel())).indices
+    kept_count = math.ceil(keep_fraction * flat.numel()) if count is None else count
+    kept = torch.topk(flat.abs(), min(kept_count, flat.numel())).indices
     pruned = torch.zeros_like(flat)
     pruned[kept] = flat[kept]
     return pruned.view_as(values)
@@ -50,6 +55,9 @@ class PruningDefense(Defense):
             raise ValueError(f"unknown pruning scope {scope!r}; valid: {', '.join(SCOPES)}")
         self.keep_fraction = float(keep_fraction)
         self.scope = scope
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        return {"mask-aware": {}}
 
     def defend_update(
         self,

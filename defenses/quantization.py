@@ -30,12 +30,16 @@ Steps, as :meth:`QuantizationDefense.apply` runs them:
 2. each tensor, in the update's order, quantised by the scheme (QSGD draws one uniform per
    entry from the generator, in float64 on the generator's device);
 3. the report: scheme, levels (or bits), bits per entry with and without the per-tensor scales.
+
+Adaptive attack (Kerckhoffs: the scheme and its levels or bits are public, QSGD's random
+rounding is not): ``quantization-aware``, which matches through the quantiser's own model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +106,11 @@ class QuantizationDefense(Defense):
         self.scheme = scheme
         self.levels = levels
         self.bits = bits
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        return {
+            "quantization-aware": {"scheme": self.scheme, "levels": self.levels, "bits": self.bits}
+        }
 
     def bits_per_entry(self) -> int:
         """Bits that encode one entry, without the per-tensor scale."""

@@ -1,9 +1,16 @@
-"""``soteria``: pruning of the representation's most reconstructable features in one layer.
+"""``soteria``: pruning of the representation's most reconstructable features.
 
 Sun, Li, Chen, Rong, Dou, Ding, "Soteria: Provable Defense Against Privacy Leakage in Federated
 Learning From Representation Perspective", CVPR 2021. Threat model: the client knows its batch
 and model and shares an update whose defended layer carries a perturbed representation; the
 server (honest-but-curious, running a gradient-inversion attack) sees only that update.
+
+The defended layer. The paper perturbs the *data representation*: the output of the feature
+extractor, i.e. the input r of the fully connected layer that follows it. In the paper's victims
+(LeNet, ConvNet) that is the classifier, the last fully connected layer, and its weight gradient
+is the one pruned (the authors' code masks the second to last gradient tensor, the weight of the
+last ``nn.Linear``). So the default here is the last ``nn.Linear`` of the model; ``layer`` names
+another one.
 
 Math. Let r = r(x) ∈ R^d be the representation, the input of the defended fully connected layer
 W (d inputs). Its weight gradient is ∂ℓ/∂W = Σ_b δ_b r_bᵀ / B, so column i carries feature i
@@ -24,9 +31,17 @@ The gradient ∂r_{b,i}/∂x_b is the gradient of Σ_b r_{b,i} with respect to t
 sample b; it is exact when samples do not interact in the forward pass (every model in eval
 mode, and every model without BatchNorm in train mode).
 
+What it leaves open (the adaptive attacks of :meth:`SoteriaDefense.adaptive_attacks`): every
+layer but the defended one is shared unchanged, and the pruned columns are visibly zero.
+Balunović, Dimitrov, Jovanović, Vechev ("Bayesian Framework for Gradient Leakage", ICLR 2022)
+break Soteria by leaving the defended layer out of the gradient-matching objective
+(``soteria-skip``); matching only the entries the client kept (``mask-aware``) uses the kept
+columns too. On a fully connected victim with a first-layer bias the generic bias attack reads
+the input off the untouched first layer.
+
 Steps, as :meth:`SoteriaDefense.apply` runs them:
 
-1. find the defended layer (``layer`` by module name, default the first ``nn.Linear`` in module
+1. find the defended layer (``layer`` by module name, default the last ``nn.Linear`` in module
    order) and check that its weight is in the update;
 2. the client's update through the client protocol (``compute_update``);
 3. the representation r: the defended layer's input on the client's batch, read by a forward
@@ -53,12 +68,13 @@ CHUNK_ENTRIES = 2**20
 
 
 def defended_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
-    """The named ``nn.Linear`` (default: the first one in module order)."""
+    """The named ``nn.Linear`` (default: the last one in module order, whose input is the
+    representation)."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if layer is None:
         if not linears:
             raise ValueError("soteria needs a model with an nn.Linear layer, found none")
-        return linears[0]
+        return linears[-1]
     for name, module in linears:
         if name == layer:
             return name, module
@@ -119,6 +135,9 @@ class SoteriaDefense(Defense):
             raise ValueError(f"layer must be a module name or None, got {layer!r}")
         self.prune_fraction = float(prune_fraction)
         self.layer = layer
+
+    def adaptive_attacks(self) -> dict[str, dict[str, Any]]:
+        return {"soteria-skip": {"layer": self.layer}, "mask-aware": {}}
 
     def apply(
         self,

@@ -5,7 +5,10 @@
 1. check every argument (before anything is built or written);
 2. build the datamodule with ``seed`` (the shuffling of the train split) and the model from the
    seeded initialisation ``random(seed)`` (:func:`leakbench.client.build_victim`), or from the
-   weights of ``initial_checkpoint`` (training continued from a checkpoint);
+   weights of ``initial_checkpoint`` (training continued from a checkpoint); the defense's
+   options are completed for the whole training (``Defense.options_for_training``: DP-SGD's
+   sampling rate B/N and its epochs · ⌈N/B⌉ steps, so a target ε is the ε of the training, and
+   the card states it under ``defense_accounting``);
 3. seed everything with ``seed`` and fit ``epochs`` epochs of mini-batches of ``batch_size``:
    each step's gradient is the update the client would share under ``defense``, i.e.
    ``defense.apply(model, x, y, generator, fedsgd_update).update`` is written into every
@@ -141,17 +144,24 @@ def train_victim(
     model_options = dict(model_options or {})
     defense_options = dict(defense_options or {})
     MODELS.get(model)  # an unknown name raises, listing the valid ones
-    defense_instance = _make(DEFENSES, defense or "none", defense_options, "defense")
     folder = default_checkpoint_dir() if checkpoint_dir is None else Path(checkpoint_dir)
     start = None if initial_checkpoint is None else load_checkpoint(initial_checkpoint, folder)
 
-    # 2. Data and the seeded initialisation.
+    # 2. Data, the defense accounted over this training, and the seeded initialisation.
     datamodule = _make(
         DATAMODULES,
         dataset,
         {**dataset_options, "seed": seed, "train_batch_size": batch_size},
         "dataset",
     )
+    defense_cls = DEFENSES.get(defense or "none")
+    defense_options = defense_cls.options_for_training(
+        defense_options,
+        batch_size=batch_size,
+        dataset_size=len(datamodule.samples("train")),
+        epochs=epochs,
+    )
+    defense_instance = _make(DEFENSES, defense or "none", defense_options, "defense")
     input_shape, num_classes = tuple(datamodule.input_shape), int(datamodule.num_classes)
     try:
         network = build_victim(model, input_shape, num_classes, seed=seed, **model_options)
@@ -200,6 +210,7 @@ def train_victim(
     accuracy = accuracy_on(network, datamodule.samples("test"))
 
     # 5. Checkpoint and card.
+    accounting = defense_instance.accounting()
     card = {
         "model": model,
         "model_options": _plain(model_options),
@@ -214,6 +225,8 @@ def train_victim(
         "seed": seed,
         "defense": defense or "none",
         "defense_options": _plain(defense_options),
+        # What the defense guarantees over this training (DP-SGD: its ε), only when it says.
+        **({"defense_accounting": _plain(accounting)} if accounting else {}),
         # Only when set, so that the cards of training from random(seed) keep their keys.
         **({} if start is None else {"initial_checkpoint": start.sha256}),
         "test_accuracy": accuracy,
@@ -293,6 +306,12 @@ def train_command(
     echo(f"card           {result.checkpoint.card_path}")
     echo(f"test accuracy  {result.test_accuracy:.4f}")
     echo(f"train time     {result.train_seconds:.2f} s ({epochs} epochs)")
+    accounting = result.checkpoint.card.get("defense_accounting", {})
+    if accounting.get("epsilon") is not None:
+        echo(
+            f"privacy        epsilon {accounting['epsilon']:.3f} at delta {accounting['delta']:g} "
+            f"over {accounting['steps']} steps at sampling rate {accounting['sample_rate']:.4g}"
+        )
     return 0
 
 

@@ -159,6 +159,78 @@ def test_training_epsilon_uses_q_b_over_n_and_every_step() -> None:
     assert epsilon_spent(0.0, 0.5, 10, 1e-5) == math.inf
 
 
+def test_dp_sgd_reports_the_epsilon_of_the_observed_round_apart_from_the_accounted_one() -> None:
+    defense = DPSGDDefense(max_grad_norm=1.0, noise_multiplier=0.9, sample_rate=0.02, steps=300)
+    info = share(defense, victim(), *batch()).info
+    assert info["epsilon"] == epsilon_spent(0.9, 0.02, 300, 1e-5)
+    # The server sees this batch's one release: q = 1, T = 1, whatever the training was.
+    assert info["round_epsilon"] == epsilon_spent(0.9, 1.0, 1, 1e-5)
+    assert defense.accounting()["round_epsilon"] == info["round_epsilon"]
+
+
+def test_dp_sgd_options_for_training_account_every_step_of_it() -> None:
+    options = DPSGDDefense.options_for_training(
+        {"max_grad_norm": 1.0, "epsilon": 3.0}, batch_size=32, dataset_size=1437, epochs=5
+    )
+    assert options == {
+        "max_grad_norm": 1.0,
+        "epsilon": 3.0,
+        "sample_rate": 32 / 1437,
+        "steps": 5 * 45,  # ⌈1437 / 32⌉ = 45 steps per epoch
+    }
+    same_steps = {"max_grad_norm": 1.0, "epsilon": 3.0, "steps": 225}
+    assert (
+        DPSGDDefense.options_for_training(same_steps, batch_size=32, dataset_size=1437, epochs=5)[
+            "steps"
+        ]
+        == 225
+    )
+    with pytest.raises(ValueError, match=r"dp-sgd steps=7 disagrees with the training"):
+        DPSGDDefense.options_for_training(
+            {"epsilon": 3.0, "steps": 7}, batch_size=32, dataset_size=1437, epochs=5
+        )
+    # Other defenses keep their options.
+    assert SoteriaDefense.options_for_training(
+        {"prune_fraction": 0.2}, batch_size=1, dataset_size=10, epochs=1
+    ) == {"prune_fraction": 0.2}
+
+
+def test_a_dp_checkpoint_card_states_the_epsilon_of_its_whole_training(tmp_path) -> None:
+    from leakbench.models.training import train_victim
+
+    trained = train_victim(
+        "fcn",
+        "digits",
+        model_options={"widths": [8]},
+        epochs=2,
+        batch_size=256,
+        lr=0.01,
+        optimizer="adam",
+        defense="dp-sgd",
+        defense_options={"max_grad_norm": 1.0, "epsilon": 3.0},
+        checkpoint_dir=tmp_path,
+        accelerator="cpu",
+    )
+    card = trained.checkpoint.card
+    accounting = card["defense_accounting"]
+    steps, rate = 2 * 6, 256 / 1437  # ⌈1437 / 256⌉ = 6 steps per epoch
+    assert (accounting["steps"], accounting["sample_rate"]) == (steps, rate)
+    assert card["defense_options"] == {
+        "max_grad_norm": 1.0,
+        "epsilon": 3.0,
+        "sample_rate": rate,
+        "steps": steps,
+    }
+    assert 3.0 - 0.01 <= accounting["epsilon"] <= 3.0
+    assert accounting["epsilon"] == epsilon_spent(accounting["noise_multiplier"], rate, steps, 1e-5)
+    # Calibrated for one full-batch step (what the card used to claim as 3.0), the same
+    # training would have had another ε.
+    single_step = DPSGDDefense(1.0, epsilon=3.0).noise_multiplier
+    assert abs(epsilon_spent(single_step, rate, steps, 1e-5) - 3.0) > 0.1
+    # The audit's case: 5 epochs at B = 32 on 1437 samples is 225 steps at ε ≈ 1.16, not 3.
+    assert epsilon_spent(single_step, 32 / 1437, 225, 1e-5) == pytest.approx(1.16, abs=0.01)
+
+
 def test_dp_sgd_epsilon_target_gives_back_epsilon_within_tolerance() -> None:
     defense = DPSGDDefense(max_grad_norm=1.0, epsilon=3.0, delta=1e-5, sample_rate=0.01, steps=500)
     sigma = get_noise_multiplier(
@@ -314,12 +386,19 @@ def test_soteria_prunes_the_columns_the_criterion_picks_and_nothing_else() -> No
         assert torch.equal(shared.update[n], update[n])
 
 
-def test_soteria_defaults_to_the_first_linear_and_a_conv_representation() -> None:
-    model = victim("lenet-zhu")
-    images, labels = batch()
-    shared = share(SoteriaDefense(prune_fraction=0.5), model, images, labels)
-    assert shared.info["layer"] == "7" and shared.info["pruned"] == 24  # 12·2·2 features / 2
+def test_soteria_defaults_to_the_last_linear_whose_input_is_the_representation() -> None:
+    # LeNet: the conv body's output (12·2·2 features) feeds its only nn.Linear.
+    shared = share(SoteriaDefense(prune_fraction=0.5), victim("lenet-zhu"), *batch())
+    assert shared.info["layer"] == "7" and shared.info["pruned"] == 24
     assert int((shared.update["7.weight"] == 0).all(dim=0).sum()) == 24
+    # An FCN: the representation is the last hidden layer, not the input.
+    model = victim("fcn", widths=(24, 12))
+    images, labels = batch()
+    update = fedsgd_update(model, images, labels)
+    shared = share(SoteriaDefense(prune_fraction=0.5), model, images, labels)
+    assert (shared.info["layer"], shared.info["features"], shared.info["pruned"]) == ("5", 12, 6)
+    for name in ("1.weight", "1.bias", "3.weight", "3.bias", "5.bias"):
+        assert torch.equal(shared.update[name], update[name])  # untouched, as in the paper
 
 
 def test_soteria_rejects_bad_hyperparameters_and_layers() -> None:
@@ -407,3 +486,105 @@ def test_mixing_changes_batchnorm_statistics_only_through_the_client_protocol() 
 def test_mixing_defenses_reject_bad_hyperparameters(cls, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cls(**options)
+
+
+# --- top-k sparsification -----------------------------------------------------------------
+
+
+def test_top_k_keeps_the_k_largest_magnitudes_of_the_whole_update() -> None:
+    from leakbench.defenses.top_k import TopKDefense
+
+    model = victim("fcn", widths=(24,))
+    images, labels = batch()
+    update = fedsgd_update(model, images, labels)
+    flat = torch.cat([g.flatten() for g in update.values()])
+    for defense, k in (
+        (TopKDefense(k=37), 37),
+        (TopKDefense(fraction=0.05), math.ceil(0.05 * flat.numel())),
+    ):
+        shared = share(defense, model, images, labels)
+        kept = torch.cat([g.flatten() for g in shared.update.values()])
+        assert int((kept != 0).sum()) == k
+        threshold = flat.abs().sort(descending=True).values[k - 1]
+        assert torch.equal(kept[kept != 0], flat[flat.abs() >= threshold])
+    assert TopKDefense(k=3).adaptive_attacks() == {"mask-aware": {}}
+    with pytest.raises(ValueError, match="give exactly one of k and fraction"):
+        TopKDefense()
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
+        TopKDefense(fraction=0)
+
+
+# --- PRECODE ------------------------------------------------------------------------------
+
+
+def test_precode_inserts_a_variational_bottleneck_before_the_output_layer() -> None:
+    from leakbench.models.precode import VariationalBottleneck
+
+    model = victim("precode", base="fcn", base_options={"widths": (24,)}, latent=6)
+    children = list(model.children())
+    assert isinstance(children[-2], VariationalBottleneck) and children[-2].latent == 6
+    assert (children[-2].encoder.in_features, children[-1].in_features) == (24, 24)
+    images, _ = batch()
+    with torch.no_grad():  # without the client's noise source the bottleneck passes μ
+        first, again = model(images), model(images)
+        hidden = torch.nn.Sequential(*children[:-2])(images)
+        mean, _ = children[-2].statistics(hidden)
+        expected = children[-1](children[-2].decoder(mean))
+    assert torch.equal(first, again) and torch.allclose(first, expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="nn.Sequential ending in its nn.Linear output layer"):
+        build_victim("precode", SHAPE, CLASSES, seed=0, base="resnet18")
+
+
+def test_precode_shares_the_gradient_of_cross_entropy_and_kl_under_secret_noise() -> None:
+    from leakbench.defenses.precode import PrecodeDefense
+
+    model = victim("precode", base="fcn", base_options={"widths": (24,)}, latent=6)
+    images, labels = batch()
+    defense = PrecodeDefense(beta=0.01)
+    shared = share(defense, model, images, labels, seed=5)
+    # By hand: the same draws from a generator of the same seed, in the same order.
+    bottleneck = list(model.children())[-2]
+    hidden = torch.nn.Sequential(*list(model.children())[:-2])(images)
+    mean, log_variance = bottleneck.statistics(hidden)
+    noise = torch.randn(mean.shape, generator=generator(5), dtype=mean.dtype)
+    logits = list(model.children())[-1](
+        bottleneck.decoder(mean + (0.5 * log_variance).exp() * noise)
+    )
+    kl = 0.5 * (mean**2 + log_variance.exp() - log_variance - 1).sum(-1).mean()
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(
+        F.cross_entropy(logits, labels) + 0.01 * kl, list(model.parameters())
+    )
+    for name, g in zip(names, grads, strict=True):
+        assert torch.allclose(shared.update[name], g, rtol=0, atol=1e-12)
+    assert shared.info["kl"] == pytest.approx(float(kl.detach()), rel=1e-12)
+    assert bottleneck.noise_source is None  # the client's model is left as it was
+    assert not same(shared.update, share(defense, model, images, labels, seed=6).update)
+    with pytest.raises(ValueError, match="precode needs a victim with one variational bottleneck"):
+        defense.check_model(victim("fcn"))
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0, got -1"):
+        PrecodeDefense(beta=-1)
+
+
+def test_precode_leaves_the_first_layer_to_the_bias_attack_at_one_sample() -> None:
+    from leakbench.attacks.bias import BiasAttack
+    from leakbench.defenses.precode import PrecodeDefense
+    from leakbench.threat_model import Budget, make_observation
+
+    model = victim("precode", base="fcn", base_options={"widths": (24,)})
+    images, labels = batch(size=1)
+    shared = share(PrecodeDefense(), model, images, labels)
+    observation = make_observation(
+        model,
+        shared.update,
+        granted=frozenset(),
+        labels=labels,
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        budget=Budget(),
+        seed=0,
+    )
+    answer = BiasAttack().reconstruct(observation)
+    assert torch.allclose(answer.images, images, rtol=0, atol=1e-10)

@@ -12,18 +12,19 @@ from leakbench.config import Count, check_output_folder
 
 
 @command("defenses")
-def defenses(track: str, *, output_dir: str | None = None, progress: bool = True) -> int:
-    """Run a defense track: privacy (worst case over every applicable attack) against utility
-    (accuracy of victims trained with the defense), one row per defense setting.
+def defenses(*, config: str, output_dir: str | None = None, progress: bool = True) -> int:
+    """Run a defense track: privacy (the worst case over every applicable generic attack and
+    the defense's adaptive attacks) against utility (accuracy of victims trained with the
+    defense), one row per defense setting, at the track's batch size.
 
     Args:
-        track: The defense track file, e.g. leaderboards/defense-tracks/digits-fcn.yaml.
+        config: The defense track file, e.g. leaderboards/defense-tracks/digits-fcn-b1.yaml.
         output_dir: Folder that receives the track's folder (default: the track's output_dir).
         progress: Show the progress bar.
     """
     from leakbench.analysis.defense_track import DefenseTrack
 
-    loaded = DefenseTrack.load(track)
+    loaded = DefenseTrack.load(config)
     check_output_folder(output_dir or loaded.base.get("output_dir", "runs"))
     from leakbench.analysis.defense_track import run_defense_track
 
