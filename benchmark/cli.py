@@ -58,7 +58,8 @@ def run_command(
     config.check_names()
     if resume is None:
         check_output_folder(config.output_dir)
-    from leakbench.runner import NOT_PROTOCOL_KEYS, run, saved_config
+    from leakbench.config import NOT_PROTOCOL_KEYS, saved_config
+    from leakbench.runner import run
 
     if resume is not None:
         saved = saved_config(Path(resume)).to_dict()

@@ -378,3 +378,38 @@ def check_output_folder(path: str | Path, key: str = "output_dir") -> None:
             f"{key}: {str(path)!r} is not writable ({exc.strerror} in {existing}), "
             "expected a writable folder"
         ) from None
+
+
+# What config.yaml records next to the configuration (facts of the machine and the data).
+RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage")
+# Keys that may differ when a run is resumed: they change how it runs, not what it measures.
+NOT_PROTOCOL_KEYS = frozenset(
+    {
+        "logger",
+        "wandb_project",
+        "wandb_group",
+        "wandb_job_type",
+        "output_dir",
+        "run_name",
+        "threads",
+        "isolation",
+        "devices",
+    }
+)
+
+
+def saved_config(run_path: Path) -> RunConfig:
+    """The configuration a run folder was started with."""
+    from leakbench.results import RunDirectory
+
+    saved = RunDirectory(run_path).read_config() if run_path.is_dir() else None
+    if saved is None:
+        raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
+    values = {k: v for k, v in saved.items() if k not in RECORDED_FACTS}
+    return RunConfig.from_mapping(values, source=str(run_path / "config.yaml"))
+
+
+def protocol_differences(saved: RunConfig, config: RunConfig) -> list[str]:
+    """The keys on which two configurations differ in what they measure."""
+    a, b = saved.to_dict(), config.to_dict()
+    return sorted(k for k in a if k not in NOT_PROTOCOL_KEYS and a[k] != b.get(k))

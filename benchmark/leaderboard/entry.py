@@ -168,7 +168,7 @@ def records_text(records: Iterable[Mapping[str, Any]]) -> str:
 
 def outcome_sha256(records: Iterable[Mapping[str, Any]]) -> str:
     """Hash of the records without the fields that measure the machine."""
-    from leakbench.protocol import MEASURED_FIELDS
+    from leakbench.protocol.records import MEASURED_FIELDS
 
     stripped = [{k: v for k, v in r.items() if k not in MEASURED_FIELDS} for r in records]
     return hashlib.sha256(records_text(stripped).encode()).hexdigest()
@@ -417,7 +417,7 @@ def _check_entry(entry: dict[str, Any], path: Path, tracks_dir: Path) -> None:
     strays = sorted({r["cell"] for r in records} - {cell})
     if strays:
         raise EntryError(f"its records belong to {', '.join(strays)}, not to its cell {cell}")
-    from leakbench.protocol import trial_seed
+    from leakbench.protocol.records import trial_seed
 
     if any(r["seed"] != trial_seed(entry["protocol"]["seed"], r["trial"]) for r in records):
         raise EntryError("its records were not drawn with the seed of its protocol")

@@ -11,20 +11,14 @@ attack keeps on ``self`` crosses trials.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from leakbench.client import ClientProtocol, FedSGD
 from leakbench.config import ConfigError
 from leakbench.interfaces import Attack
 from leakbench.registry import ATTACKS
 from leakbench.threat_model import Capability, RequirementsNotGranted
-
-# Stream ids that keep the attacker's randomness apart from the trial plan and the client's.
-ATTACK_SEED_STREAM = 0x5EED_A77C
 
 
 @dataclass(frozen=True)
@@ -95,18 +89,3 @@ def prepare_attack(
         client_protocol=client_protocol or FedSGD(),
         max_batch_size=attack.max_batch_size,
     )
-
-
-def attack_seed(run_seed: int, cell: str) -> int:
-    """The attacker's seed: one per cell, from its own stream.
-
-    It is the same for every trial of a cell, so it cannot be inverted to a trial index (and
-    through the public trial plan to the private samples); same run seed, same attack seed.
-    """
-    key = zlib.crc32(cell.encode())
-    return int(np.random.SeedSequence([run_seed, ATTACK_SEED_STREAM, key]).generate_state(1)[0])
-
-
-def trial_seed(run_seed: int, trial: int) -> int:
-    """The client's seed of one trial (defense noise, mixing): never shown to the attacker."""
-    return int(np.random.SeedSequence([run_seed, trial]).generate_state(1)[0])

@@ -37,12 +37,7 @@ from torch import Tensor, nn
 from leakbench.client import ClientProtocol, FedSGD
 from leakbench.interfaces import Defense
 from leakbench.metrics import perturbation, score_trial, to_pixels
-from leakbench.protocol.attack import (
-    PreparedAttack,
-    attack_seed,
-    protocol_requirements,
-    trial_seed,
-)
+from leakbench.protocol.attack import PreparedAttack, protocol_requirements
 from leakbench.protocol.isolation import (
     AttackOutcome,
     default_threads,
@@ -51,14 +46,10 @@ from leakbench.protocol.isolation import (
     reconstruct,
 )
 from leakbench.protocol.private_transform import PrivateTransform
+from leakbench.protocol.records import attack_seed, trial_seed
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
 from leakbench.threat_model import Budget, Capability, ClientContext, protocol_view
-
-# Record fields that measure the machine rather than the attack: they differ between two runs
-# of the same configuration, and only they do.
-# (The client code's report holds its own timings, such as an LP solver's.)
-MEASURED_FIELDS = ("time_s", "wall_s", "client_code_s", "client_report", "budget", "memory")
 
 
 @dataclass(frozen=True)

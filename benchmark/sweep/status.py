@@ -49,8 +49,8 @@ def _heartbeat_note(run_path: Path) -> str | None:
 
 
 def run_status(run: PlannedRun) -> RunStatus:
+    from leakbench.config import protocol_differences, saved_config
     from leakbench.results import DamagedRecordsError
-    from leakbench.runner import protocol_differences, saved_config
 
     expected = expected_trials(run.config)
     path = run.path
