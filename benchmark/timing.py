@@ -1,0 +1,228 @@
+"""``leakbench timing cli`` and ``leakbench timing attacks``: the commands that print the speed
+figures of leakbench's targets, each next to the machine's load.
+
+``timing cli`` runs every command that must answer at once in a fresh process
+(``python -m leakbench.cli``, the way a user runs it) ``repeats`` times and prints the median
+wall time and which heavy libraries (torch, torchmetrics, Lightning, W&B, SciPy) the command
+imported. The commands that read JSON and write text (``leaderboard render``, ``leaderboard
+build``, ``submit``, ``sweep status``, ``sweep collect``) run on the shipped board: ``submit``
+and the sweep commands on finished run folders rebuilt from the shipped entries' own records
+(:func:`board_runs`), in a temporary folder; nothing is written into the leaderboard.
+
+``timing attacks`` (:mod:`leakbench.analysis.attack_timing`) times the optimisation attacks
+per step and per trial on fixed victims and gradients.
+
+This module imports no torch: it is one of :data:`leakbench.cli.COMMAND_MODULES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from leakbench.commands import command
+
+HEAVY_MODULES = ("torch", "torchmetrics", "lightning", "wandb", "scipy")
+TARGET_SECONDS = 3.0  # every timed command, on a quiet machine (issue 22)
+
+# Runs the command as ``leakbench`` would, then reports on its last line what it imported.
+PROBE = f"""
+import json, sys
+from leakbench.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY_MODULES!r} if m in sys.modules]}}))
+"""
+
+
+def load_text() -> str:
+    """The machine's load averages (1, 5, 15 min) and its core count, as one phrase."""
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores"
+
+
+def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path, list[Path]]:
+    """A sweep grid over the tracks that have entries, and its finished run folders, rebuilt
+    under ``folder`` from the entries' records: the grid file and the run folders.
+
+    Each run is its track as the grid expands it; its folder holds what a finished run holds
+    (``config.yaml`` with the recorded environment, ``trials.jsonl``, ``summary.json`` by the
+    canonical aggregate, the cells' grids) for every entry whose cell the run has.
+    """
+    from leakbench.metrics import aggregate
+    from leakbench.results import RunDirectory, cell_key
+    from leakbench.sweep.grid import load_grid
+
+    entries: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for path in sorted(Path(entries_dir).glob("*/*.json")):
+        entry = json.loads(path.read_text())
+        entries.setdefault(entry["track"], []).append((path, entry))
+    if not entries:
+        raise FileNotFoundError(f"no leaderboard entries in {entries_dir}: nothing to time on")
+    grid_path = folder / "board-grid.yaml"
+    grid_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "timing-board",
+                "output_dir": str(folder / "runs"),
+                "axes": {"tracks": [str(Path(tracks_dir) / f"{t}.yaml") for t in entries]},
+            }
+        )
+    )
+    runs = []
+    for run in load_grid(grid_path, check=False).runs:
+        config = run.config
+        track = (config.track or {}).get("name")
+        by_cell: dict[str, tuple[Path, dict[str, Any], list[dict[str, Any]]]] = {}
+        for path, entry in entries.get(track, []):
+            cell = cell_key(
+                entry["attack"]["name"], config.defense, entry["protocol"]["batch_size"]
+            )
+            records_path = path.with_name(path.stem + ".records.jsonl")
+            records = [json.loads(line) for line in records_path.read_text().splitlines()]
+            if (
+                entry["attack"]["name"] in config.attacks
+                and entry["defense"]["name"] == config.defense
+                and len(records) == config.trials
+                and {r["cell"] for r in records} == {cell}
+            ):
+                by_cell[cell] = (path, entry, records)
+        if not by_cell:
+            continue
+        run_dir = RunDirectory(run.path)
+        first = next(iter(by_cell.values()))[1]
+        run_dir.write_config(
+            {
+                **config.to_dict(),
+                "environment": first["environment"],
+                "datamodule": first.get("datamodule"),
+            }
+        )
+        cells = {}
+        for cell, (path, entry, records) in by_cell.items():
+            for record in records:
+                run_dir.append_trial(record)
+            grid_png = path.with_name(path.stem + ".grid.png")
+            if grid_png.is_file():
+                run_dir.write_figure(cell, grid_png.read_bytes())
+            cells[cell] = {
+                "attack": entry["attack"]["name"],
+                "defense": entry["defense"]["name"],
+                "batch_size": entry["protocol"]["batch_size"],
+                **aggregate(records),
+            }
+        run_dir.write_summary(
+            {
+                "dataset": config.dataset,
+                "model": config.model,
+                "success_psnr": config.success_psnr,
+                "cells": cells,
+                "skipped": {},
+            }
+        )
+        runs.append(run.path)
+    return grid_path, runs
+
+
+def timed_commands(
+    folder: Path, entries_dir: Path | None, tracks_dir: Path | None
+) -> list[tuple[str, list[str]]]:
+    """(label, argv) of every timed command; the board's ones work in ``folder``."""
+    from leakbench.leaderboard.entry import LEADERBOARDS, TRACKS
+
+    entries = Path(entries_dir) if entries_dir else LEADERBOARDS / "entries"
+    tracks = Path(tracks_dir) if tracks_dir else TRACKS
+    grid, runs = board_runs(folder, entries, tracks)
+    # The run with the most cells: submit checks and writes an entry for each.
+    run = max(runs, key=lambda p: len(json.loads((p / "summary.json").read_text())["cells"]))
+    board = ["--entries-dir", str(entries), "--tracks-dir", str(tracks)]
+    return [
+        ("--help", ["--help"]),
+        ("list", ["list"]),
+        ("run --attack nope (refused)", ["run", "--attack", "nope"]),
+        ("leaderboard render", ["leaderboard", "render", *board, "--out-dir", str(folder / "t")]),
+        ("leaderboard build", ["leaderboard", "build", *board, "--out-dir", str(folder / "s")]),
+        (
+            f"submit ({run.name})",
+            ["submit", str(run), "--entries-dir", str(folder / "e"), "--replace"]
+            + ["--tracks-dir", str(tracks)],
+        ),
+        ("sweep status", ["sweep", "status", str(grid)]),
+        ("sweep collect", ["sweep", "collect", str(grid), "--out", str(folder / "c")]),
+    ]
+
+
+def time_command(argv: Sequence[str], repeats: int) -> dict[str, Any]:
+    """Wall times of ``repeats`` fresh processes running ``leakbench ARGV``, its exit code and
+    the heavy modules it imported (from the last run)."""
+    times, report = [], {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, check=False
+        )
+        times.append(time.perf_counter() - start)
+        lines = done.stdout.strip().splitlines()
+        try:
+            report = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            report = {"code": done.returncode, "heavy": None, "error": error}
+    return {"times": times, **report}
+
+
+@command("timing cli")
+def timing_cli_command(
+    *, repeats: int = 5, entries_dir: str | None = None, tracks_dir: str | None = None
+) -> int:
+    """Print the wall time of the commands that must answer at once, with the machine's load.
+
+    `leakbench --help`, `list`, an unknown-name refusal, `leaderboard render`, `leaderboard
+    build`, `submit`, `sweep status` and `sweep collect`, each a fresh process; the board's
+    commands on the shipped entries (submit and sweep on run folders rebuilt from their
+    records, in a temporary folder). Target: under 3 s each on a quiet machine.
+
+    Args:
+        repeats: Runs of each command (the median is printed).
+        entries_dir: Folder of the entries to time on (default: the leaderboard's).
+        tracks_dir: Folder of the track files (default: the package's).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats: got {repeats}, expected at least 1")
+    print(f"before: {load_text()}")
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="leakbench-timing-") as tmp:
+        folder = Path(tmp)
+        commands = timed_commands(
+            folder,
+            Path(entries_dir) if entries_dir else None,
+            Path(tracks_dir) if tracks_dir else None,
+        )
+        width = max(len(label) for label, _ in commands) + 2
+        for label, argv in commands:
+            result = time_command(argv, repeats)
+            times = result["times"]
+            median = statistics.median(times)
+            heavy = result.get("heavy")
+            imports = "?" if heavy is None else (", ".join(heavy) or "none of them")
+            status = "" if result.get("code") in (0, 2) else f"; FAILED: {result.get('error')}"
+            failed += bool(status)
+            over = " (over the 3 s target)" if median > TARGET_SECONDS else ""
+            print(
+                f"leakbench {label:<{width}} median {median:6.3f} s{over} (min {min(times):.3f}, "
+                f"max {max(times):.3f}, {repeats} runs); heavy imports: {imports}{status}"
+            )
+    print(f"after:  {load_text()}")
+    return 1 if failed else 0
