@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import os
+import pickle
 import re
 import tempfile
 import typing
@@ -184,7 +185,7 @@ class RunConfig:
             attacks = values["attacks"] if isinstance(values["attacks"], list) else []
             kept = {k: v for k, v in defaults.attack_options.items() if k in attacks}
             values = {**values, "attack_options": kept}
-        return validated(cls, values, source)
+        return _validated_once(cls, values, source)
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -356,6 +357,23 @@ def validated(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     if hasattr(instance, "check"):
         instance.check()
     return instance
+
+
+# Configurations validated in this process, by their pickled inputs: jsonargparse takes about
+# 0.1 s a configuration, and a board of entries validates each track several times.
+_VALIDATED: dict[bytes, Any] = {}
+
+
+def _validated_once(cls: type, values: dict[str, Any], source: str) -> Any:
+    """:func:`validated`, each distinct input once per process; every caller gets its own copy.
+    Refusals are not kept: they raise again."""
+    try:
+        key = pickle.dumps((cls, values, source, _TEXT_NUMBERS.get()))
+    except Exception:  # values that do not pickle are validated each time
+        return validated(cls, values, source)
+    if key not in _VALIDATED:
+        _VALIDATED[key] = validated(cls, values, source)
+    return copy.deepcopy(_VALIDATED[key])
 
 
 def check_output_folder(path: str | Path, key: str = "output_dir") -> None:
