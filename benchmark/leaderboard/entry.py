@@ -29,6 +29,7 @@ results, or was edited after verification (see :mod:`leakbench.leaderboard.verif
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -113,13 +114,22 @@ def load_schema() -> dict[str, Any]:
     return json.loads(SCHEMA_FILE.read_text())
 
 
+@functools.cache
+def entry_validator() -> Any:
+    """The schema's validator, the schema itself checked once per process (``jsonschema.validate``
+    checks it on every call, most of the time a board of entries took to load)."""
+    schema = load_schema()
+    validator = jsonschema.validators.validator_for(schema)
+    validator.check_schema(schema)
+    return validator(schema)
+
+
 def validate_entry(entry: dict[str, Any]) -> None:
     """Raise :class:`EntryError` naming the first place where ``entry`` breaks the schema."""
-    try:
-        jsonschema.validate(entry, load_schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(map(str, exc.absolute_path)) or "(top level)"
-        raise EntryError(f"invalid leaderboard entry at {where}: {exc.message}") from None
+    error = jsonschema.exceptions.best_match(entry_validator().iter_errors(entry))
+    if error is not None:  # the error jsonschema.validate raises
+        where = "/".join(map(str, error.absolute_path)) or "(top level)"
+        raise EntryError(f"invalid leaderboard entry at {where}: {error.message}") from None
 
 
 def track_file(name: str, tracks_dir: Path = TRACKS) -> Path:
@@ -203,10 +213,11 @@ def result_fields(records: list[dict[str, Any]]) -> dict[str, Any]:
 def attack_distribution(name: str) -> dict[str, str] | None:
     """The installed distribution that provides attack ``name``: the one whose
     ``leakbench.attacks`` entry point registers it, else the one that ships its module."""
-    from leakbench.registry import ATTACKS
+    from leakbench.registry import ATTACKS, read_index
 
-    cls = ATTACKS.get(name)
-    module = cls.__module__
+    if name in read_index()["attack"]:  # built in: known without importing it (and torch)
+        return {"name": "leakbench", "version": leakbench.__version__}
+    module = ATTACKS.get(name).__module__
     for ep in metadata.entry_points(group="leakbench.attacks"):
         target = ep.value.split(":")[0]
         if (ep.name == name or module == target or module.startswith(target + ".")) and ep.dist:
