@@ -98,13 +98,14 @@ def higher_ranks_first(kind: str, statistic: str) -> bool:
     return LEAKIER_WHEN_HIGHER[metric] == (kind == "attack")
 
 
-def _statistic(values: np.ndarray, stat: str, metric: str) -> float:
+def _statistic(values: np.ndarray, stat: str, metric: str) -> Any:
+    """The statistic over the last axis: a number of a vector, one per row of a matrix."""
     if stat == "median":
-        return float(np.median(values))
+        return np.median(values, axis=-1)
     if stat == "mean":
-        return float(np.mean(values))
+        return np.mean(values, axis=-1)
     if stat == "worst":
-        return float(np.min(values) if LEAKIER_WHEN_HIGHER[metric] else np.max(values))
+        return np.min(values, axis=-1) if LEAKIER_WHEN_HIGHER[metric] else np.max(values, axis=-1)
     raise EntryError(f"unknown statistic {stat!r}; use median, mean or worst")
 
 
@@ -135,16 +136,16 @@ def figures(
         )
         for r in records
     ]
-    point = _statistic(np.concatenate(per_trial), stat, metric)
+    point = float(_statistic(np.concatenate(per_trial), stat, metric))
     rng = np.random.default_rng(np.random.SeedSequence([seed, BOOTSTRAP_STREAM]))
-    draws = [
-        _statistic(
-            np.concatenate([per_trial[i] for i in rng.integers(0, len(per_trial), len(per_trial))]),
-            stat,
-            metric,
-        )
-        for _ in range(int(tolerance["resamples"]))
-    ]
+    # Every resample's trials at once (the same draws as one resample after the other).
+    picks = rng.integers(0, len(per_trial), (int(tolerance["resamples"]), len(per_trial)))
+    if len({len(values) for values in per_trial}) == 1:  # as many samples in every trial
+        draws = _statistic(np.stack(per_trial)[picks].reshape(len(picks), -1), stat, metric)
+    else:
+        draws = [
+            _statistic(np.concatenate([per_trial[i] for i in row]), stat, metric) for row in picks
+        ]
     alpha = 1 - float(tolerance["confidence"])
     low, high = (float(q) for q in np.quantile(draws, [alpha / 2, 1 - alpha / 2]))
     claim = _capped(claimed, ceiling, metric)
