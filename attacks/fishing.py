@@ -14,7 +14,8 @@ pixels, activations or other statistics of the batch. The facts of its linear pr
 client's report (``ClientContext.report``), recorded with the trial and never sent to the
 server: ``{"lp": {"solver", "solver_version", "objective" (the kind), "assignment" (the
 rule), "status", "value" (the LP optimum: the perturbation's L∞ or L1 size in pixel units),
-"seconds" (one per sample), "rows" ([given to the solver, in the LP] per sample),
+"seconds" (one per sample), "cpu_seconds" (the solving thread's CPU time, per sample: what
+the LP costs without the machine's load), "rows" ([given to the solver, in the LP] per sample),
 "unprotected" (the samples left unperturbed, each with its status: a time limit, say, names
 here the sample whose reconstruction it costs), "workers", "wall_seconds" (all LPs),
 "time_limit" (per LP), "client_seconds" (the whole hook)}}``. Victims: the ExAN attack's
@@ -362,6 +363,7 @@ class Fishing(Attack):
             "status": [r.status for r in results],
             "value": [r.objective for r in results],
             "seconds": [r.seconds for r in results],
+            "cpu_seconds": [r.cpu_seconds for r in results],
             "rows": [[r.rows_given, r.rows_total] for r in results],
             "unprotected": [
                 {"sample": m, "status": r.status}

@@ -226,3 +226,36 @@ def timing_cli_command(
             )
     print(f"after:  {load_text()}")
     return 1 if failed else 0
+
+
+@command("timing attacks")
+def timing_attacks_command(
+    *,
+    attacks: list[str] | None = None,
+    steps: int = 20,
+    trials: int = 1,
+    restarts: int = 4,
+    threads: int | None = None,
+    output: str | None = None,
+) -> int:
+    """Print each optimisation attack's time per step and per trial on fixed victims and
+    gradients, with the machine's load.
+
+    Args:
+        attacks: Attacks to time (default: [dlg,idlg,inverting-gradients]).
+        steps: Steps timed per setting (after 2 warm-up steps).
+        trials: Whole trials per setting at the attack's default iterations (0: none).
+        restarts: Restarts of Inverting Gradients in its restart settings (1: none).
+        threads: Intra-op threads (default: 1, as the side-by-side comparisons).
+        output: Also write the figures as JSON to this file.
+    """
+    from leakbench.analysis.attack_timing import timing_attacks
+
+    return timing_attacks(
+        attacks=attacks,
+        steps=steps,
+        trials=trials,
+        restarts=restarts,
+        threads=threads,
+        output=Path(output) if output else None,
+    )

@@ -41,6 +41,7 @@ LP_KEYS = {
     "status",
     "value",
     "seconds",
+    "cpu_seconds",
     "rows",
     "unprotected",
     "workers",
@@ -289,7 +290,7 @@ def test_client_state_carries_the_assignment_only():
     assert lp["solver"] == "highs" and lp["solver_version"].startswith("HiGHS (highspy ")
     assert lp["objective"] == "linf" and lp["assignment"] == "min_cost"
     assert lp["unprotected"] == []
-    for key in ("status", "value", "seconds", "rows"):
+    for key in ("status", "value", "seconds", "cpu_seconds", "rows"):
         assert len(lp[key]) == BATCH
     # Per sample one objective and one time; three times for the batch.
     numbers = [v for v in lp["value"] + lp["seconds"] if v is not None]
