@@ -44,7 +44,12 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run", repeated={"--attack": "attacks", "--batch-size": "batch_sizes", "--grant": "grants"}
 )
 def run_command(
-    config: RunConfig, *, resume: str | None = None, progress: bool = True, given: Given
+    config: RunConfig,
+    *,
+    resume: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    given: Given,
 ) -> int:
     """Run a benchmark (no arguments: the quickstart).
 
@@ -52,10 +57,13 @@ def run_command(
         resume: An earlier run folder: continue the run its config.yaml describes, skipping the
             trials it already holds (options that change what it measures are refused).
         progress: Show the progress bar.
+        verbose: Show W&B's own output (otherwise one line says where the W&B run is).
     """
     config.check_names()
     if resume is None:
         check_output_folder(config.output_dir)
+        if config.run_name is not None:
+            check_output_folder(Path(config.output_dir) / config.run_name, key="run_name")
     from leakbench.config import NOT_PROTOCOL_KEYS, saved_config
     from leakbench.runner import run
 
@@ -71,7 +79,7 @@ def run_command(
                 f"change what it measures: {', '.join(differing)}"
             )
         config = RunConfig.from_mapping(wanted, source="command line")
-    run(config, resume=resume, progress=progress)
+    run(config, resume=resume, progress=progress, verbose=verbose)
     return 0
 
 
@@ -85,7 +93,7 @@ def list_command() -> int:
     print("defenses:   " + ", ".join(listing(DEFENSES).names))
     print("covariates: " + ", ".join(listing(COVARIATES).names))
     print("attacks:")
-    attacks = listing(ATTACKS)
+    attacks = listing(ATTACKS, describe=_plugin_facts)
     for name in attacks.names:
         facts = attacks.attack_facts[name]
         needs = ", ".join(facts["requires"]) or "nothing beyond the update"
@@ -94,6 +102,13 @@ def list_command() -> int:
         print(f"  {'':<24} batch size: {'any' if limit is None else f'at most {limit}'}")
         print(f"  {'':<24} threat model: {facts['threat_model']}")
     return 0
+
+
+def _plugin_facts(name: str) -> dict:
+    """A plug-in's facts, asked where its code may run (imports torch: only with plug-ins)."""
+    from leakbench.protocol.attack import plugin_facts
+
+    return plugin_facts(name)
 
 
 @command("report")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,31 +54,43 @@ def load_text() -> str:
     return f"load {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores"
 
 
-def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path, list[Path]]:
+def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path, Path, list[Path]]:
     """A sweep grid over the tracks that have entries, and its finished run folders, rebuilt
-    under ``folder`` from the entries' records: the grid file and the run folders.
+    under ``folder`` from the entries' records: the grid file, its tracks folder and the runs.
 
-    Each run is its track as the grid expands it; its folder holds what a finished run holds
-    (``config.yaml`` with the recorded environment, ``trials.jsonl``, ``summary.json`` by the
+    Each run is its track as the grid expands it (from a copy of the tracks whose ``trials``
+    is the entries' number of records, where an old entry has fewer than its track now asks);
+    its folder holds what a finished run holds (``config.yaml`` with the recorded environment
+    and the attacks' hyperparameters and code, ``trials.jsonl``, ``summary.json`` by the
     canonical aggregate, the cells' grids) for every entry whose cell the run has.
     """
     from leakbench.metrics import aggregate
+    from leakbench.protocol.attack import attack_code
+    from leakbench.registry import ATTACKS
     from leakbench.results import RunDirectory, cell_key
     from leakbench.sweep.grid import load_grid
 
-    entries: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    entries: dict[str, list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]] = {}
     for path in sorted(Path(entries_dir).glob("*/*.json")):
         entry = json.loads(path.read_text())
-        entries.setdefault(entry["track"], []).append((path, entry))
+        records_path = path.with_name(path.stem + ".records.jsonl")
+        records = [json.loads(line) for line in records_path.read_text().splitlines()]
+        entries.setdefault(entry["track"], []).append((path, entry, records))
     if not entries:
         raise FileNotFoundError(f"no leaderboard entries in {entries_dir}: nothing to time on")
+    tracks = folder / "tracks"
+    shutil.copytree(tracks_dir, tracks, dirs_exist_ok=True)
+    for track, made in entries.items():
+        config = yaml.safe_load((tracks / f"{track}.yaml").read_text())
+        config["trials"] = len(made[0][2])
+        (tracks / f"{track}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     grid_path = folder / "board-grid.yaml"
     grid_path.write_text(
         yaml.safe_dump(
             {
                 "name": "timing-board",
                 "output_dir": str(folder / "runs"),
-                "axes": {"tracks": [str(Path(tracks_dir) / f"{t}.yaml") for t in entries]},
+                "axes": {"tracks": [str(tracks / f"{t}.yaml") for t in entries]},
             }
         )
     )
@@ -85,13 +98,11 @@ def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path,
     for run in load_grid(grid_path, check=False).runs:
         config = run.config
         track = (config.track or {}).get("name")
-        by_cell: dict[str, tuple[Path, dict[str, Any], list[dict[str, Any]]]] = {}
-        for path, entry in entries.get(track, []):
+        by_cell = {}
+        for path, entry, records in entries.get(track, []):
             cell = cell_key(
                 entry["attack"]["name"], config.defense, entry["protocol"]["batch_size"]
             )
-            records_path = path.with_name(path.stem + ".records.jsonl")
-            records = [json.loads(line) for line in records_path.read_text().splitlines()]
             if (
                 entry["attack"]["name"] in config.attacks
                 and entry["defense"]["name"] == config.defense
@@ -103,11 +114,17 @@ def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path,
             continue
         run_dir = RunDirectory(run.path)
         first = next(iter(by_cell.values()))[1]
+        ran = {}
+        for name in config.attacks:
+            cls = ATTACKS.get(name)
+            options = config.attack_options.get(name, {})
+            ran[name] = {"hparams": dict(cls(**options).hparams), "code": attack_code(cls)}
         run_dir.write_config(
             {
                 **config.to_dict(),
                 "environment": first["environment"],
                 "datamodule": first.get("datamodule"),
+                "attacks_run": ran,
             }
         )
         cells = {}
@@ -133,35 +150,53 @@ def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path,
             }
         )
         runs.append(run.path)
-    return grid_path, runs
+    return grid_path, tracks, runs
 
 
 def timed_commands(
     folder: Path, entries_dir: Path | None, tracks_dir: Path | None
-) -> list[tuple[str, list[str]]]:
-    """(label, argv) of every timed command; the board's ones work in ``folder``."""
-    from leakbench.leaderboard.entry import LEADERBOARDS, TRACKS
+) -> tuple[list[tuple[str, list[str]]], str]:
+    """(label, argv) of every timed command (the board's ones work in ``folder``), and which
+    board ``render`` and ``build`` read.
+
+    ``render`` and ``build`` read the shipped board; where its entries no longer match their
+    tracks (made under an older track file), the board ``submit`` makes from the rebuilt runs.
+    """
+    from leakbench.leaderboard import submit
+    from leakbench.leaderboard.board import load_board
+    from leakbench.leaderboard.entry import LEADERBOARDS, TRACKS, EntryError
 
     entries = Path(entries_dir) if entries_dir else LEADERBOARDS / "entries"
     tracks = Path(tracks_dir) if tracks_dir else TRACKS
-    grid, runs = board_runs(folder, entries, tracks)
+    grid, copied, runs = board_runs(folder, entries, tracks)
+    board, board_tracks, which = entries, tracks, f"the shipped entries ({entries})"
+    try:
+        load_board(entries, tracks)
+    except EntryError as exc:
+        board, board_tracks = folder / "board", copied
+        for run in runs:
+            submit(run, None, board, tracks_dir=copied)
+        which = (
+            f"entries submit made from the shipped records, as the shipped ones are refused "
+            f"({str(exc)[:120]})"
+        )
     # The run with the most cells: submit checks and writes an entry for each.
     run = max(runs, key=lambda p: len(json.loads((p / "summary.json").read_text())["cells"]))
-    board = ["--entries-dir", str(entries), "--tracks-dir", str(tracks)]
+    shown = ["--entries-dir", str(board), "--tracks-dir", str(board_tracks)]
     return [
         ("--help", ["--help"]),
         ("list", ["list"]),
         ("run --attack nope (refused)", ["run", "--attack", "nope"]),
-        ("leaderboard render", ["leaderboard", "render", *board, "--out-dir", str(folder / "t")]),
-        ("leaderboard build", ["leaderboard", "build", *board, "--out-dir", str(folder / "s")]),
+        ("leaderboard render", ["leaderboard", "render", *shown, "--out-dir", str(folder / "t")]),
+        ("leaderboard build", ["leaderboard", "build", *shown, "--out-dir", str(folder / "s")]),
         (
             f"submit ({run.name})",
             ["submit", str(run), "--entries-dir", str(folder / "e"), "--replace"]
-            + ["--tracks-dir", str(tracks)],
+            + ["--tracks-dir", str(copied)],
         ),
         ("sweep status", ["sweep", "status", str(grid)]),
         ("sweep collect", ["sweep", "collect", str(grid), "--out", str(folder / "c")]),
-    ]
+    ], which
 
 
 def time_command(argv: Sequence[str], repeats: int) -> dict[str, Any]:
@@ -205,11 +240,12 @@ def timing_cli_command(
     failed = 0
     with tempfile.TemporaryDirectory(prefix="leakbench-timing-") as tmp:
         folder = Path(tmp)
-        commands = timed_commands(
+        commands, which = timed_commands(
             folder,
             Path(entries_dir) if entries_dir else None,
             Path(tracks_dir) if tracks_dir else None,
         )
+        print(f"leaderboard render and build read {which}")
         width = max(len(label) for label, _ in commands) + 2
         for label, argv in commands:
             result = time_command(argv, repeats)

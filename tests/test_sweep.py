@@ -293,7 +293,7 @@ def test_collect_feeds_the_leaderboard_commands(killed_and_relaunched, capsys, m
     assert entry["track"] == "tiny-track" and entry["results"]["trials"] == 4
     assert "no entry for b1__seed1 dlg__none__b1" in text and "seed" in text
     assert "no entry for b2__seed0 dlg__none__b2" in text
-    assert "| 1 | dlg |" in leaderboard.render(entries, tracks)["tiny-track.md"]
+    assert "| - | dlg |" in leaderboard.render(entries, tracks)["tiny-track.md"]  # unverified
 
 
 def test_a_relaunch_of_a_finished_grid_launches_nothing(killed_and_relaunched, capsys):

@@ -4,61 +4,30 @@
 the defense and the isolated attack to a scored trial record. Lightning's evaluator decides which
 trials run where; the studies and verification call the same function.
 
-The names below load with the submodule that defines them, on first use: a reader of records
-(``leakbench.protocol.records``, the leaderboard's checks) imports no torch.
+The names below load on first use (PEP 562): the attack sandbox imports
+``leakbench.protocol.zygote`` and ``jobs`` without the scoring machinery, and a reader of
+records (``leakbench.protocol.records``: the leaderboard's checks) imports no torch.
 """
 
-from __future__ import annotations
+from leakbench.lazy import lazy_exports
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from leakbench.protocol.attack import PreparedAttack, prepare_attack
-    from leakbench.protocol.isolation import ISOLATION_MODES, default_threads
-    from leakbench.protocol.private_transform import PrivateTransform
-    from leakbench.protocol.records import MEASURED_FIELDS, attack_seed, trial_seed
-    from leakbench.protocol.trial import TrialOutcome, TrialSetting, run_trial
-    from leakbench.protocol.victim import Victim
-
-_SUBMODULE = {
-    "ISOLATION_MODES": "isolation",
-    "MEASURED_FIELDS": "records",
-    "PreparedAttack": "attack",
-    "PrivateTransform": "private_transform",
-    "TrialOutcome": "trial",
-    "TrialSetting": "trial",
-    "Victim": "victim",
-    "attack_seed": "records",
-    "default_threads": "isolation",
-    "prepare_attack": "attack",
-    "run_trial": "trial",
-    "trial_seed": "records",
+_EXPORTS = {
+    "PreparedAttack": "leakbench.protocol.attack",
+    "attack_seed": "leakbench.protocol.records",
+    "prepare_attack": "leakbench.protocol.attack",
+    "trial_seed": "leakbench.protocol.records",
+    "ISOLATION_MODES": "leakbench.protocol.isolation",
+    "Placement": "leakbench.protocol.isolation",
+    "default_threads": "leakbench.protocol.isolation",
+    "PrivateTransform": "leakbench.protocol.private_transform",
+    "MEASURED_FIELDS": "leakbench.protocol.records",
+    "TrialOutcome": "leakbench.protocol.trial",
+    "TrialSetting": "leakbench.protocol.trial",
+    "run_trial": "leakbench.protocol.trial",
+    "Victim": "leakbench.protocol.victim",
 }
 
-__all__ = [
-    "ISOLATION_MODES",
-    "MEASURED_FIELDS",
-    "PreparedAttack",
-    "PrivateTransform",
-    "TrialOutcome",
-    "TrialSetting",
-    "Victim",
-    "attack_seed",
-    "default_threads",
-    "prepare_attack",
-    "run_trial",
-    "trial_seed",
-]
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _SUBMODULE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_SUBMODULE])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
