@@ -12,9 +12,13 @@ client code sends back besides the update (``client_state``, JSON data) is the a
 neurons to samples and nothing else: ``{"assignment": [layer][sample] → unit indices}``; never
 pixels, activations or other statistics of the batch. The facts of its linear programs are the
 client's report (``ClientContext.report``), recorded with the trial and never sent to the
-server: ``{"lp": {"solver", "objective" (the kind), "status", "value" (the LP optimum: the
-perturbation's L∞ or L1 size in pixel units), "seconds" (one per sample), "wall_seconds" (all
-LPs), "time_limit" (per LP), "client_seconds" (the whole hook)}}``. Victims: the ExAN attack's
+server: ``{"lp": {"solver", "solver_version", "objective" (the kind), "assignment" (the
+rule), "status", "value" (the LP optimum: the perturbation's L∞ or L1 size in pixel units),
+"seconds" (one per sample), "cpu_seconds" (the solving thread's CPU time, per sample: what
+the LP costs without the machine's load), "rows" ([given to the solver, in the LP] per sample),
+"unprotected" (the samples left unperturbed, each with its status: a time limit, say, names
+here the sample whose reconstruction it costs), "workers", "wall_seconds" (all LPs),
+"time_limit" (per LP), "client_seconds" (the whole hook)}}``. Victims: the ExAN attack's
 ReLU FCNs (``Flatten``, (``Linear``, ``ReLU``) × L, ``Linear``), with biases for exact recovery.
 
 The paper's own LP is not reproduced here (only its abstract could be read); this is our
@@ -46,26 +50,37 @@ The L∞ LP is solved in its homogeneous form: with s = Δ/τ and t = 1/τ it be
 
 (G Δ ≥ c are the activation constraints, [lo, hi] = [−p, 1 − p] the box). Same optimum, but
 the L∞ ball becomes variable bounds instead of 2d rows, which takes the simplex about 3× fewer
-iterations; the box rows are written only for pixels whose box is tighter than the largest
-possible τ. t ≥ 1 holds for every feasible point (|Δ| ≤ 1 in [0, 1]), so an infeasible
-original is an infeasible homogeneous LP. The L1 LP splits Δ = u − v with u, v ≥ 0.
+iterations. t ≥ 1 holds for every feasible point (|Δ| ≤ 1 in [0, 1]), so an infeasible
+original is an infeasible homogeneous LP. The L1 LP splits Δ = u − v with u, v ≥ 0. The rows
+are arrays and reach HiGHS only as they bind (:mod:`leakbench.attacks._fishing_lp`): a unit
+far inactive for the sample, or a pixel far from 0 and 1, costs the solver nothing.
+
+What bounds the perturbation: every unit another sample owns must be off for sample m, so m
+switches off about half of the k(B − 1) units the others own (on the ExAN paper's
+lfw-subset FCN every unit is active for 40-60 % of any batch), and the smallest perturbation
+that does grows with B. The ``min_cost`` assignment chooses the k·B units and their owners
+that this costs least (in a squared-L2 proxy); the L∞ objective spreads Δ over all pixels at
+±τ, so PSNR(perturbed, original) ≈ −20 log10 τ, a few dB below what the minimal-L2
+perturbation (a QP, an order of magnitude slower to solve) would give.
 
 Steps, as :meth:`Fishing.client_hook` runs them (float64):
 
 1. Pixels and pre-activations: p_m = x_m σ + μ; a_m^l of every constrained layer at p_m.
-2. Assignment, per constrained layer. ``"margin"`` (default): greedily, the (sample, unit)
-   pairs with the largest exclusivity margin min(a_m[j] − ε, −ε − max_{m' ≠ m} a_{m'}[j]),
-   divided by the unit's L1 weight norm in pixel space (the L∞ distance that margin is worth;
-   in deeper layers the L1 norm of its weight row stands in), until each sample owns k units;
-   it reads the batch, so it runs on the client and only its result travels. ``"seeded"``: a
-   permutation of the units drawn from the trial's public seed, k consecutive units per
-   sample, which the server could recompute. Samples that find no k free units are
-   ``unassigned``.
-3. One LP per assigned sample, built with PuLP; a sample whose unperturbed pixels satisfy
+2. Assignment, per constrained layer (:mod:`leakbench.attacks._fishing_lp`; in deeper layers
+   the weight rows stand in for the pixel Jacobian). ``"min_cost"`` (default): the k·B units
+   and their owners that cost the perturbations least, a rectangular assignment problem.
+   ``"margin"``: greedily, the (sample, unit) pairs with the largest exclusivity margin
+   min(a_m[j] − ε, −ε − max_{m' ≠ m} a_{m'}[j]) over the unit's L1 weight norm in pixel space,
+   until each sample owns k units. Both read the batch, so they run on the client and only
+   their result travels. ``"seeded"``: a permutation of the units drawn from the trial's
+   public seed, k consecutive units per sample, which the server could recompute. Samples that
+   find no k free units are ``unassigned``.
+3. One LP per assigned sample, its rows as arrays; a sample whose unperturbed pixels satisfy
    every constraint needs no solver (objective 0).
-4. The LPs are solved in ``workers`` threads (CBC runs as a subprocess and HiGHS releases the
-   GIL, so the solves overlap; PuLP's model building does not), with CBC (default) or HiGHS,
-   each LP single-threaded and under a time limit: ``time_limit`` if set, else half the
+4. The LPs are solved in ``workers`` threads (default: the usable cores; HiGHS releases the
+   GIL and CBC runs as a subprocess, so the solves overlap), with HiGHS in-process (default,
+   rows added as they bind) or CBC (every row, one process per LP), each LP
+   single-threaded and under a time limit: ``time_limit`` if set, else half the
    trial's ``max_seconds`` spread over the LPs (``BUDGET_SHARE``), else ``DEFAULT_LP_SECONDS``.
    A limit is a guard, not a budget to spend: an LP that hits it makes the trial depend on the
    machine's load, so tracks set ``max_seconds`` well above what the LPs need. The solver's
@@ -92,10 +107,12 @@ Steps, as :meth:`Fishing.client_hook` runs them (float64):
 Hyperparameters (documented defaults): ``k`` (2) units per sample and constrained layer;
 ``epsilon`` (1e-3) the activation margin, in pre-activation units; ``objective`` (``"linf"``
 or ``"l1"``); ``tau_max`` (None) an L∞ budget in pixel units for either objective; ``solver``
-(``"cbc"`` or ``"highs"``); ``assignment`` (``"margin"`` or ``"seeded"``); ``layers``
+(``"highs"`` or ``"cbc"``); ``assignment`` (``"min_cost"``, ``"margin"`` or ``"seeded"``);
+``layers``
 (``"all"``: every ReLU layer, or ``"first"``: the paper's first-layer LP, which equals
 ``"all"`` on one hidden layer; the reconstruction needs the last ReLU layer's units, so
-``"first"`` is refused for deeper FCNs); ``workers`` (2) parallel LPs; ``time_limit`` (None)
+``"first"`` is refused for deeper FCNs); ``workers`` (None: the usable cores) parallel LPs;
+``time_limit`` (None)
 seconds per LP; ``tolerance`` (None) as in ``exan``. ``Budget.max_iterations`` does not apply:
 the attack does not iterate.
 """
@@ -103,17 +120,29 @@ the attack does not iterate.
 from __future__ import annotations
 
 import math
+import os
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pulp
 import torch
 from torch import Tensor, nn
 
+from leakbench.attacks._fishing_lp import (
+    LP_SOLVERS,
+    LPResult,
+    ReluLayer,
+    assign_margin,
+    assign_min_cost,
+    assign_seeded,
+    per_pixel,
+    pre_activations,
+    relu_layers,
+    sample_lp,
+    solve_sample,
+    solver_version,
+)
 from leakbench.attacks.exan import (
     LayerTensors,
     checked_residual,
@@ -132,260 +161,17 @@ from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, ClientContext, Observation, Reconstruction
 
 OBJECTIVES = ("linf", "l1")
-SOLVERS = ("cbc", "highs")
-ASSIGNMENTS = ("margin", "seeded")
+ASSIGNMENTS = ("min_cost", "margin", "seeded")
 LAYERS = ("all", "first")
 DEFAULT_LP_SECONDS = 60.0  # per LP when the trial sets no time budget: nothing hangs
 BUDGET_SHARE = 0.5  # of the trial's max_seconds that all LPs together may take
 MIN_LP_SECONDS = 0.05
+SOLVED = ("optimal", "feasible")  # statuses of a sample the client trains on perturbed
 # Exactness of the reconstruction: the rest of the ExAN attack's hyperparameters, at its defaults.
 MIN_GROUP_SIZE = 2
 SUPPORT_TOLERANCE = 0.0
 RANK_TOLERANCE = 1e-10
 ASSUMED_LABEL_PROBABILITY = 1 / 3
-
-
-@dataclass(frozen=True)
-class ReluLayer:
-    """A Linear layer followed by a ReLU, in float64 numpy."""
-
-    weight: np.ndarray  # (out, in)
-    bias: np.ndarray  # (out,), zeros without a bias
-
-
-@dataclass(frozen=True)
-class SampleLP:
-    """The LP data of one sample in pixel space: rows Δ ≥ rhs, lower ≤ Δ ≤ upper."""
-
-    rows: np.ndarray  # (R, d)
-    rhs: np.ndarray  # (R,)
-    lower: np.ndarray  # (d,) −p (or less, never above 0)
-    upper: np.ndarray  # (d,) 1 − p (never below 0)
-
-
-@dataclass
-class LPResult:
-    """What one sample's LP gave: Δ (None unless usable), its status, objective and time."""
-
-    status: str
-    delta: np.ndarray | None = None
-    objective: float | None = None
-    seconds: float = 0.0
-
-
-def relu_layers(model: nn.Module) -> list[ReluLayer]:
-    """The (Linear, ReLU) layers of a supported FCN, in float64 (refuses other victims)."""
-    linears = fcn_layers(model)
-    layers = []
-    for _, linear in linears[:-1]:
-        weight = linear.weight.detach().to(torch.float64).cpu().numpy()
-        bias = (
-            np.zeros(weight.shape[0])
-            if linear.bias is None
-            else linear.bias.detach().to(torch.float64).cpu().numpy()
-        )
-        layers.append(ReluLayer(weight=weight, bias=bias))
-    return layers
-
-
-def per_pixel(values: tuple[float, ...], input_shape: tuple[int, ...]) -> np.ndarray:
-    """Per-channel statistics repeated over each channel's pixels, in flattening order."""
-    channels = input_shape[0]
-    if len(values) not in (1, channels):
-        raise ValueError(f"{len(values)} normalisation values for {channels} channels")
-    per_channel = np.broadcast_to(np.asarray(values, dtype=np.float64), (channels,))
-    return np.repeat(per_channel, math.prod(input_shape[1:]))
-
-
-def pre_activations(layers: list[ReluLayer], inputs: np.ndarray) -> list[np.ndarray]:
-    """a^l for every layer, (B, n_l), of model inputs (B, d)."""
-    out, h = [], inputs
-    for layer in layers:
-        a = h @ layer.weight.T + layer.bias
-        out.append(a)
-        h = np.maximum(a, 0.0)
-    return out
-
-
-def assign_margin(pre: np.ndarray, scale: np.ndarray, k: int, epsilon: float) -> list[list[int]]:
-    """Greedy assignment of k units per sample by the largest normalised exclusivity margin.
-
-    ``pre`` (B, n) are the pre-activations, ``scale`` (n,) each unit's L1 weight norm.
-    """
-    batch, units = pre.shape
-    if batch == 1:
-        others = np.full_like(pre, -np.inf)
-    else:
-        top = np.argmax(pre, axis=0)
-        ordered = np.sort(pre, axis=0)
-        others = np.broadcast_to(ordered[-1], pre.shape).copy()
-        others[top, np.arange(units)] = ordered[-2]
-    margin = np.minimum(pre - epsilon, -epsilon - others) / np.where(scale > 0, scale, np.inf)
-    chosen: list[list[int]] = [[] for _ in range(batch)]
-    used = np.zeros(units, dtype=bool)
-    full = 0
-    for flat in np.argsort(-margin, axis=None, kind="stable"):
-        m, j = divmod(int(flat), units)
-        if len(chosen[m]) < k and not used[j]:
-            chosen[m].append(j)
-            used[j] = True
-            full += len(chosen[m]) == k
-            if full == batch:
-                break
-    # A sample that could not get k units is unassigned: its units go back to nobody.
-    return [sorted(c) if len(c) == k else [] for c in chosen]
-
-
-def assign_seeded(batch: int, units: int, k: int, seed: int, layer: int) -> list[list[int]]:
-    """k consecutive units of a seeded permutation per sample (public: seed and layer only)."""
-    order = np.random.default_rng([seed, layer]).permutation(units)
-    return [
-        sorted(order[m * k : (m + 1) * k].tolist()) if (m + 1) * k <= units else []
-        for m in range(batch)
-    ]
-
-
-def sample_lp(
-    m: int,
-    layers: list[ReluLayer],
-    pre: list[np.ndarray],
-    assignment: list[list[list[int]]],
-    pixel_jacobian: np.ndarray,
-    pixels: np.ndarray,
-    epsilon: float,
-) -> SampleLP:
-    """Rows G Δ ≥ c of sample m over the constrained layers (the module docstring's LP)."""
-    rows, rhs = [], []
-    jacobian, offset = pixel_jacobian, pre[0][m]  # a^1(p + Δ) = offset + jacobian Δ
-    constrained = len(assignment)
-    for depth in range(constrained):
-        units = layers[depth].weight.shape[0]
-        own = np.zeros(units, dtype=bool)
-        own[assignment[depth][m]] = True
-        foreign = np.zeros(units, dtype=bool)
-        for other, owned in enumerate(assignment[depth]):
-            if other != m:
-                foreign[owned] = True
-        target = (pre[depth][m] > 0) | own
-        target &= ~foreign
-        # Layers below the last constrained one keep every unit on its target side, so that
-        # the map to the next layer stays affine; the last one constrains the assigned units.
-        constrain = np.ones(units, dtype=bool) if depth < constrained - 1 else own | foreign
-        sign = np.where(target, 1.0, -1.0)[constrain]
-        rows.append(sign[:, None] * jacobian[constrain])
-        rhs.append(epsilon - sign * offset[constrain])
-        if depth < constrained - 1:
-            nxt = layers[depth + 1]
-            jacobian = nxt.weight @ (target[:, None] * jacobian)
-            offset = nxt.weight @ (target * offset) + nxt.bias
-    p = pixels[m]
-    return SampleLP(
-        rows=np.concatenate(rows),
-        rhs=np.concatenate(rhs),
-        lower=np.minimum(-p, 0.0),
-        upper=np.maximum(1.0 - p, 0.0),
-    )
-
-
-def solver_command(solver: str, time_limit: float) -> pulp.LpSolver:
-    """A PuLP solver for one LP, single-threaded (the LPs run side by side)."""
-    if solver == "highs":
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1)
-    coin = pulp.COIN_CMD(msg=False, timeLimit=time_limit, threads=1)
-    if coin.available():  # a CBC of its own (PuLP 4 ships none: ``pip install pulp[cbc]``)
-        return coin
-    with warnings.catch_warnings():  # PuLP 3's bundled CBC, deprecated there
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, threads=1)
-
-
-def _expression(variables: list[pulp.LpVariable], coefficients: np.ndarray) -> Any:
-    # Activation rows are dense: zipping the whole row is the cheapest way to build them.
-    if bool((coefficients != 0).all()):
-        return pulp.LpAffineExpression(zip(variables, coefficients.tolist(), strict=True))
-    nonzero = np.flatnonzero(coefficients).tolist()
-    return pulp.LpAffineExpression(
-        zip([variables[i] for i in nonzero], coefficients[nonzero].tolist(), strict=True)
-    )
-
-
-def build_linf(problem: SampleLP, tau_max: float | None) -> tuple[pulp.LpProblem, Any]:
-    """The homogeneous L∞ LP (module docstring); returns it and a reader of (Δ, τ)."""
-    d = problem.rows.shape[1]
-    lp = pulp.LpProblem("fishing_linf", pulp.LpMaximize)
-    s = [lp.add_variable(f"s{i}", -1.0, 1.0) for i in range(d)]
-    t_min = 1.0 if tau_max is None else max(1.0, 1.0 / tau_max)
-    t = lp.add_variable("t", t_min)
-    lp += t
-    variables = [*s, t]
-    for r, (row, c) in enumerate(zip(problem.rows, problem.rhs, strict=True)):
-        lp += _expression(variables, np.append(row, -c)) >= 0, f"a{r}"
-    cap = 1.0 / t_min  # the largest τ: a box wider than that cannot bind
-    for i in np.flatnonzero(problem.upper < cap).tolist():
-        lp += s[i] - float(problem.upper[i]) * t <= 0, f"hi{i}"
-    for i in np.flatnonzero(-problem.lower < cap).tolist():
-        lp += s[i] - float(problem.lower[i]) * t >= 0, f"lo{i}"
-
-    def read() -> tuple[np.ndarray, float] | None:
-        scale = t.varValue
-        values = [v.varValue for v in s]
-        if scale is None or not scale > 0 or any(v is None for v in values):
-            return None  # a point cut short before it had one
-        return np.array(values, dtype=np.float64) / scale, 1.0 / scale
-
-    return lp, read
-
-
-def build_l1(problem: SampleLP, tau_max: float | None) -> tuple[pulp.LpProblem, Any]:
-    """The L1 LP with Δ = u − v; returns it and a reader of (Δ, ‖Δ‖_1)."""
-    d = problem.rows.shape[1]
-    cap = math.inf if tau_max is None else tau_max
-    lp = pulp.LpProblem("fishing_l1", pulp.LpMinimize)
-    up = [lp.add_variable(f"u{i}", 0.0, min(float(problem.upper[i]), cap)) for i in range(d)]
-    down = [lp.add_variable(f"v{i}", 0.0, min(float(-problem.lower[i]), cap)) for i in range(d)]
-    lp += pulp.lpSum(up) + pulp.lpSum(down)
-    variables = [*up, *down]
-    for r, (row, c) in enumerate(zip(problem.rows, problem.rhs, strict=True)):
-        lp += _expression(variables, np.concatenate([row, -row])) >= float(c), f"a{r}"
-
-    def read() -> tuple[np.ndarray, float] | None:
-        values = [(u.varValue, v.varValue) for u, v in zip(up, down, strict=True)]
-        if any(a is None or b is None for a, b in values):
-            return None
-        delta = np.array([a - b for a, b in values], dtype=np.float64)
-        return delta, float(np.abs(delta).sum())
-
-    return lp, read
-
-
-def solve_sample(
-    problem: SampleLP, objective: str, tau_max: float | None, command: pulp.LpSolver
-) -> LPResult:
-    """Build and solve one sample's LP with PuLP and ``command``; never raises."""
-    start = time.perf_counter()
-    if bool((problem.rhs <= 0).all()):  # Δ = 0 already satisfies every constraint
-        return LPResult("optimal", np.zeros(problem.rows.shape[1]), 0.0, 0.0)
-    try:
-        build = build_linf if objective == "linf" else build_l1
-        lp, read = build(problem, tau_max)
-        lp.solve(command)
-        point = read() if lp.status != pulp.LpStatusInfeasible else None
-        if lp.status == pulp.LpStatusInfeasible:
-            result = LPResult("infeasible")
-        elif lp.sol_status == pulp.LpSolutionOptimal and point is not None:
-            result = LPResult("optimal", *point)
-        elif lp.sol_status == pulp.LpSolutionIntegerFeasible:  # stopped by the time limit
-            result = LPResult("time_limit") if point is None else LPResult("feasible", *point)
-        elif lp.status == pulp.LpStatusNotSolved:
-            result = LPResult("time_limit")
-        else:
-            result = LPResult(f"error: {pulp.LpStatus[lp.status]} without a solution")
-    except Exception as exc:  # a solver crash leaves the sample unperturbed, never the trial
-        result = LPResult(f"error: {type(exc).__name__}: {exc}")
-    if result.delta is not None and not np.isfinite(result.delta).all():
-        result = LPResult("error: non-finite solution")
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def satisfied(
@@ -409,6 +195,14 @@ def satisfied(
     return True
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), the LPs' default parallelism."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
     if value not in valid:
         raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
@@ -430,10 +224,10 @@ class Fishing(Attack):
         epsilon: float = 1e-3,
         objective: str = "linf",
         tau_max: float | None = None,
-        solver: str = "cbc",
-        assignment: str = "margin",
+        solver: str = "highs",
+        assignment: str = "min_cost",
         layers: str = "all",
-        workers: int = 2,
+        workers: int | None = None,
         time_limit: float | None = None,
         tolerance: float | None = None,
     ) -> None:
@@ -463,10 +257,10 @@ class Fishing(Attack):
         self.epsilon = float(epsilon)
         self.objective = check_choice("objective", objective, OBJECTIVES)
         self.tau_max = None if tau_max is None else float(tau_max)
-        self.solver = check_choice("solver", solver, SOLVERS)
+        self.solver = check_choice("solver", solver, LP_SOLVERS)
         self.assignment = check_choice("assignment", assignment, ASSIGNMENTS)
         self.layers = check_choice("layers", layers, LAYERS)
-        self.workers = positive_int("workers", workers)
+        self.workers = usable_cores() if workers is None else positive_int("workers", workers)
         self.time_limit = None if time_limit is None else float(time_limit)
         self.tolerance = tolerance
 
@@ -489,6 +283,16 @@ class Fishing(Attack):
         share = BUDGET_SHARE * budget * min(self.workers, max(count, 1)) / max(count, 1)
         return max(share, MIN_LP_SECONDS)
 
+    def assign(
+        self, layer: int, pre: np.ndarray, jacobian: np.ndarray, seed: int
+    ) -> list[list[int]]:
+        """Step 2 for one constrained layer: each sample's k units (or [] if it got none)."""
+        if self.assignment == "seeded":
+            return assign_seeded(pre.shape[0], pre.shape[1], self.k, seed, layer)
+        if self.assignment == "margin":
+            return assign_margin(pre, np.abs(jacobian).sum(axis=1), self.k, self.epsilon)
+        return assign_min_cost(pre, jacobian, self.k, self.epsilon)
+
     def client_hook(
         self, model: nn.Module, images: Tensor, context: ClientContext
     ) -> tuple[Tensor, dict[str, Any]]:
@@ -510,26 +314,19 @@ class Fishing(Attack):
         pre = pre_activations(constrained, inputs)
         pixel_jacobian = layers[0].weight / std  # ∂a^1/∂p
         # Step 2.
-        assignment: list[list[list[int]]] = []
-        for depth, layer in enumerate(constrained):
-            if self.assignment == "seeded":
-                assignment.append(
-                    assign_seeded(batch, layer.weight.shape[0], self.k, context.seed, depth)
-                )
-            else:
-                jac = pixel_jacobian if depth == 0 else layer.weight
-                scale = np.abs(jac).sum(axis=1)
-                assignment.append(assign_margin(pre[depth], scale, self.k, self.epsilon))
+        assignment = [
+            self.assign(
+                depth, pre[depth], pixel_jacobian if depth == 0 else layer.weight, context.seed
+            )
+            for depth, layer in enumerate(constrained)
+        ]
         assigned = [m for m in range(batch) if all(owned[m] for owned in assignment)]
         # Step 3 and 4.
         limit = self.lp_seconds(context, len(assigned))
 
-        # Solver objects are made here, in the calling thread (warnings are not thread-safe).
-        commands = {m: solver_command(self.solver, limit) for m in assigned}
-
         def solve(m: int) -> LPResult:
             problem = sample_lp(m, layers, pre, assignment, pixel_jacobian, pixels, self.epsilon)
-            return solve_sample(problem, self.objective, self.tau_max, commands[m])
+            return solve_sample(problem, self.objective, self.tau_max, self.solver, limit)
 
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
@@ -560,10 +357,20 @@ class Fishing(Attack):
         # the trial for the benchmark and never sent to the server.
         context.report["lp"] = {
             "solver": self.solver,
+            "solver_version": solver_version(self.solver),
             "objective": self.objective,
+            "assignment": self.assignment,
             "status": [r.status for r in results],
             "value": [r.objective for r in results],
             "seconds": [r.seconds for r in results],
+            "cpu_seconds": [r.cpu_seconds for r in results],
+            "rows": [[r.rows_given, r.rows_total] for r in results],
+            "unprotected": [
+                {"sample": m, "status": r.status}
+                for m, r in enumerate(results)
+                if r.status not in SOLVED
+            ],
+            "workers": self.workers,
             "wall_seconds": wall,
             "time_limit": limit,
             "client_seconds": time.perf_counter() - started,

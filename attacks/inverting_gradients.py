@@ -19,10 +19,23 @@ Optimisation, as in the paper's code: x' ~ N(0, 1) from the trial seed; Adam on 
 gradient sign(∂L/∂x'); the learning rate drops by 10× at 3/8, 5/8 and 7/8 of the planned
 iterations (MultiStepLR); after the initial draw and after every step x' is clamped to the box of
 valid inputs [(0 − mean_c)/std_c, (1 − mean_c)/std_c] per channel c. ``restarts`` independent runs
-(successive draws of the same generator) share the trial budget: a restart plans
-min(iterations, remaining budget iterations / restarts left) so that its schedule completes
-within an iteration budget. The answer is the restart with the smallest final cosine gradient
-distance (without TV), a quantity the server can compute: never chosen with private data.
+(successive draws of the same generator) share the trial budget: each plans
+min(iterations, budget iterations // restarts) so that its schedule completes within an
+iteration budget (a budget of fewer iterations than restarts runs that many restarts, one
+iteration each). The answer is the restart with the smallest final cosine gradient distance
+(without TV), a quantity the server can compute: never chosen with private data.
+
+Steps, as :meth:`InvertingGradients.reconstruct` runs them:
+
+1. Labels (below), the box, and every restart's draw.
+2. Under FedSGD with several restarts (and ``batch_restarts``), all restarts at once: the
+   dummies of every restart stacked, each restart's objective gradient from one vectorised
+   pass (``torch.func.vmap`` of ``torch.func.grad`` through ``torch.func.functional_call``),
+   one Adam step for all (Adam and the clamp act element-wise, so each restart follows its own
+   trajectory); the result equals restart-by-restart optimisation up to the rounding of
+   batched kernels. Otherwise (one restart, or a FedAvg / aggregate replay, whose client code
+   is autograd) one restart after the other.
+3. Each restart's final cosine distance, and the choice of the smallest.
 
 Labels (without ``Capability.LABELS``):
 
@@ -39,6 +52,8 @@ Hyperparameters:
 * ``iterations`` (2000): Adam steps per restart, drawn from the trial budget. The paper uses
   up to 24 000 on GPU; 2000 keeps a LeNet-sized trial to seconds on a CPU.
 * ``lr`` (0.1), ``tv_weight`` α (1e-4), ``restarts`` (1).
+* ``batch_restarts`` (true): restarts in one vectorised pass (step 2); false runs them one
+  after the other (the reference the batched result is tested against).
 
 Client protocols (the paper's Sec. 5, "multiple local steps"):
 
@@ -63,18 +78,24 @@ The model is used in the mode the client trained it in; the attack never changes
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
+from torch.nn import functional as F
+from torch.optim.adam import adam
 
 from leakbench.attacks._gradient_matching import (
+    flat,
     gaussian_dummy,
     granted_batch_size,
     replayed_protocol,
     seeded_generator,
     simulated_update,
+    tuned_convolutions,
 )
 from leakbench.attacks.idlg import idlg_label, output_layer_gradients
 from leakbench.client import EVERY_PROTOCOL, ClientProtocol, FedAvg, fedsgd_equivalent
@@ -85,14 +106,18 @@ from leakbench.threat_model import Capability, Observation, Reconstruction
 # Fractions of the planned iterations at which the learning rate drops by LR_DECAY.
 LR_MILESTONES = (3 / 8, 5 / 8, 7 / 8)
 LR_DECAY = 0.1
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
+ADAM_EPS = 1e-8
 
 
 def cosine_gradient_distance(dummy: list[Tensor], target: list[Tensor]) -> Tensor:
     """1 − ⟨∇θ', ∇θ⟩ / (‖∇θ'‖ ‖∇θ‖) over all layers concatenated."""
-    dot = torch.stack([(d * t).sum() for d, t in zip(dummy, target, strict=True)]).sum()
-    dummy_norm = torch.stack([(d**2).sum() for d in dummy]).sum().sqrt()
-    target_norm = torch.stack([(t**2).sum() for t in target]).sum().sqrt()
-    return 1 - dot / (dummy_norm * target_norm)
+    return flat_cosine_distance(flat(dummy), flat(target))
+
+
+def flat_cosine_distance(dummy: Tensor, target: Tensor) -> Tensor:
+    """:func:`cosine_gradient_distance` of two gradients given as vectors (:func:`flat`)."""
+    return 1 - dummy @ target / (dummy.norm() * target.norm())
 
 
 def total_variation(images: Tensor) -> Tensor:
@@ -118,6 +143,47 @@ def bias_gradient_labels(observation: Observation, batch_size: int) -> Tensor:
     return torch.cat([present, duplicates])
 
 
+class SignedAdam:
+    """Adam on the sign of the gradient, its learning rate dropping by ``LR_DECAY`` at
+    ``LR_MILESTONES`` of ``planned`` steps (as ``MultiStepLR``), for one tensor in place.
+
+    The update is ``torch.optim.adam.adam``, the functional form of ``torch.optim.Adam``,
+    called directly: ``Optimizer.step`` asks at every step whether a GPU is there, which with
+    Lightning imported (``PYTORCH_NVML_BASED_CUDA_CHECK=1``) loads NVML each time, the largest
+    overhead in the profile of a CPU step.
+    """
+
+    def __init__(self, variable: Tensor, lr: float, planned: int) -> None:
+        self.variable = variable
+        self.lr = lr
+        self.milestones = sorted(int(planned * f) for f in LR_MILESTONES)
+        self.exp_avg = torch.zeros_like(variable)
+        self.exp_avg_sq = torch.zeros_like(variable)
+        self.count = torch.zeros((), dtype=torch.float32)
+        self.steps = 0
+
+    def step(self, grad: Tensor) -> None:
+        """One step on ``sign(grad)`` (``grad`` is overwritten)."""
+        decays = bisect.bisect_right(self.milestones, self.steps)
+        adam(
+            [self.variable],
+            [grad.sign_()],
+            [self.exp_avg],
+            [self.exp_avg_sq],
+            [],
+            [self.count],
+            foreach=False,
+            amsgrad=False,
+            beta1=ADAM_BETAS[0],
+            beta2=ADAM_BETAS[1],
+            lr=self.lr * LR_DECAY**decays,
+            weight_decay=0.0,
+            eps=ADAM_EPS,
+            maximize=False,
+        )
+        self.steps += 1
+
+
 def _box(observation: Observation, like: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel bounds of valid model inputs, the images of pixel values 0 and 1."""
     low = observation.to_input_space(torch.zeros(len(observation.mean), 1, 1, dtype=like.dtype))
@@ -136,19 +202,33 @@ class InvertingGradients(Attack):
     )
 
     def __init__(
-        self, iterations: int = 2000, lr: float = 0.1, tv_weight: float = 1e-4, restarts: int = 1
+        self,
+        iterations: int = 2000,
+        lr: float = 0.1,
+        tv_weight: float = 1e-4,
+        restarts: int = 1,
+        batch_restarts: bool = True,
     ) -> None:
-        super().__init__(iterations=iterations, lr=lr, tv_weight=tv_weight, restarts=restarts)
+        super().__init__(
+            iterations=iterations,
+            lr=lr,
+            tv_weight=tv_weight,
+            restarts=restarts,
+            batch_restarts=batch_restarts,
+        )
         positive_int("iterations", iterations)
         positive_int("restarts", restarts)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if not tv_weight >= 0:
             raise ValueError(f"tv_weight must be non-negative, got {tv_weight!r}")
+        if not isinstance(batch_restarts, bool):
+            raise ValueError(f"batch_restarts must be true or false, got {batch_restarts!r}")
         self.iterations = iterations
         self.lr = float(lr)
         self.tv_weight = float(tv_weight)
         self.restarts = restarts
+        self.batch_restarts = batch_restarts
 
     def reconstruct(self, observation: Observation) -> Reconstruction:
         batch_size = granted_batch_size(observation, "Inverting Gradients")
@@ -156,25 +236,37 @@ class InvertingGradients(Attack):
         protocol = replayed_protocol(observation, "Inverting Gradients")
         labels, label_source = self._labels(fedsgd_equivalent(observation), batch_size)
         labels = labels.to(target[0].device)
-        low, high = _box(observation, target[0])
+        box = _box(observation, target[0])
         generator = seeded_generator(observation)
-        candidates: list[Tensor] = []
-        losses: list[float] = []
-        steps: list[int] = []
-        for restart in range(self.restarts):
-            if restart > 0 and observation.budget.exhausted:
-                break
-            images = gaussian_dummy((batch_size, *observation.input_shape), generator, target[0])
-            with torch.enable_grad():
-                done = self._optimise(
-                    observation, protocol, target, images, labels, (low, high), restart
+        planned = self._planned_iterations(observation)
+        # A budget of fewer iterations than restarts runs as many restarts as it has iterations.
+        restarts = min(self.restarts, observation.budget.budget.max_iterations or self.restarts)
+        draws = [
+            gaussian_dummy((batch_size, *observation.input_shape), generator, target[0])
+            for _ in range(restarts)
+        ]
+        target_flat = flat(target)
+        with tuned_convolutions(observation.model), torch.enable_grad():
+            if protocol is None and restarts > 1 and self.batch_restarts:
+                candidates = self._optimise_batched(
+                    observation, target_flat, torch.stack(draws), labels, box, planned
                 )
-                loss = cosine_gradient_distance(
-                    simulated_update(observation, protocol, images, labels), target
+                steps = [planned] * restarts
+            else:
+                steps = [
+                    self._optimise(observation, protocol, target_flat, x, labels, box, planned)
+                    for x in draws
+                ]
+                candidates = draws
+            # Scored one restart at a time on the same path for every mode: what the server
+            # can compute, the cosine distance without TV.
+            losses = [
+                flat_cosine_distance(
+                    flat(simulated_update(observation, protocol, images, labels)), target_flat
                 ).item()
-            candidates.append(images.detach())
-            losses.append(loss)
-            steps.append(done)
+                for images in candidates
+            ]
+        candidates = [images.detach() for images in candidates]
         finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
         if not finite:
             raise TrialFailure(f"every restart ended with a non-finite loss: {losses}")
@@ -183,6 +275,7 @@ class InvertingGradients(Attack):
             "restart_losses": losses,
             "restart_iterations": steps,
             "chosen_restart": chosen,
+            "restarts_batched": protocol is None and restarts > 1 and self.batch_restarts,
             "label_source": label_source,
         }
         return Reconstruction(images=candidates[chosen], labels=labels, info=info)
@@ -194,44 +287,80 @@ class InvertingGradients(Attack):
             return torch.tensor([idlg_label(observation)]), "idlg"
         return bias_gradient_labels(observation, batch_size), "bias-gradient"
 
-    def _planned_iterations(self, observation: Observation, restart: int) -> int:
-        """This restart's schedule length: its share of what is left of an iteration budget."""
+    def _planned_iterations(self, observation: Observation) -> int:
+        """Every restart's schedule length: an equal share of an iteration budget."""
         max_iterations = observation.budget.budget.max_iterations
         if max_iterations is None:
             return self.iterations
-        left = max_iterations - observation.budget.used_iterations
-        return max(1, min(self.iterations, left // (self.restarts - restart)))
+        return max(1, min(self.iterations, max_iterations // self.restarts))
 
     def _optimise(
         self,
         observation: Observation,
         protocol: ClientProtocol | None,
-        target: list[Tensor],
+        target: Tensor,
         images: Tensor,
         labels: Tensor,
         box: tuple[Tensor, Tensor],
-        restart: int,
+        planned: int,
     ) -> int:
         """Run one restart in place on ``images``; returns the iterations it drew."""
         low, high = box
-        planned = self._planned_iterations(observation, restart)
         with torch.no_grad():
-            images.copy_(torch.maximum(torch.minimum(images, high), low))
-        optimizer = torch.optim.Adam([images], lr=self.lr)
-        milestones = [int(planned * f) for f in LR_MILESTONES]
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=LR_DECAY)
+            images.clamp_(low, high)
+        optimizer = SignedAdam(images, self.lr, planned)
         done = 0
         for _ in observation.budget.iterations(planned):
             update = simulated_update(observation, protocol, images, labels)
-            loss = cosine_gradient_distance(update, target)
+            loss = flat_cosine_distance(flat(update), target)
             if self.tv_weight > 0:
                 loss = loss + self.tv_weight * total_variation(images)
             (grad,) = torch.autograd.grad(loss, [images])
-            images.grad = grad.sign()
-            optimizer.step()
-            scheduler.step()
             with torch.no_grad():
-                images.copy_(torch.maximum(torch.minimum(images, high), low))
+                optimizer.step(grad)
+                images.clamp_(low, high)
             done += 1
-        images.grad = None
         return done
+
+    def _optimise_batched(
+        self,
+        observation: Observation,
+        target: Tensor,
+        images: Tensor,
+        labels: Tensor,
+        box: tuple[Tensor, Tensor],
+        planned: int,
+    ) -> list[Tensor]:
+        """Every restart at once (FedSGD): ``images`` (R, B, C, H, W) optimised in place, each
+        restart's gradient from one vectorised pass (``torch.func.vmap`` over
+        ``functional_call``); the same algorithm as :meth:`_optimise` restart by restart
+        (Adam and the clamp act element-wise), equal up to the rounding of batched kernels.
+        Each step draws one iteration per restart from the budget."""
+        model = observation.model
+        parameters = {name: p.detach() for name, p in model.named_parameters()}
+        # BatchNorm in training mode updates running statistics in place: each restart gets
+        # its own copy, as the sequential path's updates never reach its loss either.
+        buffers = {name: b.detach() for name, b in model.named_buffers()}
+        restarts = images.shape[0]
+        tv_weight = self.tv_weight
+
+        def objective(x: Tensor, own_buffers: dict[str, Tensor]) -> Tensor:
+            def task_loss(p: dict[str, Tensor]) -> Tensor:
+                return F.cross_entropy(functional_call(model, (p, own_buffers), (x,)), labels)
+
+            update = torch.func.grad(task_loss)(parameters)
+            loss = flat_cosine_distance(flat(list(update.values())), target)
+            return loss + tv_weight * total_variation(x) if tv_weight > 0 else loss
+
+        step = torch.func.vmap(torch.func.grad(objective))
+        low, high = box
+        images = images.detach()
+        images.clamp_(low, high)
+        optimizer = SignedAdam(images, self.lr, planned)
+        for _ in range(planned):
+            for _ in range(restarts):
+                observation.budget.step()
+            copies = {name: b.expand(restarts, *b.shape).clone() for name, b in buffers.items()}
+            optimizer.step(step(images, copies))
+            images.clamp_(low, high)
+        return list(images.unbind(0))

@@ -12,10 +12,7 @@ modules import no torch, so ``--help``, ``list`` and the refusal of bad input an
 from __future__ import annotations
 
 import importlib
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "leakbench.leaderboard.commands",
     "leakbench.models.commands",
     "leakbench.sweep.commands",
+    "leakbench.timing",
 )
 
 
@@ -67,7 +65,8 @@ def run_command(
         check_output_folder(config.output_dir)
         if config.run_name is not None:
             check_output_folder(Path(config.output_dir) / config.run_name, key="run_name")
-    from leakbench.runner import NOT_PROTOCOL_KEYS, run, saved_config
+    from leakbench.config import NOT_PROTOCOL_KEYS, saved_config
+    from leakbench.runner import run
 
     if resume is not None:
         saved = saved_config(Path(resume)).to_dict()
@@ -160,52 +159,6 @@ def index_command(*, check: bool = False) -> int:
         return 1 if stale else 0
     INDEX_PATH.write_text(fresh)
     print(f"wrote {INDEX_PATH}")
-    return 0
-
-
-# What ``leakbench timing cli`` times: the answers that must not wait for torch.
-TIMED_COMMANDS: tuple[tuple[str, ...], ...] = (
-    ("--help",),
-    ("list",),
-    ("run", "--attack", "nope"),
-)
-
-
-@command("timing cli")
-def timing_cli_command(*, repeats: int = 5) -> int:
-    """Print the wall time of `leakbench --help`, `list` and an unknown-name refusal.
-
-    Each is a fresh process (``python -m leakbench.cli``); the median of ``repeats`` runs is
-    printed, and whether the command imported torch.
-
-    Args:
-        repeats: Runs of each command (the median is printed).
-    """
-    probe = (
-        "import sys, contextlib, io\n"
-        "from leakbench.cli import main\n"
-        "quiet = io.StringIO()\n"
-        "with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):\n"
-        "    try: main(sys.argv[1:])\n"
-        "    except SystemExit: pass\n"
-        "print('torch' in sys.modules)\n"
-    )
-    for argv in TIMED_COMMANDS:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "leakbench.cli", *argv], capture_output=True, check=False
-            )
-            times.append(time.perf_counter() - start)
-        imported = subprocess.run(
-            [sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        print(
-            f"leakbench {' '.join(argv):<22} median {statistics.median(times):.3f} s "
-            f"(min {min(times):.3f}, max {max(times):.3f}, {repeats} runs); "
-            f"imports torch: {'yes' if imported == 'True' else 'no'}"
-        )
     return 0
 
 

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import os
+import pickle
 import re
 import tempfile
 import typing
@@ -186,7 +187,7 @@ class RunConfig:
             attacks = values["attacks"] if isinstance(values["attacks"], list) else []
             kept = {k: v for k, v in defaults.attack_options.items() if k in attacks}
             values = {**values, "attack_options": kept}
-        return validated(cls, values, source)
+        return _validated_once(cls, values, source)
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -393,6 +394,23 @@ def validated(cls: type, values: dict[str, Any], source: str = "config") -> Any:
     return instance
 
 
+# Configurations validated in this process, by their pickled inputs: jsonargparse takes about
+# 0.1 s a configuration, and a board of entries validates each track several times.
+_VALIDATED: dict[bytes, Any] = {}
+
+
+def _validated_once(cls: type, values: dict[str, Any], source: str) -> Any:
+    """:func:`validated`, each distinct input once per process; every caller gets its own copy.
+    Refusals are not kept: they raise again."""
+    try:
+        key = pickle.dumps((cls, values, source, _TEXT_NUMBERS.get()))
+    except Exception:  # values that do not pickle are validated each time
+        return validated(cls, values, source)
+    if key not in _VALIDATED:
+        _VALIDATED[key] = validated(cls, values, source)
+    return copy.deepcopy(_VALIDATED[key])
+
+
 def check_output_folder(path: str | Path, key: str = "output_dir") -> None:
     """Refuse, before anything runs, a folder that cannot be created or written: below a
     regular file, on a read-only file system, or with a name or path longer than the file
@@ -441,3 +459,38 @@ def _deepest_existing(given: str | Path, folder: Path, key: str) -> Path:
             f"for a run folder; expected at most {path_max - _ROOM_INSIDE} bytes"
         )
     return existing
+
+
+# What config.yaml records next to the configuration (facts of the machine and the data).
+RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage", "sandbox", "attacks_run")
+# Keys that may differ when a run is resumed: they change how it runs, not what it measures.
+NOT_PROTOCOL_KEYS = frozenset(
+    {
+        "logger",
+        "wandb_project",
+        "wandb_group",
+        "wandb_job_type",
+        "output_dir",
+        "run_name",
+        "threads",
+        "isolation",
+        "devices",
+    }
+)
+
+
+def saved_config(run_path: Path) -> RunConfig:
+    """The configuration a run folder was started with."""
+    from leakbench.results import RunDirectory
+
+    saved = RunDirectory(run_path).read_config() if run_path.is_dir() else None
+    if saved is None:
+        raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
+    values = {k: v for k, v in saved.items() if k not in RECORDED_FACTS}
+    return RunConfig.from_mapping(values, source=str(run_path / "config.yaml"))
+
+
+def protocol_differences(saved: RunConfig, config: RunConfig) -> list[str]:
+    """The keys on which two configurations differ in what they measure."""
+    a, b = saved.to_dict(), config.to_dict()
+    return sorted(k for k in a if k not in NOT_PROTOCOL_KEYS and a[k] != b.get(k))

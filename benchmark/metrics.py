@@ -58,14 +58,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
-from torch.utils.data import Dataset
-from torchmetrics.functional.image import structural_similarity_index_measure
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+    from torch.utils.data import Dataset
+
+# torch, torchmetrics and scipy are imported where a metric is computed: reading recorded
+# figures (:func:`aggregate`, the leaderboard's checks) must not wait for them.
 
 PSNR_CAP = 300.0
 MSE_FLOOR = 1e-30
@@ -82,6 +84,8 @@ GALLERY_CHUNK = 256  # gallery images compared at once: bounds memory on large s
 
 def to_pixels(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Model inputs -> pixels in [0, 1] (float64)."""
+    import torch
+
     images = images.detach().to(torch.float64).cpu()
     m = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
@@ -97,6 +101,8 @@ def mse_matrix(reconstructions: Tensor, truths: Tensor) -> Tensor:
 
 def match(reconstructions: Tensor, truths: Tensor) -> dict[int, int]:
     """One-to-one matching minimising total MSE: {truth index: reconstruction index}."""
+    from scipy.optimize import linear_sum_assignment
+
     if len(reconstructions) == 0:
         return {}
     rows, cols = linear_sum_assignment(mse_matrix(reconstructions, truths).numpy())
@@ -113,6 +119,8 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     Gaussian window σ = 1.5 (11 taps). Images smaller than 11 px use the largest odd window k
     that fits and σ = (k − 1)/7, so that torchmetrics' Gaussian has exactly k taps.
     """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     side = min(a.shape[-2:])
     if side < 3:
         raise ValueError(f"SSIM needs images of at least 3×3 pixels, got {tuple(a.shape[-2:])}")
@@ -124,6 +132,8 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
 
 
 def least_squares_gain(reconstruction: Tensor, truth: Tensor) -> float:
+    import torch
+
     r = reconstruction.flatten().to(torch.float64)
     t = truth.flatten().to(torch.float64)
     denominator = float(r @ r)
@@ -140,6 +150,8 @@ def lpips_status(input_shape: Sequence[int] | None = None) -> tuple[bool, str]:
 
     It needs torchvision's AlexNet weights locally (it never downloads them; ``leakbench
     lpips-fetch`` does) and images of at least ``LPIPS_MIN_SIDE`` pixels per side."""
+    import torch
+
     if input_shape is not None and min(input_shape[-2:]) < LPIPS_MIN_SIDE:
         side = "x".join(str(n) for n in input_shape[-2:])
         return False, (
@@ -157,6 +169,7 @@ def lpips_status(input_shape: Sequence[int] | None = None) -> tuple[bool, str]:
 
 def lpips(a: Tensor, b: Tensor) -> Tensor:
     """Per-image LPIPS (AlexNet) of pixel batches in [0, 1]; call only if lpips_status() is ok."""
+    import torch
     from torchmetrics.functional.image import learned_perceptual_image_patch_similarity
 
     if a.shape[1] == 1:
@@ -194,6 +207,8 @@ def fetch_lpips_weights(
     Raises :class:`LpipsFetchError` with one line (URL and reason) when the network, the
     server or the check fails; no partial file is left behind.
     """
+    import torch
+
     if not timeout_s > 0:
         raise ValueError(f"timeout_s: got {timeout_s!r}, expected a positive number of seconds")
     target = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE
@@ -239,6 +254,8 @@ def gallery_from_samples(
     a sample that cannot be read is left out.
     float32 halves the memory of large splits; the tolerance ``SAME_IMAGE_ATOL`` covers it.
     """
+    import torch
+
     from leakbench.datamodules.base import DatasetError
 
     pixels, ids = [], []
@@ -259,6 +276,8 @@ def _against_gallery(images: Tensor, gallery: Tensor, norm: float) -> Tensor:
     split is never copied whole. Differences are taken directly (no ‖a‖² + ‖b‖² − 2ab expansion):
     an exact reconstruction is at distance 0 and a tie stays a tie.
     """
+    import torch
+
     rows = images.reshape(len(images), -1).to(torch.float64)
     return torch.cat(
         [
@@ -288,6 +307,7 @@ def lpips_distances() -> Callable[[Tensor, Tensor], Tensor]:
     Call only if :func:`lpips_status` is ok. Grey images are repeated to three channels, as in
     :func:`lpips`.
     """
+    import torch
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     metric = LearnedPerceptualImagePatchSimilarity(
@@ -320,6 +340,8 @@ def nearest_is_truth(distances: Tensor, gallery: Tensor, truth: Tensor) -> bool:
     Equivalently: every gallery image at the smallest distance is a copy of ``truth``, which
     only the nearest few need checking for.
     """
+    import torch
+
     nearest = torch.nonzero(distances == distances.min()).flatten()
     return bool(same_image_mask(truth[None], gallery[nearest]).all())
 
@@ -334,6 +356,8 @@ def gallery_truth_indices(
 
     Raises ValueError (one line) for a gallery that cannot hold these ground truths.
     """
+    import torch
+
     if gallery.dim() != 4 or tuple(gallery.shape[1:]) != tuple(truth_pixels.shape[1:]):
         raise ValueError(
             f"gallery: got shape {tuple(gallery.shape)}, expected (N, "
@@ -386,6 +410,8 @@ def identifiability(
     ``truth_indices[i]`` is that truth's place in ``gallery``; ``distances(images, gallery)``
     returns their (K, N) distances. Rules a-d of the module docstring.
     """
+    import torch
+
     if len(matched) != len(truth_indices):
         raise ValueError(
             f"truth_indices: got {len(truth_indices)}, expected one per ground truth "
@@ -405,6 +431,8 @@ def predicted_classes(
     classifier: nn.Module, pixels: Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> Tensor:
     """The classifier's class for [0, 1] images, re-normalised into its input space."""
+    import torch
+
     parameter = next(classifier.parameters(), None)
     dtype = parameter.dtype if parameter is not None else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -422,6 +450,8 @@ def predicted_classes(
 
 
 def _check_classifier(classifier: Any) -> None:
+    from torch import nn
+
     if not isinstance(classifier, nn.Module):
         raise ValueError(f"classifier: got {type(classifier).__name__}, expected a torch.nn.Module")
     if classifier.training:
@@ -455,6 +485,8 @@ def score_trial(
     ``with_lpips``); with ``classifier`` (eval mode, normalised inputs to logits) each row gains
     ``task_leakage`` and ``task_ceiling``. See the module docstring, item 6.
     """
+    import torch
+
     if gallery_ids is not None and gallery is None:
         raise ValueError("gallery_ids: given without a gallery, expected gallery too")
     truth_px = to_pixels(truth_images, mean, std)

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import leakbench
 from leakbench.client import ClientProtocol, protocol_from_spec
-from leakbench.config import ConfigError, RunConfig
+from leakbench.config import ConfigError, RunConfig, protocol_differences, saved_config
 from leakbench.datamodules.base import DatasetError
 from leakbench.evaluator import Evaluator, log_run_to_wandb
 from leakbench.figures import Tile, cell_figure
@@ -78,26 +78,10 @@ warnings.filterwarnings("ignore", message="The `srun` command is available on yo
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-# What config.yaml records next to the configuration (facts of the machine and the data).
-RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage", "sandbox", "attacks_run")
 # The maintainers' private verification data: never published, never shown to attack code.
 PRIVATE_DATA_ENV = "LEAKBENCH_PRIVATE_DATA"
 # Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
 RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
-# Keys that may differ when a run is resumed: they change how it runs, not what it measures.
-NOT_PROTOCOL_KEYS = frozenset(
-    {
-        "logger",
-        "wandb_project",
-        "wandb_group",
-        "wandb_job_type",
-        "output_dir",
-        "run_name",
-        "threads",
-        "isolation",
-        "devices",
-    }
-)
 
 
 def check_options(
@@ -281,21 +265,6 @@ def environment(threads: int, processes: int) -> dict[str, Any]:
         "threads_per_process": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-
-
-def saved_config(run_path: Path) -> RunConfig:
-    """The configuration a run folder was started with."""
-    saved = RunDirectory(run_path).read_config() if run_path.is_dir() else None
-    if saved is None:
-        raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
-    values = {k: v for k, v in saved.items() if k not in RECORDED_FACTS}
-    return RunConfig.from_mapping(values, source=str(run_path / "config.yaml"))
-
-
-def protocol_differences(saved: RunConfig, config: RunConfig) -> list[str]:
-    """The keys on which two configurations differ in what they measure."""
-    a, b = saved.to_dict(), config.to_dict()
-    return sorted(k for k in a if k not in NOT_PROTOCOL_KEYS and a[k] != b.get(k))
 
 
 def refuse_another_configuration(run_path: Path, config: RunConfig, advice: str) -> None:

@@ -2,12 +2,16 @@
 assignment recovers the perturbed batch exactly; budgets, solvers, failures, what travels."""
 
 import functools
+import itertools
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from leakbench.analysis.exclusivity import analyse_exclusivity
+from leakbench.attacks._fishing_lp import assign_min_cost
 from leakbench.attacks.fishing import Fishing
 from leakbench.cli import main
 from leakbench.client import build_victim, fedsgd_update
@@ -15,7 +19,7 @@ from leakbench.config import RunConfig
 from leakbench.interfaces import Defense, UnsupportedModelError
 from leakbench.metrics import match
 from leakbench.protocol import TrialSetting, Victim, prepare_attack, run_trial
-from leakbench.registry import ATTACKS
+from leakbench.registry import ATTACKS, DATAMODULES
 from leakbench.runner import run
 from leakbench.threat_model import (
     Budget,
@@ -31,10 +35,16 @@ CLASSES = 4
 BATCH = 8
 LP_KEYS = {
     "solver",
+    "solver_version",
     "objective",
+    "assignment",
     "status",
     "value",
     "seconds",
+    "cpu_seconds",
+    "rows",
+    "unprotected",
+    "workers",
     "wall_seconds",
     "time_limit",
     "client_seconds",
@@ -161,6 +171,111 @@ def test_cbc_and_highs_agree_on_feasibility_and_objective():
                 assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
 
 
+def test_highs_is_given_only_the_rows_that_bind_and_finds_the_full_optimum():
+    lp = fished()[5]["lp"]
+    given = [g for g, _ in lp["rows"]]
+    total = [t for _, t in lp["rows"]]
+    # The homogeneous L∞ LP has one row per constrained unit and two per pixel (the box).
+    assert all(t == 2 * (BATCH - 1) + 2 + 2 * 100 for t in total)
+    assert all(0 < g < t for g, t in zip(given, total, strict=True))
+    assert sum(given) < 0.5 * sum(total)
+    # CBC is given every row: the same optima (see the agreement test) from the full LP.
+    cbc = fished(solver="cbc")[5]["lp"]
+    assert [g for g, _ in cbc["rows"]] == total
+
+
+def test_the_lps_run_in_parallel_with_the_same_answers():
+    one = fished(workers=1)
+    two = fished(workers=2)
+    assert torch.equal(one[3], two[3])
+    assert one[5]["lp"]["value"] == two[5]["lp"]["value"]
+    assert (one[5]["lp"]["workers"], two[5]["lp"]["workers"]) == (1, 2)
+
+
+def test_the_min_cost_assignment_is_the_cheapest_of_all():
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(3, 7, generator=g, dtype=torch.float64).numpy()
+    jacobian = torch.randn(7, 4, generator=g, dtype=torch.float64).numpy()
+    epsilon, k = 0.1, 2
+    squared = (jacobian**2).sum(axis=1)
+
+    def cost(assignment):
+        owned = {u: m for m, units in enumerate(assignment) for u in units}
+        return sum(
+            (max(epsilon - pre[m, u], 0) ** 2 if m == owner else max(pre[m, u] + epsilon, 0) ** 2)
+            / squared[u]
+            for u, owner in owned.items()
+            for m in range(3)
+        )
+
+    best = min(
+        cost([units[0:2], units[2:4], units[4:6]]) for units in itertools.permutations(range(7), 6)
+    )
+    chosen = assign_min_cost(pre, jacobian, k, epsilon)
+    assert all(len(units) == k for units in chosen)
+    assert len({u for units in chosen for u in units}) == 3 * k
+    assert cost(chosen) == pytest.approx(best, rel=1e-12)
+    # More samples than units allow: those left without k units are unassigned.
+    assert sum(not units for units in assign_min_cost(pre[:, :5], jacobian[:5], k, epsilon)) == 1
+
+
+def test_highs_prints_nothing_on_the_clients_output():
+    # HiGHS prints a banner when a process makes its first solver: a fresh process shows it.
+    script = (
+        "import torch\n"
+        "from leakbench.attacks.fishing import Fishing\n"
+        "from leakbench.client import build_victim\n"
+        "from leakbench.threat_model import Budget, ClientContext\n"
+        "model = build_victim('fcn', (1, 4, 4), 2, seed=0, dtype=torch.float64, widths=(32,))\n"
+        "images = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0),"
+        " dtype=torch.float64)\n"
+        "context = ClientContext((1, 4, 4), 2, (0.0,), (1.0,), Budget(), seed=0)\n"
+        "Fishing().client_hook(model, images, context)\n"
+        "print(context.report['lp']['status'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert done.stdout.strip() == "['optimal', 'optimal']"
+
+
+@pytest.mark.slow
+def test_fishing_is_exact_at_64_on_the_tracks_victim():
+    """The fishing track's victim and data at B = 64: every sample's LP solved, the perturbed
+    batch recovered exactly (float64), with its batch size and labels."""
+    datamodule = DATAMODULES.get("lfw-subset")(batch_size=64, num_trials=1, seed=0, split="train")
+    (trial,) = list(datamodule.trials())
+    images, labels = trial["images"].to(torch.float64), torch.as_tensor(trial["labels"])
+    shape = tuple(datamodule.input_shape)
+    model = build_victim("fcn-exan", shape, datamodule.num_classes, seed=0, dtype=torch.float64)
+    context = ClientContext(
+        shape, datamodule.num_classes, datamodule.mean, datamodule.std, Budget(), seed=0
+    )
+    perturbed, state = Fishing().client_hook(model, images.clone(), context)
+    lp = context.report["lp"]
+    assert lp["status"] == ["optimal"] * 64 and lp["unprotected"] == []
+    observation = make_observation(
+        model,
+        fedsgd_update(model, perturbed, labels),
+        granted=frozenset({Capability.CLIENT_CODE}),
+        labels=None,
+        input_shape=shape,
+        num_classes=datamodule.num_classes,
+        mean=datamodule.mean,
+        std=datamodule.std,
+        budget=Budget(),
+        seed=0,
+        client_state=state,
+    )
+    reconstruction = Fishing().reconstruct(observation)
+    assert reconstruction.batch_size == 64
+    pairs = match(reconstruction.images, perturbed)
+    assert sorted(pairs) == list(range(64))
+    for truth, recon in pairs.items():
+        assert float((reconstruction.images[recon] - perturbed[truth]).abs().max()) < 1e-10
+        assert int(reconstruction.labels[recon]) == int(labels[truth])
+
+
 def test_client_state_carries_the_assignment_only():
     _, _, _, _, state, report = fished()
     assert json.loads(json.dumps(state, allow_nan=False)) == state  # plain JSON data
@@ -172,8 +287,10 @@ def test_client_state_carries_the_assignment_only():
     # The LPs' facts are the client's report: recorded, never sent to the server.
     assert set(report) == {"lp"} and set(report["lp"]) == LP_KEYS
     lp = report["lp"]
-    assert lp["solver"] == "cbc" and lp["objective"] == "linf"
-    for key in ("status", "value", "seconds"):
+    assert lp["solver"] == "highs" and lp["solver_version"].startswith("HiGHS (highspy ")
+    assert lp["objective"] == "linf" and lp["assignment"] == "min_cost"
+    assert lp["unprotected"] == []
+    for key in ("status", "value", "seconds", "cpu_seconds", "rows"):
         assert len(lp[key]) == BATCH
     # Per sample one objective and one time; three times for the batch.
     numbers = [v for v in lp["value"] + lp["seconds"] if v is not None]
@@ -224,6 +341,10 @@ def test_time_limits_come_from_the_budget_and_stop_the_lps():
     for m, status in enumerate(statuses):
         if status == "time_limit":
             assert torch.equal(perturbed[m], images[m])
+    # The record names every sample the limit left unprotected.
+    assert report["lp"]["unprotected"] == [
+        {"sample": m, "status": s} for m, s in enumerate(statuses) if s == "time_limit"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -231,8 +352,8 @@ def test_time_limits_come_from_the_budget_and_stop_the_lps():
     [
         ({"k": 1}, "k must be at least 2"),
         ({"objective": "l2"}, "objective must be one of linf, l1"),
-        ({"solver": "gurobi"}, "solver must be one of cbc, highs"),
-        ({"assignment": "random"}, "assignment must be one of margin, seeded"),
+        ({"solver": "gurobi"}, "solver must be one of highs, cbc"),
+        ({"assignment": "random"}, "assignment must be one of min_cost, margin, seeded"),
         ({"tau_max": 0.0}, "tau_max must be positive"),
         ({"epsilon": -1.0}, "epsilon must be positive"),
     ],
@@ -318,6 +439,8 @@ def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys)
             "{iterations: 2}",
             "--train-epochs",
             "[0,1]",
+            "--solvers",
+            "[cbc,highs]",
             "--isolation",
             "in-process",
             "--output-dir",
@@ -332,11 +455,14 @@ def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys)
     out = captured.out
     for column in ("lp_feasible", "lp_s_cbc", "lp_s_highs", "pert_psnr_median", "ig_s"):
         assert column in out
+    for column in ("unprotected", "time_limited", "rows_given", "load"):
+        assert column in out
     result = json.loads((tmp_path / "study" / "fishing_study.json").read_text())
     assert (tmp_path / "study" / "summary.csv").is_file()
     config = result["config"]
     assert config["batch_sizes"] == [4] and config["train_epochs"] == [0, 1]
     assert config["solvers"] == ["cbc", "highs"] and config["ig_options"] == {"iterations": 2}
+    assert config["dataset_options"] == {"mirrored": True}
     random, trained = result["states"]
     assert random["state"] == random["model_state"] == "random(0)"
     assert trained["state"] == f"trained-1ep {trained['model_state'][:16]}"
@@ -346,6 +472,7 @@ def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys)
     for line in summary.values():
         assert line["batches"] == 2 and line["ig_batches"] == 1 and line["exan_batches"] == 2
         assert line["lp_feasible"] == 1.0 and line["B_correct"] == 1.0
+        assert line["unprotected"] == 0 and 0 <= line["rows_given"] < 1
         assert line["psnr_trained_min"] >= 100.0  # exact on what the client trained on
         assert line["psnr_original_median"] <= line["psnr_trained_median"]
         assert line["linf_max"] < 0.1

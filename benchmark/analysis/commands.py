@@ -200,14 +200,14 @@ class FishingStudyOptions:
     ig_trials: int = 5
     train_epochs: list[int] = field(default_factory=lambda: [0, 5])
     train_lr: float = 0.05
-    solvers: list[Literal["cbc", "highs"]] = field(default_factory=lambda: ["cbc", "highs"])
+    solvers: list[Literal["highs", "cbc"]] = field(default_factory=lambda: ["highs"])
     fishing_options: dict[str, Any] = field(default_factory=dict)
     ig_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         check_train_epochs(self.train_epochs)
         if not self.solvers:
-            raise ValueError("solvers: got [], expected cbc and/or highs")
+            raise ValueError("solvers: got [], expected highs and/or cbc")
 
 
 @command(
@@ -215,9 +215,10 @@ class FishingStudyOptions:
     keys=STUDY_RUN_KEYS,
     defaults={
         "split": "train",
+        "dataset_options": {"mirrored": True},
         "model": "fcn-exan",
         "model_options": {},
-        "batch_sizes": [8, 16, 32, 64],
+        "batch_sizes": [8, 16, 32, 64, 128, 256],
         "trials": 5,
     },
 )

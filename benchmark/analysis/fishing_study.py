@@ -1,29 +1,33 @@
 """The fishing study (Pan, Zhang, Yang, CRAD 2022; issue 9), as ``leakbench fishing-study``.
 
-For the d-512-K ReLU FCN on lfw-subset in the state ``--model-state`` (default: its random
-initialisation) and after a few epochs of FedSGD training from it (``--train-epochs [0,5]``;
-each trained state a cached checkpoint whose hash prefix the state's label names, see
-:meth:`leakbench.analysis.boundary.Study.state`), every batch size
-(``--batch-sizes [8,16,32,64]``) and the first ``--trials`` batches of each, it runs through
-the trial protocol (:func:`leakbench.protocol.run_trial`, via
+For the d-512-K ReLU FCN on lfw-subset (with its mirror images by default,
+``dataset_options: {mirrored: true}``: 320 train images, so that batches of 256 can be drawn)
+in the state ``--model-state`` (default: its random initialisation) and after a few epochs of
+FedSGD training from it (``--train-epochs [0,5]``; each trained state a cached checkpoint
+whose hash prefix the state's label names, see :meth:`leakbench.analysis.boundary.Study.state`),
+every batch size (``--batch-sizes [8,16,32,64,128,256]``) and the first ``--trials`` batches of
+each, it runs through the trial protocol (:func:`leakbench.protocol.run_trial`, via
 :func:`leakbench.analysis.boundary.run_trial`):
 
-* ``fishing`` with CBC and with HiGHS (the same batches; the client code's LPs differ only by
-  solver), granted ``client_code``;
+* ``fishing`` with each of ``--solvers`` (default HiGHS; ``[highs,cbc]`` compares them on the
+  same batches, the client code's LPs differing only by solver), ``--fishing-options`` for the
+  rest (objective, assignment, k, epsilon), granted ``client_code``;
 * on the same original batches, ``exan`` without fishing, and ``inverting-gradients`` at its
   default budget granted the batch size (on the first ``--ig-trials`` batches: it is the slow
   one).
 
 It prints, per training state and batch size: the LP feasibility rate (samples whose LP gave a
-checked solution, and batches where all did), the LP wall time per batch for each solver, the
-perturbation's L∞ and PSNR(perturbed, original), the reconstruction PSNR against the perturbed
-batch (what the client trained on) and against the original private batch, the inferred batch
-size's accuracy, the total attack time (the client code plus the reconstruction), and ExAN's
-and Inverting Gradients' PSNR and time on the original batches, with the speed-up of fishing
-over Inverting Gradients. Every image figure is read from the trial records (``metrics``,
-``metrics_vs_trained``, ``perturbation``), scored by the canonical metrics module; the LP facts
-come from the recorded client state. Results: ``fishing_study.json`` (every record's figures),
-``summary.csv`` and ``batches.csv`` in the run folder.
+checked solution, and batches where all did), the samples left unprotected (and how many of them
+by a time limit), the LP wall time per batch for each solver (and the LPs' CPU time over the
+workers, the wall time a quiet machine would take) and the share of the LPs' rows the solver was
+given, the perturbation's L∞ and PSNR(perturbed, original), the reconstruction PSNR against the
+perturbed batch (what the client trained on) and against the original private batch, the
+inferred batch size's accuracy, the total attack time (the client code plus the reconstruction),
+and ExAN's and Inverting Gradients' PSNR and time on the original batches, with the speed-up of
+fishing over Inverting Gradients. Every image figure is read from the trial records
+(``metrics``, ``metrics_vs_trained``, ``perturbation``), scored by the canonical metrics module;
+the LP facts come from the recorded client state. Results: ``fishing_study.json`` (every
+record's figures), ``summary.csv`` and ``batches.csv`` in the run folder.
 
 The trial batches come from the ``train`` split by default: lfw-subset's test split holds 40
 images, fewer than 64 (a federated client's batch is its training data anyway).
@@ -43,13 +47,13 @@ from torch import nn
 
 from leakbench.analysis.boundary import Study, format_table, run_trial, to_csv
 from leakbench.analysis.commands import STUDY_RUN_KEYS, FishingStudyOptions
+from leakbench.attacks.fishing import SOLVED
 from leakbench.config import RunConfig
 from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, prepare_attack
 from leakbench.results import atomic_write_text
 from leakbench.threat_model import Capability
-
-SOLVED = ("optimal", "feasible")
+from leakbench.timing import load_text
 
 
 def prepared(name: str, options: dict[str, Any]) -> PreparedAttack:
@@ -79,7 +83,13 @@ def fishing_figures(record: dict[str, Any]) -> dict[str, Any]:
         "solved": sum(s in SOLVED for s in statuses),
         "samples": len(original),
         "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
+        "unprotected": lp.get("unprotected", []),
+        "rows_given": sum(g for g, _ in lp.get("rows", [])),
+        "rows_total": sum(t for _, t in lp.get("rows", [])),
+        "solver_version": lp.get("solver_version"),
         "lp_seconds": lp.get("wall_seconds"),
+        # The LPs' CPU time spread over the workers: the LP wall time of a quiet machine.
+        "lp_cpu_seconds": sum(lp.get("cpu_seconds", [])) / max(lp.get("workers", 1), 1),
         "client_seconds": lp.get("client_seconds"),
         "attack_seconds": record.get("time_s"),
         "total_seconds": (lp.get("client_seconds") or 0.0) + (record.get("time_s") or 0.0),
@@ -89,6 +99,10 @@ def fishing_figures(record: dict[str, Any]) -> dict[str, Any]:
         "psnr_vs_original": original,
         "batch_size_correct": record["metrics"].get("batch_size_correct"),
     }
+
+
+def _lp_facts(figures: Any) -> bool:
+    return isinstance(figures, dict) and figures.get("solver_version") is not None
 
 
 def baseline_figures(record: dict[str, Any]) -> dict[str, Any]:
@@ -159,9 +173,16 @@ def summarize(rows: list[dict[str, Any]], solvers: dict[str, str]) -> list[dict[
             line["batches_all_feasible"] = float(
                 np.mean([f["solved"] == f["samples"] for f in fish])
             )
+            unprotected = [u for f in fish for u in f["unprotected"]]
+            line["unprotected"] = len(unprotected)
+            line["time_limited"] = sum(u["status"] == "time_limit" for u in unprotected)
+            line["rows_given"] = sum(f["rows_given"] for f in fish) / max(
+                sum(f["rows_total"] for f in fish), 1
+            )
             for label, name in (("cbc", cbc), ("highs", highs)):
                 if name is not None:
                     line[f"lp_s_{label}"] = _median([r[name]["lp_seconds"] for r in cell])
+                    line[f"lp_cpu_s_{label}"] = _median([r[name]["lp_cpu_seconds"] for r in cell])
             line["linf_median"] = _median([v for f in fish for v in f["linf"]])
             line["linf_max"] = _max([v for f in fish for v in f["linf"]])
             line["pert_psnr_median"] = _median([v for f in fish for v in f["perturbation_psnr"]])
@@ -244,6 +265,7 @@ def fishing_study_command(
     rows: list[dict[str, Any]] = []
     trained = [study.state(epochs, options.train_lr) for epochs in states]
     accuracy = {s.label: s.test_accuracy for s in trained}
+    echo(f"machine {load_text()} (at the start)")
     for studied in trained:
         state = studied.label
         echo(f"{state}: test accuracy {accuracy[state]:.3f}")
@@ -288,9 +310,11 @@ def fishing_study_command(
         f"test accuracy {json.dumps({k: round(v, 3) for k, v in accuracy.items()})}"
     )
     groups = {
-        "LP and perturbation (fishing; LP wall time per batch, L∞ in pixel units)": (
-            "state", "B", "batches", "lp_feasible", "batches_all_feasible", "lp_s_cbc",
-            "lp_s_highs", "linf_median", "linf_max", "pert_psnr_median",
+        "LP and perturbation (fishing; LP wall time per batch, and the LPs' CPU time over the "
+        "workers: a quiet machine's wall time; L∞ in pixel units)": (
+            "state", "B", "batches", "lp_feasible", "batches_all_feasible", "unprotected",
+            "time_limited", "lp_s_cbc", "lp_s_highs", "lp_cpu_s_highs", "rows_given",
+            "linf_median", "linf_max", "pert_psnr_median",
         ),
         "reconstruction (PSNR dB vs the perturbed and vs the original batch)": (
             "state", "B", "psnr_trained_median", "psnr_trained_min", "psnr_original_median",
@@ -305,5 +329,7 @@ def fishing_study_command(
     for title, columns in groups.items():
         echo(f"\n{title}")
         echo(format_table([{c: line.get(c) for c in columns if c in line} for line in summary]))
+    versions = sorted({f["solver_version"] for r in rows for f in r.values() if _lp_facts(f)})
+    echo(f"solvers: {'; '.join(versions)}; machine {load_text()} (at the end)")
     echo(f"results: {run_dir}")
     return 0

@@ -29,6 +29,7 @@ results, or was edited after verification (see :mod:`leakbench.leaderboard.verif
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -111,13 +112,22 @@ def load_schema() -> dict[str, Any]:
     return json.loads(SCHEMA_FILE.read_text())
 
 
+@functools.cache
+def entry_validator() -> Any:
+    """The schema's validator, the schema itself checked once per process (``jsonschema.validate``
+    checks it on every call, most of the time a board of entries took to load)."""
+    schema = load_schema()
+    validator = jsonschema.validators.validator_for(schema)
+    validator.check_schema(schema)
+    return validator(schema)
+
+
 def validate_entry(entry: dict[str, Any]) -> None:
     """Raise :class:`EntryError` naming the first place where ``entry`` breaks the schema."""
-    try:
-        jsonschema.validate(entry, load_schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(map(str, exc.absolute_path)) or "(top level)"
-        raise EntryError(f"invalid leaderboard entry at {where}: {exc.message}") from None
+    error = jsonschema.exceptions.best_match(entry_validator().iter_errors(entry))
+    if error is not None:  # the error jsonschema.validate raises
+        where = "/".join(map(str, error.absolute_path)) or "(top level)"
+        raise EntryError(f"invalid leaderboard entry at {where}: {error.message}") from None
 
 
 def track_file(name: str, tracks_dir: Path = TRACKS) -> Path:
@@ -166,7 +176,7 @@ def records_text(records: Iterable[Mapping[str, Any]]) -> str:
 
 def outcome_sha256(records: Iterable[Mapping[str, Any]]) -> str:
     """Hash of the records without the fields that measure the machine."""
-    from leakbench.protocol import MEASURED_FIELDS
+    from leakbench.protocol.records import MEASURED_FIELDS
 
     stripped = [{k: v for k, v in r.items() if k not in MEASURED_FIELDS} for r in records]
     return hashlib.sha256(records_text(stripped).encode()).hexdigest()
@@ -417,7 +427,7 @@ def _check_entry(
     strays = sorted({r["cell"] for r in records} - {cell})
     if strays:
         raise EntryError(f"its records belong to {', '.join(strays)}, not to its cell {cell}")
-    from leakbench.protocol import trial_seed
+    from leakbench.protocol.records import trial_seed
 
     if any(r["seed"] != trial_seed(entry["protocol"]["seed"], r["trial"]) for r in records):
         raise EntryError("its records were not drawn with the seed of its protocol")

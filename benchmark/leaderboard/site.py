@@ -13,6 +13,7 @@ images copied byte for byte. Building twice gives identical files.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -61,6 +62,7 @@ METRICS = {
 }
 
 
+@functools.cache  # one environment: each template is compiled once per process
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),

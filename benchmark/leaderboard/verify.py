@@ -117,6 +117,19 @@ def _statistic(values: np.ndarray, stat: str, metric: str) -> float:
     raise EntryError(f"unknown statistic {stat!r}; use median, mean or worst")
 
 
+def _row_statistics(values: np.ndarray, stat: str, metric: str) -> list[float]:
+    """:func:`_statistic` of every row of a matrix, in one call."""
+    if stat == "median":
+        rows = np.median(values, axis=1)
+    elif stat == "mean":
+        rows = np.mean(values, axis=1)
+    elif stat == "worst":
+        rows = np.min(values, axis=1) if LEAKIER_WHEN_HIGHER[metric] else np.max(values, axis=1)
+    else:
+        raise EntryError(f"unknown statistic {stat!r}; use median, mean or worst")
+    return rows.tolist()
+
+
 def capped(value: float, ceiling: float | None, metric: str) -> float:
     """``value`` capped at the track's ceiling (beyond it, reconstructions are exact)."""
     if ceiling is None:
@@ -157,11 +170,17 @@ def figures(
     everything = np.concatenate(per_trial)
     point = _statistic(everything, stat, metric)
     rng = np.random.default_rng(np.random.SeedSequence([seed, BOOTSTRAP_STREAM]))
-    draws, success_draws = [], []
-    for _ in range(int(tolerance["resamples"])):
-        chosen = rng.integers(0, len(per_trial), len(per_trial))
-        draws.append(_statistic(np.concatenate([per_trial[i] for i in chosen]), stat, metric))
-        success_draws.append(float(np.mean(np.concatenate([hits[i] for i in chosen]))))
+    # Every resample's trials at once: the same draws as one resample after the other.
+    picks = rng.integers(0, len(per_trial), (int(tolerance["resamples"]), len(per_trial)))
+    if len({len(v) for v in per_trial}) == 1 and len({len(h) for h in hits}) == 1:
+        resampled = np.stack(per_trial)[picks].reshape(len(picks), -1)
+        draws = _row_statistics(resampled, stat, metric)
+        success_draws = np.stack(hits)[picks].reshape(len(picks), -1).mean(axis=1).tolist()
+    else:  # trials of different sizes
+        draws = [
+            _statistic(np.concatenate([per_trial[i] for i in row]), stat, metric) for row in picks
+        ]
+        success_draws = [float(np.mean(np.concatenate([hits[i] for i in row]))) for row in picks]
     confidence = float(tolerance["confidence"])
     low, high = _interval(draws, confidence)
     success_low, success_high = _interval(success_draws, confidence)

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 import leakbench
 from leakbench.capabilities import Capability, RequirementsNotGranted
@@ -38,8 +35,6 @@ from leakbench.protocol.sandbox import SANDBOX_UID, SandboxView, bwrap_path, san
 from leakbench.protocol.victim import Victim
 from leakbench.registry import ATTACKS, Plugin, attack_facts
 
-# Stream ids that keep the attacker's randomness apart from the trial plan and the client's.
-ATTACK_SEED_STREAM = 0x5EED_A77C
 # Files of a distribution that differ between two installs of the same wheel.
 INSTALL_ONLY_FILES = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
 # How long answering ``describe`` may take (importing a plug-in, building it, checking a model).
@@ -285,18 +280,3 @@ def _files_sha256(files: list[tuple[str, Path]]) -> str:
         digest.update(name.encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"-")
     return digest.hexdigest()
-
-
-def attack_seed(run_seed: int, cell: str) -> int:
-    """The attacker's seed: one per cell, from its own stream.
-
-    It is the same for every trial of a cell, so it cannot be inverted to a trial index (and
-    through the public trial plan to the private samples); same run seed, same attack seed.
-    """
-    key = zlib.crc32(cell.encode())
-    return int(np.random.SeedSequence([run_seed, ATTACK_SEED_STREAM, key]).generate_state(1)[0])
-
-
-def trial_seed(run_seed: int, trial: int) -> int:
-    """The client's seed of one trial (defense noise, mixing): never shown to the attacker."""
-    return int(np.random.SeedSequence([run_seed, trial]).generate_state(1)[0])

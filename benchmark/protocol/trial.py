@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from leakbench.client import ClientProtocol, FedSGD
 from leakbench.interfaces import Defense
 from leakbench.metrics import perturbation, score_trial, to_pixels
-from leakbench.protocol.attack import PreparedAttack, attack_seed, trial_seed
+from leakbench.protocol.attack import PreparedAttack
 from leakbench.protocol.isolation import (
     AttackOutcome,
     Placement,
@@ -48,15 +48,11 @@ from leakbench.protocol.isolation import (
 )
 from leakbench.protocol.jobs import json_data
 from leakbench.protocol.private_transform import PrivateTransform
+from leakbench.protocol.records import attack_seed, trial_seed
 from leakbench.protocol.sandbox import SandboxView
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
 from leakbench.threat_model import Budget, Capability, protocol_view
-
-# Record fields that measure the machine rather than the attack: they differ between two runs
-# of the same configuration, and only they do.
-# (The client code's report holds its own timings, such as an LP solver's.)
-MEASURED_FIELDS = ("time_s", "wall_s", "client_code_s", "client_report", "budget", "memory")
 
 
 @dataclass(frozen=True)

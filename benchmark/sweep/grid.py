@@ -374,10 +374,12 @@ def check_grid(grid: Grid) -> None:
 
 def expected_trials(config: RunConfig) -> int:
     """Trials a complete run records: every (attack, batch size) cell the attack can handle."""
-    from leakbench.registry import ATTACKS
+    from leakbench.registry import ATTACKS, listing
 
+    # The index's facts of the built-in attacks: counting trials imports no attack (no torch).
+    facts = listing(ATTACKS).attack_facts
     cells = 0
     for name in config.attacks:
-        limit = ATTACKS.get(name).max_batch_size
+        limit = facts[name]["max_batch_size"] if name in facts else ATTACKS.get(name).max_batch_size
         cells += sum(limit is None or b <= limit for b in config.batch_sizes)
     return cells * config.trials

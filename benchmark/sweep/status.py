@@ -100,8 +100,8 @@ def run_status(run: PlannedRun) -> RunStatus:
 
 def _run_status(run: PlannedRun, job: JobState | None) -> RunStatus:
     """The run's state from its folder and ``job``, SLURM's word on its last launch's job."""
+    from leakbench.config import protocol_differences, saved_config
     from leakbench.results import DamagedRecordsError
-    from leakbench.runner import protocol_differences, saved_config
 
     expected = expected_trials(run.config)
     path = run.path
