@@ -85,16 +85,28 @@ def list_command() -> int:
     print("models:     " + ", ".join(listing(MODELS).names))
     print("defenses:   " + ", ".join(listing(DEFENSES).names))
     print("covariates: " + ", ".join(listing(COVARIATES).names))
-    print("attacks:")
+    print("attacks (SoK letter: the threat model of Carletti et al., USENIX Security 2025):")
     attacks = listing(ATTACKS)
     for name in attacks.names:
         facts = attacks.attack_facts[name]
         needs = ", ".join(facts["requires"]) or "nothing beyond the update"
         limit = facts["max_batch_size"]
-        print(f"  {name:<24} requires: {needs}")
+        print(f"  {name:<24} SoK letter: {sok_letters(facts.get('threat_letters', {}))}")
+        print(f"  {'':<24} requires: {needs}")
         print(f"  {'':<24} batch size: {'any' if limit is None else f'at most {limit}'}")
         print(f"  {'':<24} threat model: {facts['threat_model']}")
     return 0
+
+
+def sok_letters(by_protocol: dict[str, str]) -> str:
+    """``B (informed eavesdropper); C under fedavg``: the FedSGD letter, then any other."""
+    from leakbench.capabilities import THREAT_MODELS
+
+    if not by_protocol:
+        return "-"
+    base = by_protocol.get("fedsgd", next(iter(by_protocol.values())))
+    others = [f"{letter} under {p}" for p, letter in sorted(by_protocol.items()) if letter != base]
+    return "; ".join([THREAT_MODELS[base].describe(), *others])
 
 
 @command("report")

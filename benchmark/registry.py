@@ -118,11 +118,14 @@ REGISTRIES: dict[str, Registry[Any]] = {
 
 
 def _attack_facts(attack: Any) -> dict[str, Any]:
+    protocols = sorted(getattr(attack, "client_protocols", ()) or ())
     return {
         "requires": sorted(getattr(c, "value", c) for c in attack.requires),
         "threat_model": attack.threat_model,
         "max_batch_size": attack.max_batch_size,
-        "client_protocols": sorted(getattr(attack, "client_protocols", ()) or ()),
+        "client_protocols": protocols,
+        # The SoK letter (leakbench.capabilities) under each client protocol it supports.
+        "threat_letters": {p: attack.sok_threat_model([p]).letter for p in protocols},
     }
 
 

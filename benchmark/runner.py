@@ -29,12 +29,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning
+import numpy as np
 import torch
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import leakbench
+from leakbench.capabilities import admitted_letters, grants_beyond, threat_model_of
 from leakbench.client import ClientProtocol, protocol_from_spec
 from leakbench.config import ConfigError, RunConfig
 from leakbench.datamodules.base import DatasetError
@@ -52,8 +54,9 @@ from leakbench.protocol import (
     prepare_attack,
 )
 from leakbench.protocol.victim import resolve_victim_state
-from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES
+from leakbench.registry import ATTACKS, COVARIATES, DATAMODULES, DEFENSES
 from leakbench.results import RunDirectory, cell_key
+from leakbench.threat_model import Capability
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -63,6 +66,10 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 
 # What config.yaml records next to the configuration (facts of the machine and the data).
 RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage")
+# Capability.SURROGATE_DATA: at most this many samples of the other split, drawn from the run
+# seed on their own stream.
+SURROGATE_SAMPLES = 1024
+SURROGATE_STREAM = 0x5022_0647
 # Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
 RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
 # Keys that may differ when a run is resumed: they change how it runs, not what it measures.
@@ -252,6 +259,7 @@ class PreparedRun:
     gallery_ids: tuple[str, ...] | None = None
     classifier: Victim | None = None
     task_leakage: str = "off (privacy_metrics: false)"  # how it is scored, or why it is not
+    surrogate: tuple[torch.Tensor, torch.Tensor] | None = None  # Capability.SURROGATE_DATA
 
 
 def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
@@ -270,6 +278,7 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
             f"defense {config.defense!r} cannot run under the client protocol "
             f"{unsupported[0]!r} (it supports: {', '.join(sorted(defense.client_protocols))})"
         )
+    check_threat_model(config, protocol)
     attacks = {
         name: prepare_attack(name, config.attack_options.get(name, {}), config.granted, protocol)
         for name in config.attacks
@@ -321,8 +330,61 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         threads=config.threads or default_threads(processes),
         processes=processes,
         client_protocol=protocol,
+        surrogate=(
+            surrogate_samples(probe, config)
+            if Capability.SURROGATE_DATA in config.granted
+            else None
+        ),
         **(privacy_references(config, probe) if config.privacy_metrics else {}),
     )
+
+
+def check_threat_model(config: RunConfig, protocol: ClientProtocol) -> None:
+    """Refuse, where the run's track states its SoK threat model (``track.threat_model``), a
+    grant that tells the attacker more than that threat model knows, and an attack whose own
+    threat model under the run's client protocol it does not admit."""
+    letter = (config.track or {}).get("threat_model")
+    if letter is None:
+        return
+    name = config.track.get("name", "of this run") if config.track else "of this run"
+    try:
+        track = threat_model_of(letter)
+    except ValueError as exc:
+        raise ConfigError(f"track {name!r}: {exc}") from None
+    admits = f"threat model {track.describe()}, admits {', '.join(admitted_letters(letter))}"
+    beyond = grants_beyond(letter, config.granted)
+    if beyond:
+        raise ConfigError(
+            f"track {name!r} ({admits}) grants {', '.join(c.value for c in beyond)}, which "
+            "that threat model does not know"
+        )
+    for attack in config.attacks:
+        assumed = ATTACKS.get(attack).sok_threat_model(protocol.names())
+        if not track.admits(assumed):
+            raise ConfigError(
+                f"attack {attack!r} assumes threat model {assumed.describe()}, which track "
+                f"{name!r} ({admits}) does not admit"
+            )
+
+
+def surrogate_split(datamodule: Any, split: str) -> str:
+    """The split surrogate data comes from: train, or the first other split when the trials
+    are drawn from train. Splits are disjoint, so no surrogate sample is a private one."""
+    others = [s for s in datamodule.splits if s != split]
+    if not others:
+        raise ConfigError(f"surrogate_data: {datamodule.splits} has no split besides {split!r}")
+    return "train" if "train" in others else others[0]
+
+
+def surrogate_samples(datamodule: Any, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Capability.SURROGATE_DATA: up to ``SURROGATE_SAMPLES`` samples (model inputs in the run's
+    dtype, labels) of the dataset's other split, drawn from the run seed."""
+    samples = datamodule.samples(surrogate_split(datamodule, config.split))
+    rng = np.random.default_rng([config.seed, SURROGATE_STREAM])
+    order = rng.permutation(len(samples))[:SURROGATE_SAMPLES]
+    items = [samples[int(i)] for i in order]
+    images = torch.stack([x for x, _, _ in items]).to(getattr(torch, config.dtype))
+    return images, torch.tensor([y for _, y, _ in items], dtype=torch.long)
 
 
 def checkpoint_folder(config: RunConfig) -> Path:
@@ -480,6 +542,7 @@ def _run_cells(
                     gallery=prepared.gallery,
                     gallery_ids=prepared.gallery_ids,
                     classifier=prepared.classifier,
+                    surrogate=prepared.surrogate,
                 )
                 evaluator = Evaluator(
                     prepared.victim, attack, prepared.defense, setting, run_dir, progress=bar

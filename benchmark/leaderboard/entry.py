@@ -218,6 +218,15 @@ def attack_distribution(name: str) -> dict[str, str] | None:
     return None  # a module on the path that no distribution owns (tests, local scripts)
 
 
+def attack_threat_letter(name: str, client_protocol: str | Mapping[str, Any]) -> str:
+    """The SoK letter attack ``name`` assumes under the run's client protocol."""
+    from leakbench.client import protocol_from_spec
+    from leakbench.registry import ATTACKS
+
+    protocols = protocol_from_spec(client_protocol).names()
+    return ATTACKS.get(name).sok_threat_model(protocols).letter
+
+
 def wandb_run(run_dir: Path, project: str) -> dict[str, Any] | None:
     """The W&B run the run logged to, from the folder W&B wrote: ``[offline-]run-<stamp>-<id>``."""
     folders = sorted((run_dir / "wandb").glob("*run-*-*")) if (run_dir / "wandb").is_dir() else []
@@ -291,6 +300,10 @@ def make_entry(
         "wandb": wandb_run(run_dir, config.get("wandb_project", "leakbench")),
         "submitter": submitter,
         "paper": paper,
+        "threat_model": {
+            "attack": attack_threat_letter(attack, config["client_protocol"]),
+            "track": config["track"].get("threat_model"),
+        },
         "date": date.today().isoformat(),
     }
     validate_entry(entry)

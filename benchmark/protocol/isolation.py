@@ -80,6 +80,7 @@ def observation_payload(
     client_state: Any,
     device: str = "cpu",
     client_protocol: dict[str, Any] | None = None,
+    batchnorm_statistics: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Everything the attacker may see, as plain data (copies on the CPU, never references);
     ``device`` is where the attack's tensors go (the device the client trained on)."""
@@ -99,6 +100,13 @@ def observation_payload(
         "client_state": client_state,
         # Plain data (names and numbers), as granted: see threat_model.protocol_view.
         "client_protocol": copy.deepcopy(client_protocol or {"name": "fedsgd"}),
+        # Capability.BATCHNORM_STATISTICS: per BatchNorm layer, {"mean", "var"} (CPU copies).
+        "batchnorm_statistics": None
+        if batchnorm_statistics is None
+        else {
+            layer: {key: t.detach().cpu().clone() for key, t in stats.items()}
+            for layer, stats in batchnorm_statistics.items()
+        },
     }
 
 
@@ -108,6 +116,7 @@ def observation_from_payload(payload: dict[str, Any]) -> Observation:
     model = Victim.from_spec(payload["victim"]).build().to(device)
     model.train(payload["client_mode"] == "train")
     labels = payload["labels"]
+    statistics = payload.get("batchnorm_statistics")
     return Observation(
         model=model,
         update={name: g.to(device) for name, g in payload["update"].items()},
@@ -121,6 +130,12 @@ def observation_from_payload(payload: dict[str, Any]) -> Observation:
         labels=None if labels is None else labels.to(device),
         client_state=payload["client_state"],
         client_protocol=payload.get("client_protocol") or {"name": "fedsgd"},
+        batchnorm_statistics=None
+        if statistics is None
+        else {
+            layer: {key: t.to(device) for key, t in stats.items()}
+            for layer, stats in statistics.items()
+        },
     )
 
 

@@ -4,15 +4,18 @@ Lightning's evaluator, the studies (``leakbench boundary``, ...) and verificatio
 :func:`run_trial`; none of them has a second copy of these steps:
 
 0. (verification only) the private samples are changed by a secret, seeded transform;
-1. the client builds a fresh victim from its specification;
+1. the client builds a fresh victim from its specification; where the run grants the attack's
+   class ``server_model``, the server first sends a model of its own making (plain data: a zoo
+   name, options and a state, built here from the zoo) and the client trains that instead;
 2. the attack's client code runs, only where the run granted it to the attack's class;
 3. the client protocol runs the round under the defense (``defense.apply``): FedSGD's gradient
    of the mean cross-entropy, FedAvg's weight delta after local SGD steps, or the sum of K
    clients' updates, each client holding its own slice of the trial's batch
    (:mod:`leakbench.client`); the defense reports what it did (``defense_report``);
-4. the server's Observation is assembled as plain data: the victim's specification and state,
-   the shared update, the granted metadata (the client protocol's local hyperparameters among
-   them), the budget and an attacker seed that does not identify the trial;
+4. the server's Observation is assembled as plain data: the specification and state of the
+   model the client trained, the shared update, the granted metadata (the client protocol's
+   local hyperparameters, the batch's BatchNorm statistics among them), the budget and an
+   attacker seed that does not identify the trial;
 5. the attack reconstructs, isolated in a worker process by default
    (:mod:`leakbench.protocol.isolation`);
 6. scoring through the canonical metrics module, against the private batch (every client's
@@ -53,7 +56,14 @@ from leakbench.protocol.isolation import (
 from leakbench.protocol.private_transform import PrivateTransform
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
-from leakbench.threat_model import Budget, Capability, ClientContext, protocol_view
+from leakbench.threat_model import (
+    Budget,
+    Capability,
+    ClientContext,
+    ServerContext,
+    batchnorm_statistics,
+    protocol_view,
+)
 
 # Record fields that measure the machine rather than the attack: they differ between two runs
 # of the same configuration, and only they do.
@@ -85,6 +95,9 @@ class TrialSetting:
     # Verification only: a secret change of every sample before the client sees it.
     private_transform: PrivateTransform | None = None
     threads: int | None = None  # the attack worker's intra-op threads; None: all cores
+    # Capability.SURROGATE_DATA: samples of the dataset's other split (model inputs, labels),
+    # for the attack's server code. Left out of comparisons: they hold tensors.
+    surrogate: tuple[Tensor, Tensor] | None = field(default=None, compare=False)
     # How the shared update comes about. ``batch_size`` is one client's; a trial's batch holds
     # ``client_protocol.samples_per_trial(batch_size)`` samples (K·B for an aggregate of K).
     client_protocol: ClientProtocol = FedSGD()
@@ -141,7 +154,16 @@ def run_trial(
     if batch.get("error"):  # a sample could not be read: nothing to attack
         return _failed(record, setting, private, labels, batch["sample_ids"], batch["error"])
 
-    # 1-3. The client: a fresh victim, the attack's client code where granted, the defense.
+    # 1-3. The client: a fresh victim (the server's own model where granted), the attack's
+    # client code where granted, the defense.
+    if Capability.SERVER_MODEL in attack.requires and Capability.SERVER_MODEL in s.granted:
+        try:
+            victim = server_model(attack, victim, s, attacker_seed)
+        except Exception as exc:
+            return _failed(
+                record, setting, private, labels, batch["sample_ids"], f"server model: {exc}"
+            )
+        record["server_model"] = {"name": victim.name, "options": _plain(victim.options)}
     model = victim.build().to(private.device).train(s.client_mode == "train")
     trained_images, client_state, client_seconds, client_report = private, None, None, None
     if attack.runs_client_code and Capability.CLIENT_CODE in s.granted:
@@ -185,6 +207,11 @@ def run_trial(
         client_state=client_state,
         device=str(private.device),
         client_protocol=protocol_view(s.client_protocol.spec(), s.granted),
+        batchnorm_statistics=(
+            batchnorm_statistics(model, share.images)
+            if Capability.BATCHNORM_STATISTICS in s.granted
+            else None
+        ),
     )
     outcome = _attack(attack, payload, setting)
 
@@ -226,6 +253,54 @@ def run_trial(
     }
     truth = to_pixels(private, s.mean, s.std)
     return TrialOutcome(record, list(zip(truth, matched, strict=True)))
+
+
+def server_model(attack: PreparedAttack, victim: Victim, s: TrialSetting, seed: int) -> Victim:
+    """The model the server sends instead of ``victim``: the attack's ``server_model`` gets and
+    returns plain data (tensors, names, JSON options), and the model is built here, from the
+    zoo, for the run's input shape and class count, with its state loaded strictly."""
+    built = victim.build()
+    view = {
+        "name": victim.name,
+        "options": copy.deepcopy(dict(victim.options)),
+        "input_shape": list(victim.input_shape),
+        "num_classes": victim.num_classes,
+        "state": {k: v.detach().clone() for k, v in built.state_dict().items()},
+    }
+    surrogate = s.surrogate if Capability.SURROGATE_DATA in s.granted else None
+    context = ServerContext(
+        input_shape=s.input_shape,
+        num_classes=s.num_classes,
+        mean=s.mean,
+        std=s.std,
+        budget=s.budget,
+        seed=seed,
+        surrogate_images=None if surrogate is None else surrogate[0].clone(),
+        surrogate_labels=None if surrogate is None else surrogate[1].clone(),
+    )
+    sent = attack.instance().server_model(view, context)
+    if not isinstance(sent, dict) or set(sent) != {"name", "options", "state"}:
+        raise ValueError("it must return a dict with exactly the keys name, options and state")
+    name, options, state = sent["name"], _plain(sent["options"]), sent["state"]
+    if not isinstance(name, str) or not isinstance(options, dict):
+        raise ValueError("its name must be a string and its options a JSON object")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise ValueError("its state must map parameter and buffer names to tensors")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"its state holds NaN or inf (in {', '.join(sorted(bad))})")
+    state = {
+        k: v.detach().to(victim.dtype).clone() if v.is_floating_point() else v.detach().clone()
+        for k, v in state.items()
+    }
+    sent_victim = Victim(
+        name, victim.input_shape, victim.num_classes, options, victim.seed, victim.dtype, state
+    )
+    # The zoo refuses an unregistered name or bad options, and a state that does not fit.
+    sent_victim.build()
+    return sent_victim
 
 
 def _check_protocol(attack: PreparedAttack, s: TrialSetting) -> None:
