@@ -27,9 +27,11 @@ the same form, so the attack reads every client protocol's update as it is.
 Scale and sign. Where the layer has a bias they are exact: with Â = ∇W (U∇W)⁺ (m × B), the
 mixing matrix of the recovered rows, ∇b = Â D 1 gives the scales d = Â⁺ ∇b, and x_n is row n
 of U ∇W divided by d_n (the bias attack's observation, Phong et al. 2017, applied to each
-source). Without a bias, order, sign and scale stay unknown: the sources are returned as ICA
-gives them, and the scale-aligned PSNR of the canonical metrics (the least-squares gain
-against the matched truth, negative for a flipped sign) is the score that measures them.
+source). Without a bias, sign and scale are not in the update; the attack then reads them from
+the valid pixel range (our choice, :func:`range_scales`: each source scaled to span [0, 1] in
+pixels, with the sign that leaves that range least), and the scale-aligned PSNR of the
+canonical metrics (the least-squares gain against the matched truth, negative for a flipped
+sign) is the score that measures the separation itself.
 
 Where leakbench departs from the paper: the paper optimises the unmixing with Adam on
 negentropy plus a total-variation prior and a penalty on similar unmixing vectors. Here the
@@ -54,7 +56,8 @@ Steps, as the code runs them (float64):
    (``derivatives``), as a table of observations (pixel positions) × mixtures (rows).
 4. FastICA with B components, seeded by the trial's attacker seed: the unmixing U (B × m).
 5. The sources S = U ∇W (B × d).
-6. Scale and sign from the bias (above), or none; the inputs reshaped to (C, H, W).
+6. Scale and sign from the bias (above), or from the pixel range; the inputs reshaped to
+   (C, H, W).
 
 Hyperparameters: ``domain`` (``"derivatives"``), ``fun`` (FastICA's contrast: ``"logcosh"``,
 ``"exp"`` or ``"cube"``), ``max_iter`` (1000) and ``tol`` (1e-6) of FastICA.
@@ -112,6 +115,9 @@ def unmixing(contrast: Tensor, sources: int, fun: str, max_iter: int, tol: float
         max_iter=max_iter,
         tol=tol,
         random_state=seed % 2**32,
+        # PCA from the eigenvectors of the mixtures' covariance (mixtures × mixtures), not an
+        # SVD of the whole table: there are far more observations (pixels) than mixtures.
+        whiten_solver="eigh",
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -124,6 +130,21 @@ def bias_scales(weight_grad: Tensor, bias_grad: Tensor, sources: Tensor) -> Tens
     """Step 6: the scale d of every source, from ∇b = Â d with Â = ∇W S⁺."""
     mixing = torch.linalg.lstsq(sources.T, weight_grad.T).solution.T
     return torch.linalg.lstsq(mixing, bias_grad[:, None]).solution.flatten()
+
+
+def range_scales(sources: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Step 6 without a bias (our choice): the scale d of every source read from the valid
+    pixel range. With x = s/d and pixels p = x·std + mean, |d| makes the source's pixels span
+    exactly [0, 1] (images hold a near-black and a near-white pixel), and the sign of d is the
+    one whose pixels then leave [0, 1] least."""
+    spread = sources * std
+    magnitude = spread.amax(1) - spread.amin(1)
+    violations = []
+    for sign in (1.0, -1.0):
+        pixels = sign * spread / magnitude[:, None] + mean
+        violations.append((pixels.clamp(max=0).abs() + (pixels - 1).clamp(min=0)).sum(1))
+    sign = torch.where(violations[0] <= violations[1], 1.0, -1.0).to(sources.dtype)
+    return sign * magnitude
 
 
 @register_attack("cocktail-party")
@@ -194,20 +215,30 @@ class CocktailParty(Attack):
             contrast, sources, self.fun, self.max_iter, self.tol, observation.seed
         )
         recovered = unmix @ weight_grad
-        # Step 6: sign and scale from the bias, where there is one.
+        # Step 6: sign and scale, from the bias or else from the pixel range.
         info: dict[str, Any] = {
             "sources": sources,
             "sources_from": "batch size" if observation.batch_size else "rank",
             "ica_iterations": iterations,
             "ica_converged": converged,
             "domain": self.domain,
-            "scale_from": "none",
         }
         if bias is not None:
             bias_grad = bias.detach().cpu().to(torch.float64)
             scales = bias_scales(weight_grad, bias_grad, recovered)
-            if bool((scales != 0).all()):
-                recovered = recovered / scales[:, None]
-                info["scale_from"] = "bias"
+            info["scale_from"] = "bias"
+        else:
+            per_channel = math.prod(observation.input_shape[1:])
+            mean = torch.tensor(observation.mean, dtype=torch.float64)
+            std = torch.tensor(observation.std, dtype=torch.float64)
+            scales = range_scales(
+                recovered,
+                mean.repeat_interleave(per_channel),
+                std.repeat_interleave(per_channel),
+            )
+            info["scale_from"] = "pixel range"
+        if bool((scales == 0).any()):
+            raise TrialFailure("a recovered source is zero: no sign or scale to give it")
+        recovered = recovered / scales[:, None]
         images = recovered.reshape(-1, *observation.input_shape)
         return Reconstruction(images=images.to(observation.dtype), info=info)
