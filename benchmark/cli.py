@@ -91,10 +91,10 @@ def list_command() -> int:
         facts = attacks.attack_facts[name]
         needs = ", ".join(facts["requires"]) or "nothing beyond the update"
         limit = facts["max_batch_size"]
-        print(f"  {name:<24} SoK letter: {sok_letters(facts.get('threat_letters', {}))}")
-        print(f"  {'':<24} requires: {needs}")
+        print(f"  {name:<24} requires: {needs}")
         print(f"  {'':<24} batch size: {'any' if limit is None else f'at most {limit}'}")
         print(f"  {'':<24} threat model: {facts['threat_model']}")
+        print(f"  {'':<24} SoK letter: {sok_letters(facts.get('threat_letters', {}))}")
     return 0
 
 
