@@ -26,12 +26,13 @@ distinct labels the B classes of most negative row minimum are exactly the label
 
     ŷ = argsort_k( min_j ∇W_{k,j} )[:B].
 
-Repeated labels (B > K, or a collision) are our extension, not the paper's: every class with a
-negative row minimum is present at least once; the remaining slots go to classes in
-proportion to n_k ≈ B (p̄_k − ∇b_k) (since ∇b_k = p̄_k − n_k/B), where p̄ is the model's mean
-softmax on N(0, 1) inputs standing in for the batch's (after Geng et al. 2021, "Towards
-General Deep Leakage in Federated Learning"), rounded by largest remainders. Without an output
-bias the most negative class is repeated.
+Repeated labels (fewer classes with a negative row minimum than B: B > K, or a collision) are
+our extension, not the paper's: the count of class k is n_k ≈ B (p̄_k − ∇b_k) (since
+∇b_k = p̄_k − n_k/B), where p̄ is the model's mean softmax on N(0, 1) inputs in the client's
+mode, standing in for the batch's (after Geng et al. 2021, "Towards General Deep Leakage in
+Federated Learning"); every class with a negative row minimum keeps at least one slot, and the
+counts are scaled to B and rounded by largest remainder. Without an output bias the most
+negative class is repeated.
 
 Reconstruction (Sec. 3.2-3.3): a group of G dummy batches x̂_g (from different seeds),
 each optimised for
@@ -67,6 +68,7 @@ default here is 2000.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -99,20 +101,18 @@ def row_minima_labels(weight_grad: Tensor, batch_size: int) -> Tensor:
 def counted_labels(
     present: Tensor, bias_grad: Tensor, mean_softmax: Tensor, batch_size: int
 ) -> Tensor:
-    """Our extension for repeated labels: every present class once, the other slots by largest
-    remainder of n_k ≈ B (p̄_k − ∇b_k) − 1 over the present classes."""
-    estimate = (batch_size * (mean_softmax - bias_grad)).to(torch.float64)[present] - 1
-    estimate = estimate.clamp(min=0)
-    extra = batch_size - present.numel()
-    if float(estimate.sum()) > 0:
-        share = estimate * extra / estimate.sum()
-    else:
-        share = torch.full_like(estimate, extra / present.numel())
+    """Our extension for repeated labels: n_k ≈ B (p̄_k − ∇b_k) for every class, at least one
+    for each class in ``present``, scaled to sum to B and rounded by largest remainder."""
+    estimate = (batch_size * (mean_softmax - bias_grad)).to(torch.float64).clamp(min=0)
+    estimate[present] = estimate[present].clamp(min=1)
+    share = estimate * batch_size / estimate.sum()
     counts = share.floor().long()
-    remainders = share - counts
-    for index in torch.argsort(-remainders, stable=True)[: extra - int(counts.sum())]:
-        counts[index] += 1
-    return present.repeat_interleave(1 + counts)
+    order = torch.argsort(counts - share, stable=True)  # largest remainder first
+    counts[order[: batch_size - int(counts.sum())]] += 1
+    for k in present[counts[present] == 0]:  # a present class keeps one slot
+        counts[int(torch.argmax(counts))] -= 1
+        counts[k] = 1
+    return torch.arange(len(counts), device=counts.device).repeat_interleave(counts)
 
 
 def restore_labels(observation: Observation, batch_size: int) -> tuple[Tensor, str]:
@@ -134,12 +134,10 @@ def restore_labels(observation: Observation, batch_size: int) -> tuple[Tensor, s
     probe = torch.randn(
         (PRIOR_SAMPLES, *observation.input_shape), generator=generator, dtype=weight_grad.dtype
     ).to(weight_grad.device)
-    model = observation.model
-    mode = model.training
+    # In the client's mode (train-mode BatchNorm normalises the probe by its own statistics),
+    # on a copy: no running statistic of the observed model moves.
     with torch.no_grad():
-        model.eval()
-        mean_softmax = torch.softmax(model(probe), dim=1).mean(0)
-        model.train(mode)
+        mean_softmax = torch.softmax(copy.deepcopy(observation.model)(probe), dim=1).mean(0)
     labels = counted_labels(present, bias_grad.detach(), mean_softmax, batch_size)
     return labels, "row minima, counts from the bias gradient"
 
