@@ -4,9 +4,7 @@ The re-exports below load on first use (PEP 562), so that ``import leakbench`` (
 command line's ``--help``, ``list`` and refusals) imports no torch.
 """
 
-import importlib
 import os
-from typing import Any
 
 # OpenMP threads that spin while they wait (libgomp's default) turn a loaded machine into a
 # 10-100x slowdown of every attack step: set before torch loads its OpenMP runtime, so that
@@ -16,6 +14,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
+from leakbench.lazy import lazy_exports  # noqa: E402
+
 _EXPORTS = {
     "Attack": "leakbench.interfaces",
     "Defense": "leakbench.interfaces",
@@ -40,14 +40,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'leakbench' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

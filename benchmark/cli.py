@@ -46,7 +46,12 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run", repeated={"--attack": "attacks", "--batch-size": "batch_sizes", "--grant": "grants"}
 )
 def run_command(
-    config: RunConfig, *, resume: str | None = None, progress: bool = True, given: Given
+    config: RunConfig,
+    *,
+    resume: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    given: Given,
 ) -> int:
     """Run a benchmark (no arguments: the quickstart).
 
@@ -54,10 +59,13 @@ def run_command(
         resume: An earlier run folder: continue the run its config.yaml describes, skipping the
             trials it already holds (options that change what it measures are refused).
         progress: Show the progress bar.
+        verbose: Show W&B's own output (otherwise one line says where the W&B run is).
     """
     config.check_names()
     if resume is None:
         check_output_folder(config.output_dir)
+        if config.run_name is not None:
+            check_output_folder(Path(config.output_dir) / config.run_name, key="run_name")
     from leakbench.runner import NOT_PROTOCOL_KEYS, run, saved_config
 
     if resume is not None:
@@ -72,7 +80,7 @@ def run_command(
                 f"change what it measures: {', '.join(differing)}"
             )
         config = RunConfig.from_mapping(wanted, source="command line")
-    run(config, resume=resume, progress=progress)
+    run(config, resume=resume, progress=progress, verbose=verbose)
     return 0
 
 
@@ -86,7 +94,7 @@ def list_command() -> int:
     print("defenses:   " + ", ".join(listing(DEFENSES).names))
     print("covariates: " + ", ".join(listing(COVARIATES).names))
     print("attacks (SoK letter: the threat model of Carletti et al., USENIX Security 2025):")
-    attacks = listing(ATTACKS)
+    attacks = listing(ATTACKS, describe=_plugin_facts)
     for name in attacks.names:
         facts = attacks.attack_facts[name]
         needs = ", ".join(facts["requires"]) or "nothing beyond the update"
@@ -107,6 +115,13 @@ def sok_letters(by_protocol: dict[str, str]) -> str:
     base = by_protocol.get("fedsgd", next(iter(by_protocol.values())))
     others = [f"{letter} under {p}" for p, letter in sorted(by_protocol.items()) if letter != base]
     return "; ".join([THREAT_MODELS[base].describe(), *others])
+
+
+def _plugin_facts(name: str) -> dict:
+    """A plug-in's facts, asked where its code may run (imports torch: only with plug-ins)."""
+    from leakbench.protocol.attack import plugin_facts
+
+    return plugin_facts(name)
 
 
 @command("report")

@@ -111,8 +111,10 @@ class RunConfig:
         accelerator: Lightning accelerator: cpu, gpu, auto, ...
         devices: Lightning devices: a number of processes, auto, or a list of GPU indices; the
             trials are sharded over them exactly.
-        isolation: Where attacks run: process (a fresh worker per trial, isolated from the
-            ground truth) or in-process (debugging, overhead measurements; isolates nothing).
+        isolation: Where attack code runs: sandbox (bubblewrap namespaces, nothing of the
+            harness visible; the default, with a fallback to process, said once, where the
+            machine cannot make one), process (a fresh worker process per job: isolated from
+            the harness's objects, not a sandbox) or in-process (debugging; isolates nothing).
         threads: Intra-op threads per process; null: the cores divided by the processes.
         private_transform: Leaderboard verification's secret change of every private sample
             ({seed, max_shift, flip, brightness}); null for ordinary runs.
@@ -156,7 +158,7 @@ class RunConfig:
     dtype: Literal["float32", "float64"] = "float32"
     accelerator: str = "auto"
     devices: Count | Literal["auto"] | list[int] = "auto"
-    isolation: Literal["process", "in-process"] = "process"
+    isolation: Literal["sandbox", "process", "in-process"] = "sandbox"
     threads: Count | None = None
     private_transform: dict[str, Any] | None = None
     success_psnr: float = 30.0
@@ -197,6 +199,15 @@ class RunConfig:
         """What no single field's type can say."""
         if not self.attacks:
             raise ConfigError("attacks: got [], expected at least one attack")
+        if not self.batch_sizes:
+            raise ConfigError("batch_sizes: got [], expected at least one batch size, e.g. [1]")
+        check_budget(self.budget)
+        if self.run_name is not None and (
+            self.run_name in ("", ".", "..") or "/" in self.run_name or "\0" in self.run_name
+        ):
+            raise ConfigError(
+                f"run_name: got {self.run_name!r}, expected the name of one folder (no '/')"
+            )
         unused = sorted(set(self.attack_options) - set(self.attacks))
         if unused:
             raise ConfigError(f"attack_options given for attacks not in the run: {unused}")
@@ -243,6 +254,21 @@ class RunConfig:
         return values
 
 
+def check_budget(budget: Budget) -> None:
+    """Refuse a budget no trial can keep: seconds and iterations are positive, or null."""
+    seconds, iterations = budget.max_seconds, budget.max_iterations
+    if seconds is not None and not (0 < seconds < float("inf")):
+        raise ConfigError(
+            f"budget.max_seconds: got {seconds!r}, expected a positive number of seconds or null "
+            "(no limit)"
+        )
+    if iterations is not None and iterations < 1:
+        raise ConfigError(
+            f"budget.max_iterations: got {iterations!r}, expected a positive integer or null "
+            "(each attack's own count)"
+        )
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file's mapping of keys; a missing file or bad YAML is one line naming file and
     line."""
@@ -250,10 +276,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8 "
+            "text, expected a YAML file"
+        ) from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        if isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses: no line
+            where = f", offset {exc.position}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
     if loaded is None:
@@ -360,11 +395,10 @@ def validated(cls: type, values: dict[str, Any], source: str = "config") -> Any:
 
 def check_output_folder(path: str | Path, key: str = "output_dir") -> None:
     """Refuse, before anything runs, a folder that cannot be created or written: below a
-    regular file, or on a read-only file system. Leaves nothing behind."""
+    regular file, on a read-only file system, or with a name or path longer than the file
+    system allows. Leaves nothing behind."""
     folder = Path(path).absolute()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = _deepest_existing(path, folder, key)
     if not existing.is_dir():
         raise ConfigError(
             f"{key}: {str(path)!r} cannot be created: {existing} is a regular file, "
@@ -378,3 +412,32 @@ def check_output_folder(path: str | Path, key: str = "output_dir") -> None:
             f"{key}: {str(path)!r} is not writable ({exc.strerror} in {existing}), "
             "expected a writable folder"
         ) from None
+
+
+# What a run writes inside its folder needs room below the path limit (figures/<cell>.png).
+_ROOM_INSIDE = 128
+
+
+def _deepest_existing(given: str | Path, folder: Path, key: str) -> Path:
+    """The deepest existing folder on the way to ``folder``, once every name on the way fits
+    the file system (``PC_NAME_MAX``) and so does the whole path (``PC_PATH_MAX``)."""
+    shown = str(given) if len(str(given)) <= 60 else f"{str(given)[:40]}...{str(given)[-12:]}"
+    existing, found = Path(folder.anchor), True
+    for part in folder.parts[1:]:
+        limit = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise ConfigError(
+                f"{key}: {shown!r} holds a name of {size} bytes, longer than the file system "
+                f"allows; expected at most {limit} bytes per name"
+            )
+        found = found and (existing / part).exists()
+        existing = existing / part if found else existing
+    path_max = os.pathconf(existing, "PC_PATH_MAX") if existing.is_dir() else 4096
+    size = len(os.fsencode(str(folder)))
+    if size + _ROOM_INSIDE > path_max:
+        raise ConfigError(
+            f"{key}: {shown!r} is a path of {size} bytes, longer than the file system allows "
+            f"for a run folder; expected at most {path_max - _ROOM_INSIDE} bytes"
+        )
+    return existing

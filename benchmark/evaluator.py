@@ -50,8 +50,10 @@ class Evaluator(LightningModule):
         run_dir: RunDirectory,
         gallery_size: int = MAX_TILES,
         progress: Progress | None = None,
+        collect: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        self.collect = collect
         self.victim = victim
         self.attack = attack
         self.defense = defense
@@ -68,6 +70,8 @@ class Evaluator(LightningModule):
         with torch.enable_grad():
             outcome = run_trial(self.victim, self.attack, self.defense, self.setting, batch)
         self.run_dir.append_trial(outcome.record, self.global_rank)
+        if self.collect is not None:
+            self.collect.append(outcome.record)
         if len(self.gallery) < self.gallery_size:
             limit = self.gallery_size - len(self.gallery)
             self.gallery.extend(tiles_of(outcome.record, outcome.pairs, limit))

@@ -47,6 +47,7 @@ class Registry(Generic[T]):
     kind: str
     builtin_package: str
     entry_point_group: str
+    isolated_plugins: bool = False  # True: plug-ins are never imported here (attacks)
     _items: dict[str, T] = field(default_factory=dict)
     _loaded: bool = False
 
@@ -65,27 +66,34 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        """The component ``name``. A plug-in of a kind whose code never runs in the harness
+        (attacks) comes back as a :class:`Plugin` reference, unimported; other plug-ins are
+        imported when first asked for, and only then."""
         self._load()
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
+        ep = self._plugins.get(name)
+        if ep is None:
             valid = ", ".join(self.names())
             raise UnknownNameError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+        if self.isolated_plugins:
+            return Plugin.of(ep)  # type: ignore[return-value]
+        return self._load_plugin(ep)
 
     def names(self) -> list[str]:
         self._load()
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._plugins))
 
     def items(self) -> Iterator[tuple[str, T]]:
-        self._load()
         for name in self.names():
-            yield name, self._items[name]
+            yield name, self.get(name)
 
     def __contains__(self, name: object) -> bool:
         self._load()
-        return name in self._items
+        return name in self._items or name in self._plugins
 
     def _load(self) -> None:
+        """Import the built-in modules (plug-ins are named by their entry points, unloaded)."""
         if self._loaded:
             return
         self._loaded = True
@@ -93,15 +101,70 @@ class Registry(Generic[T]):
         for module in pkgutil.iter_modules(package.__path__, prefix=f"{self.builtin_package}."):
             if not module.name.rsplit(".", 1)[-1].startswith("_"):
                 importlib.import_module(module.name)
-        for ep in entry_points(group=self.entry_point_group):
-            loaded: Any = ep.load()
-            if not isinstance(loaded, ModuleType) and ep.name not in self._items:
-                self.register(ep.name)(loaded)
+
+    @property
+    def _plugins(self) -> dict[str, Any]:
+        """The plug-ins' entry points by name, read from the installed metadata each time (a
+        distribution installed since the last look is found)."""
+        return {ep.name: ep for ep in plugin_entry_points(self) if ep.name not in self._items}
+
+    def _load_plugin(self, ep: Any) -> T:
+        loaded: Any = ep.load()
+        if not isinstance(loaded, ModuleType) and ep.name not in self._items:
+            self.register(ep.name)(loaded)
+        if ep.name not in self._items:
+            raise UnknownNameError(
+                f"the entry point {ep.name} = {ep.value} registers no {self.kind} named "
+                f"{ep.name!r}: a module entry point must register under the entry point's name"
+            )
+        return self._items[ep.name]
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """An attack from an installed distribution's ``leakbench.attacks`` entry point, known by
+    its metadata only: its code runs where attacks run (:mod:`leakbench.protocol.jobs`), never
+    in the harness, which learns what it needs from the plug-in's answer there."""
+
+    name: str
+    value: str  # ``module`` or ``module:object``
+    distribution: str | None
+    version: str | None
+
+    @classmethod
+    def of(cls, ep: Any) -> Plugin:
+        dist = getattr(ep, "dist", None)
+        return cls(
+            ep.name,
+            ep.value,
+            dist.metadata["Name"] if dist is not None else None,
+            dist.version if dist is not None else None,
+        )
+
+    @property
+    def module(self) -> str:
+        return self.value.split(":")[0].strip()
+
+    def source_folder(self) -> str | None:
+        """Where its top-level package lives, found without importing it."""
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(self.module.split(".")[0])
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        if spec.submodule_search_locations:
+            return str(list(spec.submodule_search_locations)[0])
+        return spec.origin  # a top-level module: its file
 
 
 DATAMODULES: Registry[Any] = Registry("dataset", "leakbench.datamodules", "leakbench.datamodules")
 MODELS: Registry[Any] = Registry("model", "leakbench.models", "leakbench.models")
-ATTACKS: Registry[Any] = Registry("attack", "leakbench.attacks", "leakbench.attacks")
+ATTACKS: Registry[Any] = Registry(
+    "attack", "leakbench.attacks", "leakbench.attacks", isolated_plugins=True
+)
 DEFENSES: Registry[Any] = Registry("defense", "leakbench.defenses", "leakbench.defenses")
 COVARIATES: Registry[Any] = Registry("covariate", "leakbench.analysis", "leakbench.covariates")
 
@@ -117,14 +180,17 @@ REGISTRIES: dict[str, Registry[Any]] = {
 }
 
 
-def _attack_facts(attack: Any) -> dict[str, Any]:
+def attack_facts(attack: Any) -> dict[str, Any]:
+    """What the harness needs to know of an attack (class or instance) before any trial."""
     protocols = sorted(getattr(attack, "client_protocols", ()) or ())
     return {
         "requires": sorted(getattr(c, "value", c) for c in attack.requires),
         "threat_model": attack.threat_model,
         "max_batch_size": attack.max_batch_size,
         "client_protocols": protocols,
-        # The SoK letter (leakbench.capabilities) under each client protocol it supports.
+        # The SoK letter it declares, and the one it assumes under each client protocol it
+        # supports (leakbench.capabilities).
+        "threat_letter": getattr(attack, "threat_letter", None),
         "threat_letters": {p: attack.sok_threat_model([p]).letter for p in protocols},
     }
 
@@ -134,13 +200,14 @@ def build_index() -> dict[str, Any]:
     all; plug-ins are left out: they are found through their entry points)."""
     index: dict[str, Any] = {}
     for kind, registry in REGISTRIES.items():
+        registry._load()
         builtin = {
             name: obj
-            for name, obj in registry.items()
+            for name, obj in registry._items.items()
             if getattr(obj, "__module__", "").startswith("leakbench.")
         }
         if kind == "attack":
-            index[kind] = {name: _attack_facts(obj) for name, obj in builtin.items()}
+            index[kind] = {name: attack_facts(obj) for name, obj in builtin.items()}
         else:
             index[kind] = sorted(builtin)
     return index
@@ -158,7 +225,8 @@ def write_index(path: Path = INDEX_PATH) -> Path:
 
 @dataclass(frozen=True)
 class Listing:
-    """What ``leakbench list`` shows of one registry: names, and each attack's facts."""
+    """What ``leakbench list`` shows of one registry: names, and each attack's facts (a
+    plug-in's as its own code answered them where attacks run)."""
 
     names: list[str]
     attack_facts: dict[str, dict[str, Any]]
@@ -175,41 +243,32 @@ def plugin_entry_points(registry: Registry[Any]) -> list[Any]:
 
 def known_names(registry: Registry[Any]) -> set[str]:
     """Every name the registry answers to, without importing a component: the index, what is
-    already registered in this process, and the names of object entry points."""
+    already registered in this process, and the names of the plug-ins' entry points (an entry
+    point's name is its component's name)."""
     indexed = read_index().get(registry.kind, [])
-    return (
-        set(indexed)
-        | set(registry._items)
-        | {ep.name for ep in plugin_entry_points(registry) if ":" in ep.value}
-    )
+    return set(indexed) | set(registry._items) | {ep.name for ep in plugin_entry_points(registry)}
 
 
 def check_name(registry: Registry[Any], name: str) -> None:
-    """Refuse an unknown name as :meth:`Registry.get` would, importing nothing when it can.
-
-    A module entry point registers names that only its import reveals; then (and only then)
-    the registry is loaded to decide.
-    """
-    if name in known_names(registry):
-        return
-    if any(":" not in ep.value for ep in plugin_entry_points(registry)):
-        registry.get(name)
-        return
-    valid = ", ".join(sorted(known_names(registry)))
-    raise UnknownNameError(f"unknown {registry.kind} {name!r}; valid names: {valid}")
+    """Refuse an unknown name as :meth:`Registry.get` would, importing nothing."""
+    if name not in known_names(registry):
+        valid = ", ".join(sorted(known_names(registry)))
+        raise UnknownNameError(f"unknown {registry.kind} {name!r}; valid names: {valid}")
 
 
-def listing(registry: Registry[Any]) -> Listing:
-    """The index's components plus those registered in this process and the plug-ins (which
-    are loaded: they are few)."""
+def listing(
+    registry: Registry[Any], describe: Callable[[str], dict[str, Any]] | None = None
+) -> Listing:
+    """The index's components, those registered in this process and the plug-ins (by name;
+    an attack plug-in's facts through ``describe``, which runs it where attacks run)."""
     indexed = read_index().get(registry.kind, [])
     facts = dict(indexed) if isinstance(indexed, dict) else {}
-    for ep in plugin_entry_points(registry):
-        loaded = ep.load()
-        if not isinstance(loaded, ModuleType) and ep.name not in registry._items:
-            registry.register(ep.name)(loaded)
-    names = set(indexed) | set(registry._items)
+    plugins = {ep.name for ep in plugin_entry_points(registry)}
+    names = set(indexed) | set(registry._items) | plugins
     if registry is ATTACKS:
         for name, attack in registry._items.items():
-            facts.setdefault(name, _attack_facts(attack))
+            facts.setdefault(name, attack_facts(attack))
+        for name in sorted(plugins - set(facts)):
+            if describe is not None:
+                facts[name] = describe(name)
     return Listing(sorted(names), facts)

@@ -9,7 +9,9 @@
 Whole files are written atomically (temporary file + rename). Trial records are appended, one
 line each, flushed and synced, so appending never rewrites the file. A process killed mid-write
 leaves at most a truncated last line: :meth:`RunDirectory.repair` reports it and cuts it off, so
-that the trial runs again on resume instead of being merged.
+that the trial runs again on resume instead of being merged. Any other line that is not a trial
+record (binary data, JSON of another shape) is refused, naming the file and line, and left as it
+is.
 """
 
 from __future__ import annotations
@@ -59,6 +61,28 @@ class DamagedRecordsError(ValueError):
     """A records file holds a line that is not a record, other than a truncated last one."""
 
 
+def _cut_short(line: bytes) -> bool:
+    """Whether ``line`` can be the start of a record whose writing stopped part-way: records
+    are ASCII JSON objects (``json.dumps`` of a mapping begins with ``{"``)."""
+    return line.startswith(b'{"') and line.isascii()
+
+
+def _parsed_record(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The trial record of one line, or None and what the line is instead."""
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError:
+        return None, "not JSON"
+    if not isinstance(value, dict):
+        return None, f"a JSON {type(value).__name__}, not an object"
+    cell, trial = value.get("cell"), value.get("trial")
+    if not isinstance(cell, str) or isinstance(trial, bool) or not isinstance(trial, int):
+        return None, "a JSON object without a text 'cell' and an integer 'trial'"
+    return value, ""
+
+
 def records_file(rank: int) -> str:
     return "trials.jsonl" if rank == 0 else f"trials-rank{rank}.jsonl"
 
@@ -72,8 +96,12 @@ class RunDirectory:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict[str, Any] | None:
+        """The saved configuration, None without one; a file that is not a YAML mapping is
+        refused in one line naming it."""
+        from leakbench.config import read_yaml
+
         path = self.path / "config.yaml"
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
+        return read_yaml(path) if path.is_file() else None
 
     def append_trial(self, record: dict[str, Any], rank: int = 0) -> None:
         line = json.dumps(record, allow_nan=False) + "\n"
@@ -87,9 +115,9 @@ class RunDirectory:
         notes = []
         for path in sorted(self.path.glob("trials*.jsonl")):
             data = path.read_bytes()
-            if not data or data.endswith(b"\n"):
-                continue
             keep = data.rfind(b"\n") + 1
+            if not data or data.endswith(b"\n") or not _cut_short(data[keep:]):
+                continue  # a last line that is no record's start is refused by records()
             with open(path, "r+b") as f:
                 f.truncate(keep)
             notes.append(
@@ -102,18 +130,18 @@ class RunDirectory:
         """Every complete trial record of the run, from every rank's file, each trial once."""
         seen: set[tuple[str, int]] = set()
         for path in sorted(self.path.glob("trials*.jsonl")):
-            lines = path.read_text(encoding="utf-8").split("\n")
+            lines = path.read_bytes().split(b"\n")
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if number == len(lines):  # truncated last line: never merged
+                record, what = _parsed_record(line)
+                if record is None:
+                    if number == len(lines) and _cut_short(line):  # truncated: never merged
                         continue
                     raise DamagedRecordsError(
-                        f"{path}: line {number} is not a trial record; repair or remove it"
-                    ) from None
+                        f"{path}: line {number} is {what}, expected a trial record (one JSON "
+                        "object per line, as leakbench writes them); repair or remove it"
+                    )
                 key = (record["cell"], record["trial"])
                 if key not in seen:
                     seen.add(key)

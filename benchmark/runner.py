@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import netrc
@@ -21,7 +22,7 @@ import os
 import platform
 import subprocess
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,13 +37,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import leakbench
-from leakbench.capabilities import admitted_letters, grants_beyond, threat_model_of
+from leakbench.capabilities import Capability, admitted_letters, grants_beyond, threat_model_of
 from leakbench.client import ClientProtocol, protocol_from_spec
 from leakbench.config import ConfigError, RunConfig
 from leakbench.datamodules.base import DatasetError
 from leakbench.evaluator import Evaluator, log_run_to_wandb
 from leakbench.figures import Tile, cell_figure
-from leakbench.interfaces import Defense
+from leakbench.interfaces import Defense, UnsupportedModelError
 from leakbench.metrics import aggregate, gallery_from_samples, lpips_status
 from leakbench.progress import Progress
 from leakbench.protocol import (
@@ -53,25 +54,32 @@ from leakbench.protocol import (
     default_threads,
     prepare_attack,
 )
+from leakbench.protocol.attack import choose_placement
+from leakbench.protocol.isolation import Placement
+from leakbench.protocol.sandbox import SandboxUnavailable, make_non_dumpable
 from leakbench.protocol.victim import resolve_victim_state
-from leakbench.registry import ATTACKS, COVARIATES, DATAMODULES, DEFENSES
+from leakbench.registry import COVARIATES, DATAMODULES, DEFENSES, MODELS
 from leakbench.results import RunDirectory, cell_key
-from leakbench.threat_model import Capability
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# Lightning's hint, on any machine with SLURM's tools, to launch through srun: a local run is
+# not a SLURM job, and `leakbench sweep --launcher slurm` launches those itself.
+warnings.filterwarnings("ignore", message="The `srun` command is available")
 # Lightning's hardware banner and product tips would bury the results table.
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 # What config.yaml records next to the configuration (facts of the machine and the data).
-RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage")
+RECORDED_FACTS = ("environment", "datamodule", "lpips", "task_leakage", "sandbox", "attacks_run")
+# The maintainers' private verification data: never published, never shown to attack code.
+PRIVATE_DATA_ENV = "LEAKBENCH_PRIVATE_DATA"
+# Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
+RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
 # Capability.SURROGATE_DATA: at most this many samples of the other split, drawn from the run
 # seed on their own stream.
 SURROGATE_SAMPLES = 1024
 SURROGATE_STREAM = 0x5022_0647
-# Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
-RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
 # Keys that may differ when a run is resumed: they change how it runs, not what it measures.
 NOT_PROTOCOL_KEYS = frozenset(
     {
@@ -88,17 +96,77 @@ NOT_PROTOCOL_KEYS = frozenset(
 )
 
 
+def check_options(
+    kind: str,
+    name: str,
+    factory: Callable[..., Any],
+    options: dict[str, Any],
+    fixed: int = 0,
+    set_by_run: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse, in one line naming the key, its value and the valid keys, an option that the
+    registered ``factory`` does not take, or a missing one that it needs (its first ``fixed``
+    parameters are not options; ``set_by_run`` maps those the run sets to the run's key)."""
+    set_by_run = set_by_run or {}
+    taken = [key for key in options if key in set_by_run]
+    if taken:
+        raise ConfigError(
+            f"{kind}_options: {taken[0]} (given {options[taken[0]]!r}) is set by the run, "
+            f"expected it as the run's key {set_by_run[taken[0]]!r}"
+        )
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())[fixed:]
+    except (TypeError, ValueError):  # no signature to read: the call itself will say
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    parameters = [p for p in parameters if p.name not in set_by_run]
+    valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [key for key in options if key not in valid]
+    if unknown:
+        expected = f"expected one of: {', '.join(valid)}" if valid else "it takes no options"
+        raise ConfigError(
+            f"{kind}_options: unknown option {unknown[0]!r} (given {options[unknown[0]]!r}) for "
+            f"{kind} {name!r}; {expected}"
+        )
+    missing = [
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in options
+    ]
+    if missing:
+        raise ConfigError(
+            f"{kind}_options: got {options!r}, expected the option {missing[0]!r} that "
+            f"{kind} {name!r} needs"
+        )
+
+
 def instantiate(kind: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> Any:
     """Call a registered factory, turning a bad keyword into a one-line error."""
+    check_options(kind, name, factory, options)
     try:
         return factory(**options)
     except TypeError as exc:
         raise ConfigError(f"bad options for {kind} {name!r}: {exc}") from None
 
 
+# Datamodule options that a run sets from its own keys.
+DATASET_OPTIONS_OF_THE_RUN = {
+    "batch_size": "batch_sizes",
+    "num_trials": "trials",
+    "seed": "seed",
+    "split": "split",
+}
+
+
 def build_datamodule(config: RunConfig, batch_size: int) -> Any:
     factory = DATAMODULES.get(config.dataset)
     options = dict(config.dataset_options)
+    check_options(
+        "dataset", config.dataset, factory, options, set_by_run=DATASET_OPTIONS_OF_THE_RUN
+    )
     options.update(
         batch_size=batch_size, num_trials=config.trials, seed=config.seed, split=config.split
     )
@@ -130,7 +198,11 @@ def wandb_configured() -> bool:
         return False
 
 
-def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> list[Logger]:
+def make_loggers(
+    config: RunConfig, public: dict[str, Any], run_dir: Path, verbose: bool = False
+) -> list[Logger]:
+    """The run's loggers. W&B prints nothing of its own unless ``verbose``: the run says in one
+    line where its W&B run is (:func:`wandb_line`)."""
     if config.logger == "none":
         return []
     # A fresh CSV version per invocation: resuming must not overwrite earlier logs.
@@ -139,25 +211,41 @@ def make_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> li
     if config.logger == "wandb":
         # Offline unless the user configured W&B (WANDB_MODE, an API key, `wandb login`).
         offline = not wandb_configured()
-        loggers.append(
-            WandbLogger(
-                project=config.wandb_project,
-                name=run_dir.name,
-                group=config.wandb_group,
-                job_type=config.wandb_job_type,
-                save_dir=str(run_dir),
-                offline=offline,
-                config=public,
-            )
+        logger = WandbLogger(
+            project=config.wandb_project,
+            name=run_dir.name,
+            group=config.wandb_group,
+            job_type=config.wandb_job_type,
+            save_dir=str(run_dir),
+            offline=offline,
+            config=public,
+            settings={"silent": not verbose},
         )
+        # Lightning always passes `anonymous` (None by default), and W&B warns about the
+        # setting's deprecation before its silent setting applies.
+        logger._wandb_init.pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
+def wandb_line(run: Any) -> str | None:
+    """One line that says where a W&B run is: its page, or its offline folder and how to
+    upload it; None for a disabled run (``WANDB_MODE=disabled``)."""
+    if run.settings.mode == "disabled":
+        return None
+    if run.offline:
+        folder = run.settings.sync_dir
+        return f"W&B: offline run {run.id} in {folder} (upload: wandb sync {folder})"
+    return f"W&B: {run.url}"
+
+
 @contextlib.contextmanager
-def run_loggers(config: RunConfig, public: dict[str, Any], run_dir: Path) -> Iterator[list[Logger]]:
+def run_loggers(
+    config: RunConfig, public: dict[str, Any], run_dir: Path, verbose: bool = False
+) -> Iterator[list[Logger]]:
     """The run's loggers. A run that stops with an error finishes its W&B run as failed: left
     open, W&B would hand it to the next run of the same process (a study runs many)."""
-    loggers = make_loggers(config, public, run_dir)
+    loggers = make_loggers(config, public, run_dir, verbose)
     try:
         yield loggers
     except BaseException:
@@ -246,6 +334,8 @@ class PreparedRun:
     config: RunConfig
     public: dict[str, Any]  # the configuration as written to disk and to the loggers
     attacks: dict[str, PreparedAttack]
+    # Attacks that cannot handle the victim, with the reason: their cells are skipped, noted.
+    inapplicable: dict[str, str]
     defense: Defense
     victim: Victim
     datamodule: dict[str, Any]  # the datamodule's describe()
@@ -254,6 +344,8 @@ class PreparedRun:
     threads: int
     processes: int
     client_protocol: ClientProtocol
+    placement: Placement  # where attack code runs (the sandbox's view of the files)
+    sandbox: str  # what the sandbox is, or why the run fell back to worker processes
     # Privacy metrics (``privacy_metrics``): the split as a gallery, its ids, the classifier.
     gallery: torch.Tensor | None = None
     gallery_ids: tuple[str, ...] | None = None
@@ -278,11 +370,6 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
             f"defense {config.defense!r} cannot run under the client protocol "
             f"{unsupported[0]!r} (it supports: {', '.join(sorted(defense.client_protocols))})"
         )
-    check_threat_model(config, protocol)
-    attacks = {
-        name: prepare_attack(name, config.attack_options.get(name, {}), config.granted, protocol)
-        for name in config.attacks
-    }
     probe = build_datamodule(config, protocol.samples_per_trial(max(config.batch_sizes)))
     for b in config.batch_sizes:
         probe.batch_size = protocol.samples_per_trial(b)
@@ -290,6 +377,7 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
             probe.trials()
         except ValueError as exc:
             raise ConfigError(f"{config.dataset} ({config.split} split): {exc}") from None
+    check_options("model", config.model, MODELS.get(config.model), config.model_options, fixed=2)
     try:
         victim = resolve_victim_state(
             config.model_state,
@@ -303,10 +391,30 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         )
     except TypeError as exc:
         raise ConfigError(f"bad options for model {config.model!r}: {exc}") from None
-    model = victim.build()
+    try:
+        model = victim.build()
+    except TypeError as exc:
+        raise ConfigError(f"model_options of model {config.model!r}: {exc}") from None
     defense.check_model(model)
-    for attack in attacks.values():
-        attack.instance().check_model(model)
+    threads = config.threads or default_threads(processes)
+    placement, sandbox = run_placement(config, threads, probe.describe().get("root"))
+    admitted = track_threat_model(config)
+    attacks, inapplicable = {}, {}
+    for name in config.attacks:
+        try:
+            attacks[name] = prepare_attack(
+                name,
+                config.attack_options.get(name, {}),
+                config.granted,
+                protocol,
+                victim=victim,
+                placement=placement,
+                admitted=admitted,
+            )
+        except UnsupportedModelError as exc:
+            inapplicable[name] = str(exc)
+    if not attacks:  # nothing would run: refused, with every reason
+        raise UnsupportedModelError("; ".join(inapplicable.values()))
     covariates = tuple(COVARIATES.names() if config.covariates is None else config.covariates)
     for name in covariates:
         COVARIATES.get(name)  # an unknown name is refused before any trial
@@ -322,13 +430,16 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         config=config,
         public=public_config(config, secret_keys),
         attacks=attacks,
+        inapplicable=inapplicable,
         defense=defense,
         victim=victim,
         datamodule=probe.describe(),
         covariates=covariates,
         private_transform=private_transform,
-        threads=config.threads or default_threads(processes),
+        threads=threads,
         processes=processes,
+        placement=placement,
+        sandbox=sandbox,
         client_protocol=protocol,
         surrogate=(
             surrogate_samples(probe, config)
@@ -339,32 +450,26 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
     )
 
 
-def check_threat_model(config: RunConfig, protocol: ClientProtocol) -> None:
-    """Refuse, where the run's track states its SoK threat model (``track.threat_model``), a
-    grant that tells the attacker more than that threat model knows, and an attack whose own
-    threat model under the run's client protocol it does not admit."""
+def track_threat_model(config: RunConfig) -> str | None:
+    """The SoK letter the run's track states (``track.threat_model``), checked: a known letter,
+    and no grant that tells the attacker more than it knows. Attacks whose letter it does not
+    admit are refused by ``prepare_attack``."""
     letter = (config.track or {}).get("threat_model")
     if letter is None:
-        return
-    name = config.track.get("name", "of this run") if config.track else "of this run"
+        return None
+    name = (config.track or {}).get("name", "of this run")
     try:
         track = threat_model_of(letter)
     except ValueError as exc:
         raise ConfigError(f"track {name!r}: {exc}") from None
-    admits = f"threat model {track.describe()}, admits {', '.join(admitted_letters(letter))}"
     beyond = grants_beyond(letter, config.granted)
     if beyond:
         raise ConfigError(
-            f"track {name!r} ({admits}) grants {', '.join(c.value for c in beyond)}, which "
-            "that threat model does not know"
+            f"track {name!r} (threat model {track.describe()}, admits "
+            f"{', '.join(admitted_letters(letter))}) grants "
+            f"{', '.join(c.value for c in beyond)}, which that threat model does not know"
         )
-    for attack in config.attacks:
-        assumed = ATTACKS.get(attack).sok_threat_model(protocol.names())
-        if not track.admits(assumed):
-            raise ConfigError(
-                f"attack {attack!r} assumes threat model {assumed.describe()}, which track "
-                f"{name!r} ({admits}) does not admit"
-            )
+    return letter
 
 
 def surrogate_split(datamodule: Any, split: str) -> str:
@@ -385,6 +490,53 @@ def surrogate_samples(datamodule: Any, config: RunConfig) -> tuple[torch.Tensor,
     items = [samples[int(i)] for i in order]
     images = torch.stack([x for x, _, _ in items]).to(getattr(torch, config.dtype))
     return images, torch.tensor([y for _, y, _ in items], dtype=torch.long)
+
+
+def forbidden_folders(
+    output_dir: str | Path, checkpoint_dir: str | Path, data_root: str | None = None
+) -> list[Path]:
+    """What attack code must never see: the output and checkpoint folders, the data roots
+    (the run's, the default one and the maintainers' private data), the leaderboard's entries,
+    the source checkout of an editable install and the current folder."""
+    from leakbench.datamodules.base import DATA_ENV, DEFAULT_DATA_DIR
+    from leakbench.leaderboard.entry import LEADERBOARDS
+
+    folders = [
+        Path(output_dir),
+        Path(checkpoint_dir),
+        Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_DIR),
+        LEADERBOARDS,
+        Path.cwd(),
+    ]
+    folders += [Path(p) for p in (data_root, os.environ.get(PRIVATE_DATA_ENV)) if p]
+    checkout = Path(leakbench.__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        folders.append(checkout)
+    return [f.expanduser().resolve() for f in folders]
+
+
+def study_placement(
+    isolation: str, attacks: Sequence[str], output_dir: str | Path | None
+) -> Placement:
+    """Where a study's attack code runs (a study writes to ``output_dir``, or nowhere)."""
+    from leakbench.models.training import default_checkpoint_dir
+
+    forbidden = forbidden_folders(output_dir or Path.cwd(), default_checkpoint_dir())
+    try:
+        return choose_placement(isolation, default_threads(), attacks, forbidden)[0]
+    except SandboxUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def run_placement(
+    config: RunConfig, threads: int, data_root: str | None = None
+) -> tuple[Placement, str]:
+    """Where a run's attack code runs (:func:`leakbench.protocol.attack.choose_placement`)."""
+    forbidden = forbidden_folders(config.output_dir, checkpoint_folder(config), data_root)
+    try:
+        return choose_placement(config.isolation, threads, config.attacks, forbidden)
+    except SandboxUnavailable as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def checkpoint_folder(config: RunConfig) -> Path:
@@ -433,19 +585,28 @@ def run(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     secret_keys: Sequence[str] = (),
+    collect: list[dict[str, Any]] | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run every cell of ``config``; returns the summary also written to ``summary.json``.
+
+    ``collect`` receives every record this process makes, as it makes it (verification takes
+    its figures from there, never from a file).
 
     With ``resume``, ``config`` must be the run's saved configuration (see :func:`saved_config`)
     up to keys that do not change what is measured. ``secret_keys`` (verification's seeds) are
     never written where an attack could read them during the run: ``config.yaml`` and the
-    loggers get a SHA-256 commitment instead of each value.
+    loggers get a SHA-256 commitment instead of each value. W&B prints its own output only
+    when ``verbose``.
     """
-    prepared = prepare(config, secret_keys)
-    torch.set_num_threads(prepared.threads)
+    make_non_dumpable()  # no process of this user reads the private batch out of our memory
+    # The folder first: a resume it cannot continue is refused before anything is written (a
+    # reference classifier trained by prepare, say).
     run_path, first_process = _run_folder(config, resume)
     try:
-        return _run_cells(prepared, run_path, first_process, progress, echo)
+        prepared = prepare(config, secret_keys)
+        torch.set_num_threads(prepared.threads)
+        return _run_cells(prepared, run_path, first_process, progress, echo, collect, verbose)
     finally:
         if first_process:
             os.environ.pop(RUN_DIR_VARIABLE, None)
@@ -457,6 +618,8 @@ def _run_cells(
     first_process: bool,
     progress: bool,
     echo: Callable[[str], None],
+    collect: list[dict[str, Any]] | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     config = prepared.config
     dtype = getattr(torch, config.dtype)
@@ -469,15 +632,28 @@ def _run_cells(
         "datamodule": prepared.datamodule,
         "lpips": lpips_reason,
         "task_leakage": prepared.task_leakage,
+        "sandbox": prepared.sandbox,
+        # What ran: each attack's hyperparameters as its jobs rebuild it, and its code.
+        "attacks_run": {
+            name: {
+                "hparams": a.hparams,
+                "code": dict(a.code),
+                "threat_model": a.threat_model,
+                "threat_letter": a.threat_letter,  # the SoK letter under the run's protocol
+            }
+            for name, a in prepared.attacks.items()
+        },
     }
     if first_process:
+        if prepared.placement.isolation != config.isolation:
+            echo(f"note: {prepared.sandbox}")
         for note in run_dir.repair():
             echo(f"note: {note}")
         if prepared.task_leakage.startswith("unavailable"):
             echo(f"note: task leakage {prepared.task_leakage}")
         run_dir.write_config(resolved)
     done = run_dir.completed()
-    with run_loggers(config, resolved, run_path) as loggers:
+    with run_loggers(config, resolved, run_path, verbose) as loggers:
         trainer = Trainer(
             accelerator=config.accelerator,
             devices=config.devices,
@@ -511,10 +687,14 @@ def _run_cells(
             # An aggregate of K clients draws K times the client's batch per trial.
             datamodule = build_datamodule(config, protocol.samples_per_trial(batch_size))
             trials = datamodule.trials()
-            for name, attack in prepared.attacks.items():
+            for name in config.attacks:  # an attack that cannot handle the victim: skipped
                 cell = cell_key(name, config.defense, batch_size)
-                if not fits(attack, batch_size):
+                attack = prepared.attacks.get(name)
+                if attack is None:
+                    skipped[cell] = prepared.inapplicable[name]
+                elif not fits(attack, batch_size):
                     skipped[cell] = f"{name} handles batches of at most {attack.max_batch_size}"
+                if cell in skipped:
                     if first_process:
                         echo(f"skipping {cell}: {skipped[cell]}")
                     continue
@@ -535,7 +715,8 @@ def _run_cells(
                     success_psnr=config.success_psnr,
                     covariates=prepared.covariates,
                     with_lpips=with_lpips,
-                    isolation=config.isolation,
+                    isolation=prepared.placement.isolation,
+                    sandbox_view=prepared.placement.view,
                     threads=prepared.threads,
                     private_transform=prepared.private_transform,
                     client_protocol=protocol,
@@ -545,7 +726,13 @@ def _run_cells(
                     surrogate=prepared.surrogate,
                 )
                 evaluator = Evaluator(
-                    prepared.victim, attack, prepared.defense, setting, run_dir, progress=bar
+                    prepared.victim,
+                    attack,
+                    prepared.defense,
+                    setting,
+                    run_dir,
+                    progress=bar,
+                    collect=collect,
                 )
                 trainer.test(evaluator, datamodule=TrialShard(trials, cell, done), verbose=False)
                 if evaluator.gallery:
@@ -559,11 +746,15 @@ def _run_cells(
             # Rank 0's first samples; a resumed cell whose trials all ran before keeps its figure.
             for cell, tiles in galleries.items():
                 run_dir.write_figure(cell, cell_figure(tiles, cell, summary["cells"][cell]))
+            wandb_lines = []
             for logger in loggers:
                 if isinstance(logger, WandbLogger):
+                    wandb_lines.append(wandb_line(logger.experiment))
                     log_run_to_wandb(logger, run_dir, summary, list(summary["cells"]))
             echo(format_summary(summary))
             echo(f"results: {run_path}")
+            for line in filter(None, wandb_lines):
+                echo(line)
         for logger in loggers:
             logger.finalize("success")
         return summary
@@ -586,6 +777,8 @@ def _run_folder(config: RunConfig, resume: str | Path | None) -> tuple[Path, boo
     if resume is not None and not (run_path / "config.yaml").is_file():
         raise ConfigError(f"cannot resume {run_path}: it holds no config.yaml")
     refuse_another_configuration(run_path, config, "use another run_name or output_dir")
+    if run_path.is_dir():
+        RunDirectory(run_path).completed()  # a damaged records file is refused, left as it is
     os.environ[RUN_DIR_VARIABLE] = str(run_path.resolve())
     return run_path, True
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Regenerates every shipped entry, its verification, the tables and the site from real runs,
-# with the leakbench commands a submitter uses. Sized for ~30 minutes on a 2-core CPU
-# (longer when the machine is shared).
-#   leaderboards/regenerate.sh            (from anywhere; runs go to runs/leaderboard/)
+# Regenerates every shipped entry, its signed verification, the tables and the site from real
+# runs, with the commands a submitter and the board's maintainers use. Verification signs with
+# the board's private key: $LEAKBENCH_BOARD_KEY_FILE must name it (it lives outside the
+# repository), and the attack sandbox must be available.
+#   LEAKBENCH_BOARD_KEY_FILE=/path/board.pem leaderboards/regenerate.sh   (runs in runs/leaderboard/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+: "${LEAKBENCH_BOARD_KEY_FILE:?set LEAKBENCH_BOARD_KEY_FILE to the board's private key}"
 LEAKBENCH=${LEAKBENCH:-.venv/bin/leakbench}
 PYTHON=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-runs/leaderboard}

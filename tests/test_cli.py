@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,6 +83,32 @@ def test_zero_trials(capsys, tmp_path):
     assert code == 2 and "trials: expected a positive integer, got 0" in err
 
 
+def test_an_attack_that_cannot_handle_the_victim_skips_its_cells_with_a_note(capsys, tmp_path):
+    argv = [*BASE, "--model", "lenet-zhu", "--attacks", "[bias,noisy-copy-test]",
+            "--batch_sizes", "[1,2]", "--trials", "1", "--isolation", "in-process",
+            "--privacy_metrics", "false", "--covariates", "[]", "--output-dir", str(tmp_path),
+            "--run_name", "r", "--dataset_options", "{input_shape: [1, 32, 32]}"]  # fmt: skip
+    code, out, _ = run_cli(capsys, argv)
+    assert code == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert sorted(summary["cells"]) == ["noisy-copy-test__none__b1", "noisy-copy-test__none__b2"]
+    reason = "the bias attack needs the first trainable layer to be nn.Linear with a bias"
+    assert sorted(summary["skipped"]) == ["bias__none__b1", "bias__none__b2"]
+    assert all(note.startswith(reason) for note in summary["skipped"].values())
+    assert f"skipped bias__none__b2: {reason}" in out
+
+
+def test_a_run_whose_attacks_all_cannot_handle_the_victim_is_refused(capsys, tmp_path):
+    argv = [*BASE, "--model", "lenet-zhu", "--attacks", "[bias]", "--output-dir", str(tmp_path),
+            "--dataset_options", "{input_shape: [1, 32, 32]}"]  # fmt: skip
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(
+        "leakbench: error: the bias attack needs the first trainable layer to be nn.Linear"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_requirements_not_granted(capsys, tmp_path):
     code, _, err = run_cli(
         capsys, [*BASE, "--output-dir", str(tmp_path), "--attack", "needs-labels-test"]
@@ -121,23 +148,32 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
     assert "unknown model 'nope'" in result.stderr and "Traceback" not in result.stderr
 
 
-def interrupted_dlg_run(capsys, tmp_path):
-    """A DLG / LeNet-Zhu run that was interrupted after its first trial."""
-    config = tmp_path / "dlg.yaml"
+@pytest.fixture(scope="module")
+def finished_dlg_run(tmp_path_factory):
+    """A DLG / LeNet-Zhu run (not the quickstart's configuration), made once per module."""
+    folder = tmp_path_factory.mktemp("dlg")
+    config = folder / "dlg.yaml"
     config.write_text(
         "model: lenet-zhu\nattacks: [dlg]\nattack_options: {dlg: {iterations: 2}}\n"
-        "covariates: []\n"
-        f"batch_sizes: [1]\ntrials: 3\nlogger: none\noutput_dir: {tmp_path}\nrun_name: dlg\n"
+        "covariates: []\nprivacy_metrics: false\nisolation: in-process\n"
+        f"batch_sizes: [1]\ntrials: 3\nlogger: none\noutput_dir: {folder}\nrun_name: dlg\n"
     )
-    assert run_cli(capsys, ["run", "--config", str(config), "--no-progress"])[0] == 0
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    return folder / "dlg"
+
+
+@pytest.fixture
+def interrupted_dlg_run(finished_dlg_run, tmp_path):
+    """A copy of the DLG run, interrupted after its first trial."""
     run_dir = tmp_path / "dlg"
+    shutil.copytree(finished_dlg_run, run_dir)
     records = run_dir / "trials.jsonl"
     records.write_text(records.read_text().splitlines(keepends=True)[0])
     return run_dir
 
 
-def test_resume_alone_continues_the_saved_configuration(capsys, tmp_path):
-    run_dir = interrupted_dlg_run(capsys, tmp_path)
+def test_resume_alone_continues_the_saved_configuration(capsys, interrupted_dlg_run):
+    run_dir = interrupted_dlg_run
     saved = (run_dir / "config.yaml").read_text()
     code, out, _ = run_cli(capsys, ["run", "--resume", str(run_dir), "--no-progress"])
     assert code == 0 and "lenet-zhu" in out
@@ -151,8 +187,8 @@ def test_resume_alone_continues_the_saved_configuration(capsys, tmp_path):
     )
 
 
-def test_resume_refuses_flags_that_change_the_protocol(capsys, tmp_path):
-    run_dir = interrupted_dlg_run(capsys, tmp_path)
+def test_resume_refuses_flags_that_change_the_protocol(capsys, interrupted_dlg_run):
+    run_dir = interrupted_dlg_run
     before = (run_dir / "trials.jsonl").read_text()
     code, _, err = run_cli(
         capsys, ["run", "--resume", str(run_dir), "--attack", "bias", "--seed", "3"]
@@ -165,9 +201,66 @@ def test_resume_refuses_flags_that_change_the_protocol(capsys, tmp_path):
     assert (run_dir / "trials.jsonl").read_text() == before
     # Options that do not change the measurement are accepted.
     code, _, _ = run_cli(
-        capsys, ["run", "--resume", str(run_dir), "--isolation", "in-process", "--no-progress"]
+        capsys, ["run", "--resume", str(run_dir), "--isolation", "process", "--no-progress"]
     )
     assert code == 0
+
+
+def tiny_run(capsys, tmp_path):
+    """A finished two-trial run folder, made in a second."""
+    argv = [*BASE, "--attacks", "[noisy-copy-test]", "--batch_sizes", "[1]", "--trials", "2",
+            "--isolation", "in-process", "--privacy_metrics", "false", "--covariates", "[]",
+            "--output-dir", str(tmp_path), "--run_name", "tiny"]  # fmt: skip
+    assert run_cli(capsys, argv)[0] == 0
+    return tmp_path / "tiny"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("config.yaml", b"dataset: [\n", "config.yaml, line 2 column 1: invalid YAML"),
+        (
+            "config.yaml",
+            b"- 1\n- 2\n",
+            "config.yaml must hold a mapping of config keys, got a list",
+        ),
+        ("config.yaml", b"\xff\xfe\x00", "config.yaml: byte 0xff at offset 0 is not UTF-8 text"),
+        ("config.yaml", b"trials: 0\n", "config.yaml: trials: expected a positive integer, got 0"),
+        (
+            "trials.jsonl",
+            b"[1, 2]\n",
+            "trials.jsonl: line 1 is a JSON list, not an object, expected",
+        ),
+        ("trials.jsonl", b"7\n", "trials.jsonl: line 1 is a JSON int, not an object"),
+        (
+            "trials.jsonl",
+            b'{"cell": "x"}\n',
+            "trials.jsonl: line 1 is a JSON object without a text 'cell' and an integer 'trial'",
+        ),
+        ("trials.jsonl", b"\x80\x81\x00binary", "trials.jsonl: line 1 is not UTF-8 text"),
+        ("trials.jsonl", b"{nope}\n{nope}", "trials.jsonl: line 1 is not JSON, expected a trial"),
+    ],
+)
+def test_resume_of_a_damaged_run_is_one_line_and_changes_nothing(
+    capsys, tmp_path, name, content, message
+):
+    run_dir = tiny_run(capsys, tmp_path)
+    (run_dir / name).write_bytes(content)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, _, err = run_cli(capsys, ["run", "--resume", str(run_dir), "--no-progress"])
+    assert code == 2 and err.startswith("leakbench: error: ") and len(err.splitlines()) == 1
+    assert message in err and str(run_dir / name) in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_appends_below_a_record_cut_short_but_never_below_other_bytes(capsys, tmp_path):
+    run_dir = tiny_run(capsys, tmp_path)
+    records = run_dir / "trials.jsonl"
+    first, second = records.read_bytes().splitlines(keepends=True)
+    records.write_bytes(first + second[:20])  # killed mid-write: cut off, the trial runs again
+    code, out, _ = run_cli(capsys, ["run", "--resume", str(run_dir), "--no-progress"])
+    assert code == 0 and "its last record was cut short" in out
+    assert [json.loads(line)["trial"] for line in records.read_text().splitlines()] == [0, 1]
 
 
 def test_resume_of_a_folder_without_a_run(capsys, tmp_path):
@@ -188,6 +281,31 @@ def test_resume_of_a_folder_without_a_run(capsys, tmp_path):
         ("grants: [telepathy]\n", "grants: expected one of 'labels', 'batch_size'"),
         ("budget: {max_seconds: soon}\n", "budget.max_seconds: expected float or null, got soon"),
         ("trials: [1\nseed: 2\n", "run.yaml, line 2 column 5: invalid YAML: expected ',' or ']'"),
+        ("batch_sizes: []\n", "batch_sizes: got [], expected at least one batch size"),
+        (
+            "budget: {max_seconds: -1}\n",
+            "budget.max_seconds: got -1.0, expected a positive number of seconds or null",
+        ),
+        (
+            "budget: {max_seconds: 0}\n",
+            "budget.max_seconds: got 0.0, expected a positive number of seconds or null",
+        ),
+        (
+            "budget: {max_seconds: .nan}\n",
+            "budget.max_seconds: got nan, expected a positive number of seconds or null",
+        ),
+        (
+            "budget: {max_iterations: -1}\n",
+            "budget.max_iterations: got -1, expected a positive integer or null",
+        ),
+        (
+            "budget: {max_iterations: 0}\n",
+            "budget.max_iterations: got 0, expected a positive integer or null",
+        ),
+        ("run_name: ../elsewhere\n", "run_name: got '../elsewhere', expected the name of one"),
+        ("run_name: ''\n", "run_name: got '', expected the name of one folder"),
+        ("- dataset: digits\n", "run.yaml must hold a mapping of config keys, got a list"),
+        ("a: 1\n\x00\n", "run.yaml, offset 5: invalid YAML: unacceptable character #x0000"),
     ],
 )
 def test_bad_config_file_is_one_line_and_writes_nothing(capsys, tmp_path, text, message):
@@ -199,6 +317,82 @@ def test_bad_config_file_is_one_line_and_writes_nothing(capsys, tmp_path, text, 
     assert len(err.strip().splitlines()) == 1 and err.startswith("leakbench: error: ")
     assert message in err
     assert not out_dir.exists()
+
+
+def test_a_binary_config_file_is_named(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    code, _, err = run_cli(capsys, ["run", "--config", str(config)])
+    assert code == 2
+    assert err == (
+        f"leakbench: error: {config}: byte 0x89 at offset 0 is not UTF-8 text, expected a "
+        "YAML file\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "--model_options",
+            "{widths: [4], bogus: 1}",
+            "model_options: unknown option 'bogus' (given 1) for model 'fcn'; expected one of: "
+            "widths, bias, activation_name",
+        ),
+        (
+            "--dataset_options",
+            "{bogus: 1}",
+            "dataset_options: unknown option 'bogus' (given 1) for dataset 'lfw-subset'; "
+            "expected one of: train_batch_size, num_clients, partition, dirichlet_alpha, "
+            "partition_seed, client",
+        ),
+        (
+            "--dataset_options",
+            "{seed: 3}",
+            "dataset_options: seed (given 3) is set by the run, expected it as the run's key "
+            "'seed'",
+        ),
+        (
+            "--defense_options",
+            "{}",
+            "defense_options: got {}, expected the option 'scale' that defense 'noise' needs",
+        ),
+        (
+            "--defense_options",
+            "{std: 0.1}",
+            "defense_options: unknown option 'std' (given 0.1) for defense 'noise'; expected "
+            "one of: scale, distribution, clip_norm",
+        ),
+    ],
+)
+def test_unknown_component_options_are_one_line_and_write_nothing(
+    capsys, tmp_path, option, value, message
+):
+    checkpoints = tmp_path / "checkpoints"
+    argv = ["run", "--output-dir", str(tmp_path / "o"), "--checkpoint_dir", str(checkpoints),
+            option, value]  # fmt: skip
+    if option == "--defense_options":
+        argv += ["--defense", "noise"]
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and err == f"leakbench: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "message"),
+    [
+        ("output_dir", "x" * 300, "holds a name of 300 bytes, longer than the file system allows"),
+        ("run_name", "x" * 300, "holds a name of 300 bytes, longer than the file system allows"),
+        ("output_dir", "/".join(["x" * 200] * 25), "longer than the file system allows for a run"),
+    ],
+)
+def test_names_longer_than_the_file_system_allows(capsys, tmp_path, key, path, message):
+    argv = ["run", "--output-dir", str(tmp_path / path if key == "output_dir" else tmp_path)]
+    if key == "run_name":
+        argv += ["--run_name", path]
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2 and err.startswith(f"leakbench: error: {key}: ") and message in err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_bad_command_line_values_are_one_line(capsys, tmp_path):

@@ -1,4 +1,8 @@
-"""A full ``leakbench run`` on a fixture of every dataset, in its real on-disk format."""
+"""A full ``leakbench run`` on a fixture of every dataset, in its real on-disk format.
+
+The fast test leaves the privacy metrics out; the slow one (nightly) scores them too, which
+trains each dataset's reference classifier on its fixture.
+"""
 
 import json
 
@@ -8,8 +12,7 @@ from leakbench.cli import main
 from leakbench.datamodules.fixtures import FIXTURE_WRITERS
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURE_WRITERS))
-def test_quickstart_attack_runs_on_every_fixture_dataset(name, tmp_path, capsys):
+def run_on_fixture(name, tmp_path, capsys, privacy_metrics):
     config = tmp_path / "run.yaml"
     root = FIXTURE_WRITERS[name](tmp_path / "data")
     config.write_text(
@@ -18,6 +21,7 @@ def test_quickstart_attack_runs_on_every_fixture_dataset(name, tmp_path, capsys)
         "attacks: [bias]\n"
         "batch_sizes: [1, 4]\n"
         "trials: 2\n"
+        f"privacy_metrics: {str(privacy_metrics).lower()}\n"
         f"output_dir: '{tmp_path / 'runs'}'\n"
         "run_name: e2e\n"
         "logger: csv\n"
@@ -30,3 +34,18 @@ def test_quickstart_attack_runs_on_every_fixture_dataset(name, tmp_path, capsys)
     records = (tmp_path / "runs" / "e2e" / "trials.jsonl").read_text().splitlines()
     assert all(json.loads(r)["sample_ids"] for r in records)
     assert "bias" in capsys.readouterr().out
+    return single
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_WRITERS))
+def test_quickstart_attack_runs_on_every_fixture_dataset(name, tmp_path, capsys):
+    single = run_on_fixture(name, tmp_path, capsys, privacy_metrics=False)
+    assert "iip_pixel" not in single and "task_leakage" not in single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FIXTURE_WRITERS))
+def test_privacy_metrics_on_every_fixture_dataset(name, tmp_path, capsys):
+    single = run_on_fixture(name, tmp_path, capsys, privacy_metrics=True)
+    assert single["iip_pixel"]["rate"] == 1.0  # an exact reconstruction is its own nearest
+    assert "task_leakage" in single

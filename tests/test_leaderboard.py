@@ -30,7 +30,8 @@ from leakbench.leaderboard import (
     validate_entry,
     verify_entry,
 )
-from leakbench.leaderboard.entry import RECORDS_SUFFIX, read_records, sibling
+from leakbench.leaderboard.entry import RECORDS_SUFFIX, content_sha256, read_records, sibling
+from leakbench.leaderboard.verify import MIN_TRIALS
 
 DATA = {"input_shape": [1, 6, 6], "num_classes": 3, "size": 16}
 TRACK = {
@@ -79,6 +80,16 @@ def run_track(base: Path, tracks: Path, name: str, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
+def board_key(tmp_path_factory):
+    """A board key pair for these tests: (private key file, folder of trusted public keys)."""
+    from leakbench.leaderboard.signing import generate_key
+
+    base = tmp_path_factory.mktemp("keys")
+    generate_key(base / "board.pem", "tests", base / "trusted")
+    return base / "board.pem", base / "trusted"
+
+
+@pytest.fixture(scope="module")
 def submitted(tmp_path_factory):
     """(tracks dir, entries dir, run dir) of one run of every attack of ATTACKS."""
     base = tmp_path_factory.mktemp("board")
@@ -91,8 +102,13 @@ def submitted(tmp_path_factory):
 
 
 @pytest.fixture
-def board(submitted, tmp_path):
-    """A private copy of the submitted entries: (tracks dir, entries dir, entry path by name)."""
+def board(submitted, tmp_path, board_key, monkeypatch):
+    """A private copy of the submitted entries: (tracks dir, entries dir, entry path by name).
+    The board trusts the tests' key only, which verification signs with."""
+    from leakbench.leaderboard import signing
+
+    monkeypatch.setattr(signing, "KEYS", board_key[1])
+    monkeypatch.setenv(signing.KEY_FILE_ENV, str(board_key[0]))
     tracks, entries, _ = submitted
     copy = tmp_path / "entries"
     shutil.copytree(entries, copy)
@@ -100,9 +116,9 @@ def board(submitted, tmp_path):
     return tracks, copy, paths
 
 
-def ranks(entries: Path, tracks: Path) -> dict[str, tuple[int | None, str]]:
+def ranks(entries: Path, tracks: Path) -> dict[str, tuple[str, str]]:
     (tiny,) = [b for b in load_board(entries, tracks) if b.name == "tiny-test"]
-    return {row.entry["name"]: (row.rank, row.status) for row in tiny.rows}
+    return {row.entry["name"]: (row.rank_text, row.status) for row in tiny.rows}
 
 
 def test_a_track_run_becomes_entries_with_their_records(submitted, board):
@@ -119,7 +135,10 @@ def test_a_track_run_becomes_entries_with_their_records(submitted, board):
         assert sibling(path, ".grid.png").is_file()
     bias = load_entry(paths["bias"], tracks)
     assert bias["attack"]["distribution"] == {"name": "leakbench", "version": "0.1.0"}
-    assert load_entry(paths["noisy-copy-test"], tracks)["attack"]["distribution"] is None
+    assert bias["attack"]["hparams"] == {"relative_threshold": 0.0}  # defaults included
+    assert bias["attack"]["code"]["distribution"] == "leakbench"
+    noisy = load_entry(paths["noisy-copy-test"], tracks)["attack"]
+    assert noisy["distribution"] is None and noisy["code"]["distribution"] is None
     # `leaderboard entry` is the same code path, for one cell.
     code = main(
         [
@@ -148,20 +167,20 @@ def test_the_outcome_hash_is_the_same_for_two_runs_of_one_configuration(submitte
     assert entry["records"]["outcome_sha256"] == first["records"]["outcome_sha256"]
 
 
-def test_cheating_attacks_top_the_unverified_board(board):
+def test_unverified_claims_are_listed_apart_and_never_ranked(board):
     tracks, entries, _ = board
     assert ranks(entries, tracks) == {
-        "enumerate-dataset-test": (1, "unverified"),
-        "memorise-plan-test": (2, "unverified"),
-        "bias": (3, "unverified"),
-        "noisy-copy-test": (4, "unverified"),
+        name: ("-", "unverified")
+        for name in ("bias", "enumerate-dataset-test", "memorise-plan-test", "noisy-copy-test")
     }
     table = render(entries, tracks)["tiny-test.md"].splitlines()
-    assert table[-4].startswith("| 1 | enumerate-dataset-test |")
-    assert table[-1].startswith("| 4 | noisy-copy-test |") and table[-1].endswith("unverified |")
+    assert table[-4].startswith("| - | bias |")  # by name: a claim alone earns no place
+    assert table[-1].startswith("| - | noisy-copy-test |") and table[-1].endswith("unverified |")
 
 
-def test_honest_entries_verify_and_the_seeds_stay_secret_until_the_run_ends(board, tmp_path):
+def test_honest_entries_verify_and_the_seeds_stay_secret_until_the_run_ends(
+    board, tmp_path, board_key
+):
     tracks, entries, paths = board
     for name in ("bias", "noisy-copy-test"):
         block = verify_entry(
@@ -178,9 +197,13 @@ def test_honest_entries_verify_and_the_seeds_stay_secret_until_the_run_ends(boar
         for secret in block["seeds"].values():
             assert str(secret) not in written
         shutil.rmtree(tmp_path / "v")
-    assert ranks(entries, tracks)["bias"] == (3, "verified")
+    assert ranks(entries, tracks)["bias"] == ("1", "verified")
+    assert ranks(entries, tracks)["noisy-copy-test"] == ("2", "verified")
     entry = load_entry(paths["bias"], tracks)  # the verified entry loads: its block checks out
     assert entry["verification"]["verified"] == 60.0  # capped at the track's ceiling
+    from leakbench.leaderboard.signing import trusted_keys
+
+    assert list(trusted_keys(board_key[1])) == [entry["verification"]["signature"]["key"]]
 
 
 def test_cheating_attacks_fail_verification_and_leave_the_ranking(board):
@@ -192,13 +215,13 @@ def test_cheating_attacks_fail_verification_and_leave_the_ranking(board):
         # comes within a few dB of the private one.
         assert block["interval"][1] < 45, block["reason"]
     assert ranks(entries, tracks) == {
-        "bias": (1, "unverified"),
-        "noisy-copy-test": (2, "unverified"),
-        "enumerate-dataset-test": (None, "failed"),
-        "memorise-plan-test": (None, "failed"),
+        "bias": ("-", "unverified"),
+        "noisy-copy-test": ("-", "unverified"),
+        "enumerate-dataset-test": ("-", "failed"),
+        "memorise-plan-test": ("-", "failed"),
     }
     table = render(entries, tracks)["tiny-test.md"]
-    assert "| - | memorise-plan-test |" in table and "FAILED" in table
+    assert "| - | memorise-plan-test |" in table and table.rstrip().endswith("| failed |")
 
 
 def _edit(path: Path, change) -> None:
@@ -259,21 +282,126 @@ def test_an_entry_edited_after_verification_is_refused(board):
     _edit(paths["noisy-copy-test"], lambda e: e.update(submitter="tests"))
     load_entry(paths["noisy-copy-test"], tracks)
     _edit(paths["noisy-copy-test"], lambda e: e["verification"].update(passed=False))
-    with pytest.raises(EntryError, match="figures do not follow"):
+    with pytest.raises(EntryError, match="does not match the board's signature"):
         load_entry(paths["noisy-copy-test"], tracks)
 
 
-def test_verify_names_the_distribution_of_an_attack_that_is_not_installed(
-    board, monkeypatch, capsys
-):
+def _forge_fresh_block(entry: dict, path: Path) -> None:
+    """A block made from scratch: fresh seeds and their commitments, the entry's own records
+    as the "verification", the figures recomputed from them, the entry's hash: all consistent."""
+    import secrets
+
+    from leakbench.leaderboard.verify import VERIFICATION_RECORDS, commitment, figures
+
+    records = sibling(path, RECORDS_SUFFIX)
+    shutil.copy(records, sibling(path, VERIFICATION_RECORDS))
+    block = dict(entry["verification"])
+    del block["signature"]
+    seeds = {"seed": secrets.randbits(128), "private_transform": secrets.randbits(128)}
+    transform = {"seed": seeds["private_transform"], **block["private_transform"]}
+    block.update(
+        seeds=seeds,
+        commitments={"seed": commitment(seeds["seed"]), "private_transform": commitment(transform)},
+        records_sha256=__import__("hashlib").sha256(records.read_bytes()).hexdigest(),
+        **figures(
+            read_records(records),
+            entry["results"]["psnr"]["median"],
+            entry["results"]["success_rate"],
+            block["statistic"],
+            block["tolerance"],
+            entry["kind"],
+            seeds["seed"],
+        ),
+    )
+    block["entry_sha256"] = content_sha256(entry)
+    entry["verification"] = block
+
+
+def _forge_with_own_key(entry: dict, key_file: Path) -> None:
+    from leakbench.leaderboard.signing import load_private_key, sign
+
+    block = dict(entry["verification"])
+    block["entry_sha256"] = content_sha256(entry)
+    block["signature"] = sign(block, load_private_key(key_file))
+    entry["verification"] = block
+
+
+def test_forged_verifications_are_refused_with_the_reason(board, tmp_path, capsys):
+    """Each way a submitter could fake a verified mark, refused by load, render and build."""
+    from leakbench.leaderboard.signing import generate_key
+
+    tracks, entries, paths = board
+    verify_entry(paths["bias"], tracks_dir=tracks, threads=1, echo=print)
+    generate_key(tmp_path / "mine.pem", "mine", tmp_path / "my-keys")
+    signed = json.loads(paths["bias"].read_text())
+    copy_of = paths["noisy-copy-test"]
+    originals = [paths["bias"], copy_of, sibling(paths["bias"], ".verification.jsonl")]
+    honest = {p: p.read_text() for p in originals}
+
+    def copied(entry):  # another entry's verified block, its hash recomputed
+        entry["verification"] = dict(signed["verification"])
+        entry["verification"]["entry_sha256"] = content_sha256(entry)
+
+    def edited_hparams(entry):  # the options changed, the block's hash recomputed
+        entry["attack"]["hparams"]["relative_threshold"] = 0.5
+        entry["verification"]["entry_sha256"] = content_sha256(entry)
+
+    forgeries = [
+        (paths["bias"], lambda e: _forge_fresh_block(e, paths["bias"]), "not signed"),
+        (paths["bias"], lambda e: _forge_with_own_key(e, tmp_path / "mine.pem"), "not trust"),
+        (copy_of, copied, "does not match the board's signature"),
+        (paths["bias"], edited_hparams, "does not match the board's signature"),
+        (paths["bias"], lambda e: e["attack"]["code"].update(version="9.9"), "edited after"),
+        (paths["bias"], lambda e: e.update(name="bias, renamed"), "edited after verification"),
+    ]
+    for path, forge, reason in forgeries:
+        if path == copy_of:
+            shutil.copy(
+                sibling(paths["bias"], ".verification.jsonl"), sibling(path, ".verification.jsonl")
+            )
+        _edit(path, forge)
+        with pytest.raises(EntryError, match=reason):
+            load_entry(path, tracks)
+        for argv in (
+            ["render", "--out-dir", str(tmp_path / "t")],
+            ["build", "--out-dir", str(tmp_path / "s")],
+        ):
+            capsys.readouterr()
+            code = main(
+                ["leaderboard", *argv, "--tracks-dir", str(tracks), "--entries-dir", str(entries)]
+            )
+            error = capsys.readouterr().err
+            assert code == 2 and error.count("\n") == 1 and reason.split(":")[0] in error
+        for restored, text in honest.items():
+            restored.write_text(text)
+        sibling(copy_of, ".verification.jsonl").unlink(missing_ok=True)
+    # Records edited, every hash the entry holds recomputed: the signature no longer covers it.
+    records = sibling(paths["bias"], RECORDS_SUFFIX)
+    records.write_text(records.read_text().replace('"trial":1', '"trial":1,"x":1', 1))
+    _edit(
+        paths["bias"],
+        lambda e: e["records"].update(
+            sha256=__import__("hashlib").sha256(records.read_bytes()).hexdigest()
+        ),
+    )
+    with pytest.raises(EntryError):
+        load_entry(paths["bias"], tracks)
+
+
+def test_verify_refuses_an_attack_that_is_not_installed_as_it_ran(board, monkeypatch, capsys):
     from leakbench.registry import ATTACKS as REGISTRY
 
     tracks, _, paths = board
-    monkeypatch.delitem(REGISTRY._items, "bias")
-    code = main(["leaderboard", "verify", str(paths["bias"]), "--tracks-dir", str(tracks)])
+    argv = ["leaderboard", "verify", str(paths["bias"]), "--tracks-dir", str(tracks)]
+    monkeypatch.setitem(REGISTRY._items, "bias", tests.components.NoisyCopy)  # other code
+    code = main(argv)
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1
-    assert "attack 'bias' is not installed: install the distribution leakbench 0.1.0" in error
+    assert "the installed attack 'bias' is not the code the entry ran" in error
+    monkeypatch.delitem(REGISTRY._items, "bias")
+    code = main(argv)
+    error = capsys.readouterr().err
+    assert code == 2 and "attack 'bias' is not installed: use leakbench 0.1.0" in error
 
 
 def test_a_run_that_changed_the_protocol_is_refused(submitted, tmp_path):
@@ -324,7 +452,7 @@ def test_shipped_tracks_are_valid_run_configs_that_declare_verification():
         if config.track["kind"] == "attack":
             verification = config.track["verification"]
             assert {"trials", "private_transform", "tolerance"} <= set(verification)
-            assert verification["private_transform"]["max_shift"] >= 1
+            assert verification["trials"] >= MIN_TRIALS, path.name
 
 
 def test_shipped_entries_tables_and_site_are_what_the_commands_make(tmp_path):
@@ -332,7 +460,9 @@ def test_shipped_entries_tables_and_site_are_what_the_commands_make(tmp_path):
     boards = load_board(entries)
     rows = [row for board in boards for row in board.rows]
     assert rows, "no shipped entries"
-    assert all("verification" in row.entry for row in rows)
+    # Every shipped entry was verified by the board and is signed with its key (load_board
+    # checked each signature against leaderboards/keys).
+    assert all(row.status in ("verified", "failed") for row in rows)
     tables = render(entries)
     assert sorted(tables) == sorted(p.name for p in (LEADERBOARDS / "tables").iterdir())
     for name, text in tables.items():

@@ -60,13 +60,14 @@ def restore_grab_requires():
     hostile.HOOK_CALLS.clear()
 
 
+@pytest.mark.parametrize("isolation", ["sandbox", "process"])
 def test_a_hostile_attack_finds_no_private_pixel_in_an_isolated_worker(
-    tmp_path, restore_grab_requires
+    tmp_path, restore_grab_requires, isolation
 ):
-    run(config(tmp_path), progress=False, echo=lambda _: None)
+    run(config(tmp_path, isolation=isolation), progress=False, echo=lambda _: None)
     rows = records(tmp_path / "run")
     assert [(r["status"], r["error"], r["isolation"]) for r in rows] == [
-        ("ok", None, "process")
+        ("ok", None, isolation)
     ] * 3
     assert all(r["attack_info"]["candidates"] == 0 for r in rows)
     assert max(psnrs(rows)) < 15  # chance level: noise against faces

@@ -104,6 +104,9 @@ def layer_counts(name: str) -> list[tuple[int, ...]]:
     ]
 
 
+# Slow: the ranks of the paper's 3x32x32 systems (thousands of unknowns); the literal-block,
+# fcn3 and RA-I tests check the same analysis on small networks in the fast suite.
+@pytest.mark.slow
 def test_cnn6_has_full_rank_in_every_layer() -> None:
     # Per layer: unknowns incl. padding (without), #grad, #weight, #pad, rank(A).
     assert layer_counts("cnn6") == [
@@ -117,6 +120,9 @@ def test_cnn6_has_full_rank_in_every_layer() -> None:
     ]
 
 
+# Slow: the ranks of the paper's 3x32x32 systems (thousands of unknowns); the literal-block,
+# fcn3 and RA-I tests check the same analysis on small networks in the fast suite.
+@pytest.mark.slow
 def test_cnn6_d_second_layer_is_280_short_and_conv1_gives_396_virtual_constraints() -> None:
     counts = layer_counts("cnn6-d")
     assert counts[1] == (4332, 3468, 2160, 1620, 864, 4052)  # deficit 280

@@ -17,6 +17,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.test_leaderboard import TRACK
@@ -41,6 +42,9 @@ def leakbench(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+# Slow: four leakbench processes; tests/test_readme.py walks the same path in the fast suite, as
+# the README prints it (install, track run, submit, verify, build).
+@pytest.mark.slow
 def test_a_template_attack_package_goes_from_pip_install_to_the_site(tmp_path):
     target, source = tmp_path / "site-packages", tmp_path / "template-attack"
     shutil.copytree(TEMPLATE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
@@ -61,14 +65,19 @@ def test_a_template_attack_package_goes_from_pip_install_to_the_site(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     entries, site = tmp_path / "entries", tmp_path / "site"
     dirs = ["--tracks-dir", str(tracks)]
+    # The board's maintainers verify and sign with their key; the tests' board trusts theirs.
+    keys = ["--keys-dir", str(tmp_path / "keys")]
+    assert leakbench("leaderboard", "keygen", str(tmp_path / "board.pem"), "--name", "tests",
+                     *keys, env=with_plugin).returncode == 0  # fmt: skip
     steps = [
         ["run", "--config", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "runs"),
          "--run-name", "mine", "--logger", "none", "--no-progress"],
         ["submit", str(tmp_path / "runs" / "mine"), "--submitter", "me", "--entries-dir",
          str(entries), *dirs],
         ["leaderboard", "verify", str(entries / "tiny-test" / f"{NAME}-b1.json"), "--threads",
-         "1", *dirs],
-        ["leaderboard", "build", "--entries-dir", str(entries), "--out-dir", str(site), *dirs],
+         "1", "--key", str(tmp_path / "board.pem"), *keys, *dirs],
+        ["leaderboard", "build", "--entries-dir", str(entries), "--out-dir", str(site), *keys,
+         *dirs],
     ]  # fmt: skip
     for step in steps:
         done = leakbench(*step, env=with_plugin)
@@ -80,6 +89,8 @@ def test_a_template_attack_package_goes_from_pip_install_to_the_site(tmp_path):
         "version": "0.1.0",
     }
     assert entry["attack"]["options"] == {"iterations": 30}
+    assert entry["attack"]["hparams"]["iterations"] == 30  # every hyperparameter, as rebuilt
+    assert entry["attack"]["code"]["distribution"] == "leakbench-template-attack"
     assert entry["verification"]["passed"], entry["verification"]["reason"]
     assert f"{NAME}-b1.html" in "".join(p.name for p in (site / "tiny-test").iterdir())
 
@@ -92,9 +103,9 @@ def test_a_template_attack_package_goes_from_pip_install_to_the_site(tmp_path):
 
 
 def test_a_built_leakbench_wheel_carries_the_schema_tracks_and_templates(tmp_path):
-    """What a pip-installed leakbench needs to make, verify and publish entries: the
-    ``leakbench.leaderboard`` package and its package data (pyproject.toml's ``packages`` and
-    ``[tool.setuptools.package-data]``)."""
+    """What a pip-installed leakbench needs to make, verify and publish entries, and to score
+    task leakage without training: the ``leakbench.leaderboard`` package and the package data
+    (pyproject.toml's ``packages`` and ``[tool.setuptools.package-data]``)."""
     source = tmp_path / "source"  # a copy: building in the shared tree would write build/
     for folder in ("benchmark", "datamodules", "models", "attacks", "defenses"):
         skip = shutil.ignore_patterns("__pycache__")
@@ -106,6 +117,9 @@ def test_a_built_leakbench_wheel_carries_the_schema_tracks_and_templates(tmp_pat
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = (ROOT / "leaderboards" / "tracks").glob("*.yaml")
     tracks = {f"leakbench/leaderboard/tracks/{p.name}" for p in shipped}
+    references = {
+        f"leakbench/models/reference/{p.name}" for p in (ROOT / "models" / "reference").iterdir()
+    }
     needed = {
         "leakbench/leaderboard/__init__.py",
         "leakbench/leaderboard/entry.schema.json",
@@ -115,5 +129,6 @@ def test_a_built_leakbench_wheel_carries_the_schema_tracks_and_templates(tmp_pat
         "leakbench/templates/site.css",
         "leakbench/templates/sort.js",
         *tracks,
+        *references,  # the embedded datasets' reference classifiers: a first run trains nothing
     }
-    assert tracks and not needed - names, sorted(needed - names)
+    assert tracks and len(references) == 4 and not needed - names, sorted(needed - names)

@@ -306,7 +306,7 @@ def test_a_checkpoint_state_survives_the_spec_round_trip(trained: TrainedVictim)
 def test_reference_classifier_is_trained_once_then_loaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = training.reference_classifier("digits", cache_dir=tmp_path)
+    first = training.reference_classifier("digits", cache_dir=tmp_path, shipped=False)
     assert not first.training
     assert first.test_accuracy >= 0.95  # measured: 0.981
     pointers = list(tmp_path.glob("trained-*.json"))
@@ -317,7 +317,7 @@ def test_reference_classifier_is_trained_once_then_loaded(
         raise AssertionError("the cached reference classifier was trained again")
 
     monkeypatch.setattr(training, "train_victim", no_training)
-    second = training.reference_classifier("digits", cache_dir=tmp_path)
+    second = training.reference_classifier("digits", cache_dir=tmp_path, shipped=False)
     assert (second.sha256, second.test_accuracy) == (first.sha256, first.test_accuracy)
     assert same_weights(second.state_dict(), first.state_dict())
     from leakbench.registry import DATAMODULES
@@ -330,6 +330,32 @@ def test_reference_classifier_is_trained_once_then_loaded(
     assert correct / len(labels) == first.test_accuracy
     pixels = images * 0.3761 + 0.3054
     assert torch.equal(second.predict_pixels(pixels), second(images).argmax(dim=1))
+
+
+@pytest.mark.parametrize("dataset", ["lfw-subset", "digits"])
+def test_embedded_datasets_ship_their_reference_classifier(
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run trains nothing: the shipped checkpoint, made by `leakbench train` with the
+    dataset's current recipe, is loaded (hash checked) and scores its card's test accuracy."""
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a reference classifier was trained although one ships")
+
+    monkeypatch.setattr(training, "train_victim", no_training)
+    reference = training.reference_classifier(dataset, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing cached
+    card_path = training.SHIPPED_REFERENCE_DIR / f"{reference.sha256}.json"
+    card = json.loads(card_path.read_text())
+    from leakbench.registry import DATAMODULES
+
+    datamodule = DATAMODULES.get(dataset)()
+    recipe = training.reference_recipe(tuple(datamodule.input_shape))
+    assert {k: card[k] for k in recipe} == recipe and card["dataset"] == dataset
+    assert card["defense"] == "none" and card["dataset_options"] == {}
+    accuracy = training.accuracy_on(reference.network, datamodule.samples("test"))
+    assert accuracy == card["test_accuracy"] == reference.test_accuracy
+    assert accuracy >= 0.95  # measured: 1.000 (lfw-subset), 0.981 (digits)
 
 
 def test_reference_recipe_depends_on_the_input_size() -> None:

@@ -8,7 +8,9 @@ behind a 7-byte header, in 32 KiB blocks) with wandb's own protobuf classes.
 """
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
 import struct
 from pathlib import Path
@@ -19,6 +21,7 @@ import wandb
 from PIL import Image
 
 from leakbench.evaluator import artifact_name
+from leakbench.leaderboard.entry import wandb_run as entry_wandb_run
 from leakbench.runner import run, wandb_configured
 from tests.components import small_bias_run
 
@@ -61,26 +64,28 @@ def of_type(records: list, kind: str) -> list:
 
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory):
-    """One tiny offline W&B run (two cells), shared by the checks of this module."""
+    """One tiny offline W&B run (two cells), shared by the checks of this module, with what it
+    printed (W&B's own output is not silenced here by WANDB_SILENT: the run silences it)."""
     root = tmp_path_factory.mktemp("wandb")
+    printed, lines = io.StringIO(), []
     with pytest.MonkeyPatch.context() as patch:
-        for variable in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        for variable in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_SILENT"):
             patch.delenv(variable, raising=False)
         patch.setenv("WANDB_MODE", "offline")
-        patch.setenv("WANDB_SILENT", "true")
         for variable in ("DIR", "CACHE_DIR", "DATA_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):
             patch.setenv(f"WANDB_{variable}", str(root / variable.lower()))
         # W&B reads its settings (the mode among them) once per process, at its first run: an
         # earlier test's run under WANDB_MODE=disabled would make this one disabled too.
         wandb.teardown()
         config = small_bias_run(root / "out", run_name="wb", logger="wandb")
-        summary = run(config, progress=False, echo=lambda _: None)
-        # finish() may return before wandb-core has written the log; teardown waits for it.
-        wandb.teardown()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            summary = run(config, progress=False, echo=lines.append)
+            # finish() may return before wandb-core has written the log; teardown waits.
+            wandb.teardown()
     run_dir = root / "out" / "wb"
     (folder,) = (run_dir / "wandb").glob("offline-run-*")
     (log,) = folder.glob("run-*.wandb")
-    return summary, run_dir, folder, transaction_log(log)
+    return summary, run_dir, folder, transaction_log(log), (lines, printed.getvalue())
 
 
 def summary_values(records: list) -> dict:
@@ -94,7 +99,7 @@ def summary_values(records: list) -> dict:
 
 
 def test_logged_figures_hold_exactly_the_pixels_of_the_cell_figures(wandb_run):
-    summary, run_dir, folder, _ = wandb_run
+    summary, run_dir, folder, _, _ = wandb_run
     for cell in summary["cells"]:
         (logged,) = (folder / "files" / "media" / "images" / cell).glob("figure_*.png")
         with Image.open(logged) as image:
@@ -107,7 +112,7 @@ def test_logged_figures_hold_exactly_the_pixels_of_the_cell_figures(wandb_run):
 
 
 def test_summary_holds_the_cell_aggregates_of_summary_json(wandb_run):
-    summary, run_dir, _, records = wandb_run
+    summary, run_dir, _, records, _ = wandb_run
     values = summary_values(records)
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert values["cells"] == on_disk["cells"] == summary["cells"]
@@ -117,7 +122,7 @@ def test_summary_holds_the_cell_aggregates_of_summary_json(wandb_run):
 
 
 def test_one_table_per_cell_holds_every_sample(wandb_run):
-    summary, run_dir, folder, _ = wandb_run
+    summary, run_dir, folder, _, _ = wandb_run
     for cell, aggregates in summary["cells"].items():
         (table,) = (folder / "files" / "media" / "table" / cell).glob("samples_*.table.json")
         content = json.loads(table.read_text())
@@ -130,7 +135,7 @@ def test_one_table_per_cell_holds_every_sample(wandb_run):
 
 
 def test_records_summary_and_config_are_one_versioned_artifact(wandb_run):
-    _, run_dir, _, records = wandb_run
+    _, run_dir, _, records, _ = wandb_run
     # (W&B stores each logged table as an artifact of its own, type "run_table")
     (artifact,) = [a for a in of_type(records, "artifact") if a.type == "run-records"]
     assert artifact.name == artifact_name("wb") == "run-records-wb"
@@ -142,12 +147,37 @@ def test_records_summary_and_config_are_one_versioned_artifact(wandb_run):
 
 
 def test_config_holds_the_resolved_configuration_and_environment(wandb_run):
-    _, _, _, records = wandb_run
+    _, _, _, records, _ = wandb_run
     (start,) = of_type(records, "run")
     config = {item.key: json.loads(item.value_json) for item in start.config.update}
     assert config["dataset"] == "synthetic-uniform" and config["attacks"] == ["bias"]
     assert config["environment"]["python"] and "threads_per_process" in config["environment"]
     assert config["datamodule"]
+
+
+def test_wandb_says_one_line_unless_verbose(wandb_run):
+    _, run_dir, folder, _, (lines, printed) = wandb_run
+    assert printed == ""  # nothing of W&B's own (it printed about 20 lines per run)
+    (line,) = [line for line in lines if line.startswith(("W&B", "wandb"))]
+    run_id = folder.name.rsplit("-", 1)[-1]
+    assert line == f"W&B: offline run {run_id} in {folder} (upload: wandb sync {folder})"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_lets_wandb_speak(tmp_path, verbose):
+    from leakbench.runner import make_loggers
+
+    config = small_bias_run(tmp_path, logger="wandb")
+    (logger,) = [lg for lg in make_loggers(config, {}, tmp_path, verbose) if "Wandb" in repr(lg)]
+    assert logger._wandb_init["settings"] == {"silent": not verbose}
+    assert "anonymous" not in logger._wandb_init  # W&B warns of it before silence applies
+
+
+def test_an_entry_records_only_an_online_wandb_run(wandb_run, tmp_path):
+    _, run_dir, _, _, _ = wandb_run
+    assert entry_wandb_run(run_dir, "leakbench") is None  # an offline id opens nothing
+    (tmp_path / "wandb" / "run-20260101_000000-abc123").mkdir(parents=True)
+    assert entry_wandb_run(tmp_path, "p") == {"id": "abc123", "project": "p", "mode": "online"}
 
 
 def test_wandb_counts_as_configured_only_by_local_state(tmp_path, monkeypatch):

@@ -49,6 +49,7 @@ from torch import nn
 
 from leakbench.analysis.commands import STUDY_RUN_KEYS, BoundaryOptions
 from leakbench.analysis.exclusivity import analyse_exclusivity
+from leakbench.capabilities import Capability
 from leakbench.config import RunConfig
 from leakbench.figures import boundary_figure, median_interval
 from leakbench.interfaces import Defense
@@ -62,10 +63,11 @@ from leakbench.models.training import (
 from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, TrialSetting, Victim, prepare_attack
 from leakbench.protocol import run_trial as run_protocol_trial
+from leakbench.protocol.isolation import Placement, default_threads
 from leakbench.protocol.victim import resolve_victim_state
-from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
+from leakbench.registry import DATAMODULES, DEFENSES
 from leakbench.results import atomic_write_bytes, atomic_write_text, cell_key
-from leakbench.runner import checkpoint_folder
+from leakbench.runner import checkpoint_folder, run_placement
 from leakbench.threat_model import Budget
 
 # Bins of a sample's fewest ExANs over its ReLU layers (lower edges; the last is open).
@@ -114,12 +116,12 @@ class Study:
         model_seed: int = 0,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
-        isolation: str = "process",
+        placement: Placement | None = None,
         model_state: str = "random",
         checkpoint_dir: str | Path | None = None,
     ) -> None:
         self.dataset = dataset
-        self.isolation = isolation
+        self.placement = placement or Placement("process", default_threads())
         self.dataset_options = dict(dataset_options or {})
         self.split = split
         self.model_name = model
@@ -145,7 +147,7 @@ class Study:
             model_seed=config.model_seed,
             dtype=getattr(torch, config.dtype),
             seed=config.seed,
-            isolation=config.isolation,
+            placement=run_placement(config, config.threads or default_threads())[0],
             model_state=config.model_state,
             checkpoint_dir=checkpoint_folder(config),
         )
@@ -341,7 +343,9 @@ def run_trial(
         seed=study.seed,
         success_psnr=DEFAULT_SUCCESS_PSNR,
         covariates=("exclusivity",),
-        isolation=study.isolation,
+        isolation=study.placement.isolation,
+        sandbox_view=study.placement.view,
+        threads=study.placement.threads,
     )
     victim = Victim.of(study.victim_spec(), model)
     return run_protocol_trial(victim, attack, defense, setting, batch).record
@@ -520,9 +524,15 @@ def log_to_wandb(mode: str, run_dir: Path, config: dict[str, Any], tables: dict[
     run.finish()
 
 
-def _prepared(name: str, options: dict[str, Any]) -> PreparedAttack:
-    """The attack ``name``, granted exactly what it requires."""
-    return prepare_attack(name, options.get(name, {}), frozenset(ATTACKS.get(name).requires))
+def _prepared(name: str, options: dict[str, Any], study: Study) -> PreparedAttack:
+    """The attack ``name`` on the study's victim; trials grant it exactly what it requires."""
+    return prepare_attack(
+        name,
+        options.get(name, {}),
+        frozenset(Capability),
+        victim=study.victim_spec(),
+        placement=study.placement,
+    )
 
 
 def boundary_command(
@@ -536,19 +546,17 @@ def boundary_command(
     psnr_attack = (
         None
         if options.psnr_attack == "none"
-        else _prepared(options.psnr_attack, options.attack_options)
+        else _prepared(options.psnr_attack, options.attack_options, study)
     )
-    compared = {n: _prepared(n, options.attack_options) for n in options.compare_attacks}
+    compared = {n: _prepared(n, options.attack_options, study) for n in options.compare_attacks}
     defenses = {"none": ("none", {})}
     for name in options.defenses:
         DEFENSES.get(name)
         defenses[name] = (name, options.defense_options.get(name, {}))
-    exan = _prepared("exan", options.attack_options)
+    exan = _prepared("exan", options.attack_options, study)
     probe = study.victim()
     if analyse_exclusivity(probe, study.trials(1, 1)[0]["images"]) is None:
         raise ValueError(f"model: {study.model_name!r} has no ReLU layer, expected one")
-    for attack in [a for a in (psnr_attack, *compared.values()) if a is not None]:
-        attack.instance().check_model(probe)
 
     run_dir = Path(config.output_dir) / (
         config.run_name or datetime.now().strftime("boundary-%Y%m%d-%H%M%S")

@@ -36,8 +36,9 @@ from leakbench.metrics import DEFAULT_SUCCESS_PSNR
 from leakbench.progress import track
 from leakbench.protocol import TrialSetting, run_trial
 from leakbench.protocol.attack import prepare_attack
-from leakbench.registry import ATTACKS
+from leakbench.protocol.isolation import Placement, default_threads
 from leakbench.results import atomic_write_text
+from leakbench.runner import study_placement
 from leakbench.threat_model import Budget, Capability
 
 
@@ -90,7 +91,7 @@ def client_protocol_study(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     grant_local_hyperparameters: bool = True,
-    isolation: str = "process",
+    placement: Placement | None = None,
     progress: bool = False,
     echo: Callable[[str], Any] = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -103,13 +104,14 @@ def client_protocol_study(
         raise ValueError(f"trials = {trials!r}: expected a positive integer")
     protocols = list(protocols if protocols is not None else protocol_settings())
     extra = {Capability.LOCAL_HYPERPARAMETERS} if grant_local_hyperparameters else set()
+    placement = placement or Placement("process", default_threads())
     prepared = {}
     for pair in pairs:
-        granted = frozenset(ATTACKS.get(pair.attack).requires) | extra
         for label, protocol in protocols:
             prepared[pair.label, label] = prepare_attack(
-                pair.attack, pair.attack_options, granted, protocol
-            )
+                pair.attack, pair.attack_options, frozenset(Capability), protocol,
+                placement=placement,
+            )  # fmt: skip
     summary: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     for pair in pairs:
@@ -132,7 +134,9 @@ def client_protocol_study(
                 client_mode="eval",
                 seed=seed,
                 success_psnr=DEFAULT_SUCCESS_PSNR,
-                isolation=isolation,
+                isolation=placement.isolation,
+                sandbox_view=placement.view,
+                threads=placement.threads,
                 client_protocol=protocol,
             )
             cell = []
@@ -215,7 +219,7 @@ def client_protocols_command(
         dtype=getattr(torch, dtype),
         seed=seed,
         grant_local_hyperparameters=local_hyperparameters,
-        isolation=isolation,
+        placement=study_placement(isolation, [p.attack for p in chosen], output_dir),
         progress=progress,
         echo=echo,
     )

@@ -169,12 +169,12 @@ def rank(
 
 @command("overhead")
 def overhead(config: RunConfig, *, rounds: Count = 2, progress: bool = False) -> int:  # type: ignore[assignment]
-    """Wall time per trial with attacks isolated in a worker vs in-process.
+    """Wall time per trial with attacks in-process, in worker processes and in the sandbox.
 
-    Runs the configured cells (default: the quickstart) in both modes, alternating rounds.
+    Runs the configured cells (default: the quickstart) in every mode, alternating rounds.
 
     Args:
-        rounds: Alternating rounds of both modes.
+        rounds: Alternating rounds of the modes.
         progress: Show each run's progress bar on stderr.
     """
     config.check_names()

@@ -44,7 +44,7 @@ def client_protocols(
     local_hyperparameters: bool = True,
     dtype: Literal["float32", "float64"] = "float32",
     seed: int = 0,
-    isolation: Literal["process", "in-process"] = "process",
+    isolation: Literal["sandbox", "process", "in-process"] = "sandbox",
     output_dir: str | None = None,
     progress: bool = True,
 ) -> int:
@@ -62,7 +62,7 @@ def client_protocols(
         local_hyperparameters: Grant the attacks the protocol's local hyperparameters.
         dtype: Floating-point type of the victims and updates.
         seed: Seed of the trial draws.
-        isolation: Where attacks run: process or in-process.
+        isolation: Where attack code runs: sandbox (where available), process or in-process.
         output_dir: Folder for client_protocols.csv and .json (default: none written).
         progress: Show the progress bar.
     """

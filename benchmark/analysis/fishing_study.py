@@ -46,7 +46,6 @@ from leakbench.analysis.commands import STUDY_RUN_KEYS, FishingStudyOptions
 from leakbench.config import RunConfig
 from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, prepare_attack
-from leakbench.registry import ATTACKS
 from leakbench.results import atomic_write_text
 from leakbench.threat_model import Capability
 
@@ -54,8 +53,8 @@ SOLVED = ("optimal", "feasible")
 
 
 def prepared(name: str, options: dict[str, Any]) -> PreparedAttack:
-    """The attack ``name`` with ``options``, granted exactly what its class requires."""
-    return prepare_attack(name, options, frozenset(ATTACKS.get(name).requires))
+    """The attack ``name`` with ``options``; its trials grant exactly what it requires."""
+    return prepare_attack(name, options, frozenset(Capability))
 
 
 def sample_values(record: dict[str, Any], key: str, field: str) -> list[float]:

@@ -27,9 +27,10 @@ The path of a result::
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
+
+from leakbench.lazy import lazy_exports
 
 # Public name -> the module that defines it; loaded on first use (PEP 562), so that the command
 # line can import ``leakbench.leaderboard.commands`` without loading the leaderboard.
@@ -63,13 +64,7 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "submit"])
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'leakbench.leaderboard' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
 
 
 def submit(

@@ -1,9 +1,15 @@
-"""The board: every intact entry of every track, ranked, and the tables made from it.
+"""The board: every intact entry of every track, ranked by what the board measured.
 
-Entries are loaded through :func:`leakbench.leaderboard.entry.load_entry`, so a tampered one
-stops the build with its reason instead of being shown. Within a track, each batch size is its
-own table. Entries whose verification failed are listed as failed and get no rank: they are
-never ranked silently. Unverified entries are ranked and marked as unverified.
+Entries are loaded through :func:`leakbench.leaderboard.entry.load_entry`, so a tampered one,
+or one whose verification the board did not sign, stops the build with its reason instead of
+being shown. Within a track, each batch size is its own table with three parts:
+
+* **ranked**: entries whose signed verification passed, ordered by the verification's own
+  figure of the track's statistic (capped at the track's ceiling), never by the submitter's
+  claim; then by the verified success rate, then by the verified worst case. Entries equal on
+  all three share a rank (a tie at the ceiling is a tie), shown as ``=1``;
+* **unverified**: listed apart, by name, with their claims and no rank;
+* **failed**: verification did not confirm the claim; listed with both figures, no rank.
 """
 
 from __future__ import annotations
@@ -25,22 +31,27 @@ COLUMNS = (
     "attack",
     "defense",
     "B",
+    "verified statistic",
+    "verified success",
+    "verified worst",
+    "claimed statistic",
     "PSNR median",
-    "PSNR mean",
     "PSNR worst",
     "SSIM median",
     "success",
     "failed",
     "time median (s)",
-    "verification",
+    "status",
 )
+STATUSES = ("verified", "unverified", "failed")
 
 
 @dataclass
 class Row:
     entry: dict[str, Any]
     path: Path
-    rank: int | None  # None: verification failed, never ranked
+    rank: int | None = None  # None: not ranked (unverified, or verification failed)
+    tied: bool = False  # shares its rank with another entry
 
     @property
     def status(self) -> str:
@@ -48,6 +59,16 @@ class Row:
         if block is None:
             return "unverified"
         return "verified" if block["passed"] else "failed"
+
+    @property
+    def rank_text(self) -> str:
+        if self.rank is None:
+            return "-"
+        return f"={self.rank}" if self.tied else str(self.rank)
+
+    @property
+    def verified(self) -> dict[str, Any] | None:
+        return self.entry.get("verification")
 
 
 @dataclass
@@ -65,8 +86,16 @@ class TrackBoard:
         return self.meta.get("ranking", "psnr.median")
 
     @property
+    def ceiling(self) -> float | None:
+        return (self.meta.get("verification") or {}).get("tolerance", {}).get("ceiling")
+
+    @property
     def rows(self) -> list[Row]:
         return [row for b in sorted(self.tables) for row in self.tables[b]]
+
+    def counts(self, rows: list[Row] | None = None) -> dict[str, int]:
+        rows = self.rows if rows is None else rows
+        return {status: sum(r.status == status for r in rows) for status in STATUSES}
 
 
 def metric(entry: dict[str, Any], dotted: str) -> float | None:
@@ -77,32 +106,43 @@ def metric(entry: dict[str, Any], dotted: str) -> float | None:
 
 
 def rank_rows(rows: list[Row], ranking: str, kind: str) -> list[Row]:
-    """Ranked rows first (by ``ranking``, best first; ties by name), failed ones after."""
+    """Verified rows ranked by their verified figures (ties share a rank), then unverified
+    rows by name, then failed ones by name; only the first get a rank."""
     sign = -1.0 if higher_ranks_first(kind, ranking) else 1.0
 
-    def key(row: Row) -> tuple[float, str]:
-        value = metric(row.entry, ranking)
-        return (float("inf") if value is None else sign * value, row.entry["name"])
+    def key(row: Row) -> tuple[float, float, float]:
+        block = row.verified or {}
+        return tuple(
+            sign * float(block.get(k) or 0.0) for k in ("verified", "success_rate", "worst")
+        )
 
-    ranked = sorted((r for r in rows if r.status != "failed"), key=key)
-    failed = sorted((r for r in rows if r.status == "failed"), key=key)
-    for position, row in enumerate(ranked, start=1):
-        row.rank = position
-    for row in failed:
-        row.rank = None
-    return ranked + failed
+    verified = sorted(
+        (r for r in rows if r.status == "verified"), key=lambda r: (key(r), r.entry["name"])
+    )
+    for row in verified:
+        same = [other for other in verified if key(other) == key(row)]
+        row.rank, row.tied = verified.index(same[0]) + 1, len(same) > 1
+    rest = {
+        status: sorted((r for r in rows if r.status == status), key=lambda r: r.entry["name"])
+        for status in ("unverified", "failed")
+    }
+    for row in rest["unverified"] + rest["failed"]:
+        row.rank, row.tied = None, False
+    return verified + rest["unverified"] + rest["failed"]
 
 
-def load_board(entries_dir: Path, tracks_dir: Path = TRACKS) -> list[TrackBoard]:
+def load_board(
+    entries_dir: Path, tracks_dir: Path = TRACKS, keys_dir: Path | None = None
+) -> list[TrackBoard]:
     """Every track (those without entries too) with its ranked tables, in name order."""
     boards = {
         path.stem: TrackBoard(path.stem, yaml.safe_load(path.read_text()))
         for path in sorted(Path(tracks_dir).glob("*.yaml"))
     }
     for path in sorted(Path(entries_dir).glob("*/*.json")):
-        entry = load_entry(path, tracks_dir)  # refuses unknown tracks and tampered entries
+        entry = load_entry(path, tracks_dir, keys_dir)  # refuses unknown tracks, tampered entries
         b = entry["protocol"]["batch_size"]
-        boards[entry["track"]].tables.setdefault(b, []).append(Row(entry, path, None))
+        boards[entry["track"]].tables.setdefault(b, []).append(Row(entry, path))
     for board in boards.values():
         for b, rows in board.tables.items():
             board.tables[b] = rank_rows(rows, board.ranking, board.meta["kind"])
@@ -114,42 +154,60 @@ def _round(value: float | None, digits: int = 1) -> str:
 
 
 def verification_text(row: Row) -> str:
-    block = row.entry.get("verification")
+    """The entry's status in plain words."""
+    block = row.verified
     if block is None:
-        return "unverified"
-    word = "verified" if block["passed"] else "FAILED"
-    return f"{word}: {block['verified']:.1f} on {block['trials']} unseen"
+        return "unverified: the board has not re-measured this claim"
+    if not block["passed"]:
+        return (
+            f"failed verification: measured {block['verified']:.1f} on {block['trials']} unseen "
+            f"trials against a claim of {block['claimed']:.1f}"
+        )
+    return f"verified: {block['verified']:.1f} on {block['trials']} unseen trials, signed"
 
 
-def table_row(row: Row) -> list[Any]:
-    e, r = row.entry, row.entry["results"]
+def table_row(row: Row, board: TrackBoard) -> list[Any]:
+    e, r, block = row.entry, row.entry["results"], row.verified or {}
     return [
-        "-" if row.rank is None else row.rank,
+        row.rank_text,
         e["name"],
         e["attack"]["name"],
         e["defense"]["name"],
         e["protocol"]["batch_size"],
+        _round(block.get("verified")),
+        _round(block.get("success_rate"), 2),
+        _round(block.get("worst")),
+        _round(metric(e, board.ranking)),
         _round(r["psnr"]["median"]),
-        _round(r["psnr"]["mean"]),
         _round(r["psnr"]["worst"]),
         _round(r["ssim"]["median"], 3),
         _round(r["success_rate"], 2),
         f"{r['failed']}/{r['trials']}",
         _round(r["time_s"]["median"], 3),
-        verification_text(row),
+        row.status,
     ]
 
 
-def render(entries_dir: Path, tracks_dir: Path = TRACKS) -> dict[str, str]:
+def render(
+    entries_dir: Path, tracks_dir: Path = TRACKS, keys_dir: Path | None = None
+) -> dict[str, str]:
     """Markdown and CSV text per track with entries: {"<track>.md": ..., "<track>.csv": ...}."""
     tables: dict[str, str] = {}
-    for board in load_board(entries_dir, tracks_dir):
+    for board in load_board(entries_dir, tracks_dir, keys_dir):
         if not board.tables:
             continue
-        rows = [table_row(row) for row in board.rows]
+        rows = [table_row(row, board) for row in board.rows]
         description = " ".join(board.meta.get("description", "").split())
-        title = f"# {board.name}\n\n{description}\n\nRanked by {board.ranking}"
-        title += " within each batch size; failed verifications are not ranked.\n\n"
+        counts = board.counts()
+        ceiling = "" if board.ceiling is None else f", capped at {board.ceiling:g}"
+        title = (
+            f"# {board.name}\n\n{description}\n\nRanked within each batch size by the "
+            f"verification's own {board.ranking}{ceiling} (ties share a rank, shown =N; then by "
+            "verified success rate and worst case). Unverified and failed entries are listed "
+            f"apart, unranked. {counts['verified']} verified, {counts['unverified']} unverified, "
+            f"{counts['failed']} failed. Claimed columns are the submitter's run on the public "
+            "trials.\n\n"
+        )
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         tables[f"{board.name}.md"] = title + "\n".join(lines) + "\n"

@@ -91,17 +91,24 @@ def entry_command(
 def verify_command(
     entries: list[str],
     *,
+    key: str | None = None,
+    check_only: bool = False,
     tracks_dir: str | None = None,
+    keys_dir: str | None = None,
     runs_dir: str | None = None,
     threads: int | None = None,
 ) -> int:
-    """Re-run entries on unseen, secretly transformed trials.
+    """Re-run entries in the sandbox on unseen, secretly transformed trials and sign the result
+    with the board's key (a maintainer's command).
 
     Exit 0 when every entry passed, 1 when one failed, 2 when one was refused.
 
     Args:
         entries: Entry JSON file(s).
+        key: The board's private key (PEM); default: $LEAKBENCH_BOARD_KEY_FILE.
+        check_only: Report the verdict only: no key, nothing signed or written.
         tracks_dir: Folder of the track files (default: the package's).
+        keys_dir: Folder of the public keys the board trusts (default: the package's).
         runs_dir: Keep the verification runs here (default: discarded).
         threads: Intra-op threads per process.
     """
@@ -114,7 +121,10 @@ def verify_command(
         try:
             block = verify_entry(
                 path,
+                key=key,
+                check_only=check_only,
                 tracks_dir=tracks,
+                keys_dir=Path(keys_dir) if keys_dir else None,
                 runs_dir=Path(runs_dir) if runs_dir else None,
                 threads=threads,
             )
@@ -128,15 +138,37 @@ def verify_command(
     return 2 if refused else (1 if failed else 0)
 
 
+@command("leaderboard keygen")
+def keygen_command(private_key: str, *, name: str, keys_dir: str | None = None) -> int:
+    """Make a board key pair: the private key (outside the repository, mode 0600) and its public
+    half in the folder of keys the board trusts.
+
+    Args:
+        private_key: Where to write the private key (PEM); never inside the repository.
+        name: The key's name, e.g. board-2026 (its file is <keys_dir>/<name>.pub).
+        keys_dir: Folder of the public keys the board trusts (default: the package's).
+    """
+    from leakbench.leaderboard.signing import KEYS, generate_key
+
+    identity, public = generate_key(private_key, name, Path(keys_dir) if keys_dir else KEYS)
+    print(f"key {identity}: private {private_key}, public {public}")
+    return 0
+
+
 @command("leaderboard render")
 def render_command(
-    *, entries_dir: str | None = None, tracks_dir: str | None = None, out_dir: str | None = None
+    *,
+    entries_dir: str | None = None,
+    tracks_dir: str | None = None,
+    keys_dir: str | None = None,
+    out_dir: str | None = None,
 ) -> int:
     """Write Markdown and CSV tables per track.
 
     Args:
         entries_dir: Folder of the entries (default: the leaderboard's).
         tracks_dir: Folder of the track files (default: the package's).
+        keys_dir: Folder of the public keys the board trusts (default: the package's).
         out_dir: Folder of the tables (default: the leaderboard's ``tables``).
     """
     from leakbench.leaderboard.board import render
@@ -145,7 +177,8 @@ def render_command(
 
     entries, tracks = _folders(entries_dir, tracks_dir)
     out = Path(out_dir) if out_dir else LEADERBOARDS / "tables"
-    for filename, text in render(entries, tracks).items():
+    keys = Path(keys_dir) if keys_dir else None
+    for filename, text in render(entries, tracks, keys).items():
         atomic_write_text(out / filename, text)
         print(f"wrote {out / filename}")
     return 0
@@ -153,13 +186,18 @@ def render_command(
 
 @command("leaderboard build")
 def build_command(
-    *, entries_dir: str | None = None, tracks_dir: str | None = None, out_dir: str | None = None
+    *,
+    entries_dir: str | None = None,
+    tracks_dir: str | None = None,
+    keys_dir: str | None = None,
+    out_dir: str | None = None,
 ) -> int:
     """Render the static web leaderboard.
 
     Args:
         entries_dir: Folder of the entries (default: the leaderboard's).
         tracks_dir: Folder of the track files (default: the package's).
+        keys_dir: Folder of the public keys the board trusts (default: the package's).
         out_dir: Folder of the site (default: the leaderboard's ``site``).
     """
     from leakbench.leaderboard.entry import LEADERBOARDS
@@ -167,6 +205,6 @@ def build_command(
 
     entries, tracks = _folders(entries_dir, tracks_dir)
     out = Path(out_dir) if out_dir else LEADERBOARDS / "site"
-    files = build_site(entries, out, tracks)
+    files = build_site(entries, out, tracks, Path(keys_dir) if keys_dir else None)
     print(f"wrote {len(files)} files; open {out / 'index.html'}")
     return 0

@@ -35,17 +35,15 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import date
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-import leakbench
 from leakbench.results import RunDirectory, atomic_write_bytes, atomic_write_text, cell_key
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Package data: a pip-installed leakbench makes and checks entries without the repository.
 SCHEMA_FILE = PACKAGE_DIR / "entry.schema.json"
@@ -200,36 +198,34 @@ def result_fields(records: list[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(json.dumps({key: summary[key] for key in RESULT_KEYS}))
 
 
-def attack_distribution(name: str) -> dict[str, str] | None:
-    """The installed distribution that provides attack ``name``: the one whose
-    ``leakbench.attacks`` entry point registers it, else the one that ships its module."""
-    from leakbench.registry import ATTACKS
-
-    cls = ATTACKS.get(name)
-    module = cls.__module__
-    for ep in metadata.entry_points(group="leakbench.attacks"):
-        target = ep.value.split(":")[0]
-        if (ep.name == name or module == target or module.startswith(target + ".")) and ep.dist:
-            return {"name": ep.dist.metadata["Name"], "version": ep.dist.version}
-    if module.split(".")[0] == "leakbench":
-        return {"name": "leakbench", "version": leakbench.__version__}
-    for dist in metadata.packages_distributions().get(module.split(".")[0], []):
-        return {"name": dist, "version": metadata.version(dist)}
-    return None  # a module on the path that no distribution owns (tests, local scripts)
-
-
-def attack_threat_letter(name: str, client_protocol: str | Mapping[str, Any]) -> str:
-    """The SoK letter attack ``name`` assumes under the run's client protocol."""
-    from leakbench.client import protocol_from_spec
-    from leakbench.registry import ATTACKS
-
-    protocols = protocol_from_spec(client_protocol).names()
-    return ATTACKS.get(name).sok_threat_model(protocols).letter
+def attack_fields(config: Mapping[str, Any], attack: str) -> dict[str, Any]:
+    """The entry's ``attack``: the options given, the hyperparameters as the attack's jobs
+    rebuilt it, and the code that ran (distribution, version, a hash of its files), from what
+    the run recorded (``attacks_run`` in config.yaml)."""
+    ran = (config.get("attacks_run") or {}).get(attack)
+    if ran is None:
+        raise EntryError(
+            f"the run recorded no hyperparameters and code for attack {attack!r} "
+            "(made by an older leakbench): run the track again"
+        )
+    code = dict(ran["code"])
+    return {
+        "name": attack,
+        "options": config["attack_options"].get(attack, {}),
+        "hparams": ran["hparams"],
+        "code": code,
+        "distribution": (
+            {"name": code["distribution"], "version": code["version"]}
+            if code.get("distribution")
+            else None
+        ),
+    }
 
 
 def wandb_run(run_dir: Path, project: str) -> dict[str, Any] | None:
-    """The W&B run the run logged to, from the folder W&B wrote: ``[offline-]run-<stamp>-<id>``."""
-    folders = sorted((run_dir / "wandb").glob("*run-*-*")) if (run_dir / "wandb").is_dir() else []
+    """The online W&B run the run logged to, from the folder W&B wrote: ``run-<stamp>-<id>``.
+    An offline run (``offline-run-...``) gives None: its id names nothing anyone can open."""
+    folders = sorted((run_dir / "wandb").glob("run-*-*")) if (run_dir / "wandb").is_dir() else []
     folders = [f for f in folders if f.is_dir() and not f.is_symlink()]
     if not folders:
         return None
@@ -237,7 +233,7 @@ def wandb_run(run_dir: Path, project: str) -> dict[str, Any] | None:
     return {
         "id": last.rsplit("-", 1)[-1],
         "project": project,
-        "mode": "offline" if last.startswith("offline-") else "online",
+        "mode": "online",
     }
 
 
@@ -279,11 +275,7 @@ def make_entry(
         "track_sha256": sha256_file(track_path),
         "kind": config["track"]["kind"],
         "name": name or (attack if config["track"]["kind"] == "attack" else result["defense"]),
-        "attack": {
-            "name": attack,
-            "options": config["attack_options"].get(attack, {}),
-            "distribution": attack_distribution(attack),
-        },
+        "attack": attack_fields(config, attack),
         "defense": {"name": result["defense"], "options": config["defense_options"]},
         "protocol": {
             **{key: config[key] for key in PROTOCOL_KEYS},
@@ -301,7 +293,7 @@ def make_entry(
         "submitter": submitter,
         "paper": paper,
         "threat_model": {
-            "attack": attack_threat_letter(attack, config["client_protocol"]),
+            "attack": config["attacks_run"][attack].get("threat_letter"),
             "track": config["track"].get("threat_model"),
         },
         "date": date.today().isoformat(),
@@ -380,28 +372,27 @@ def content_sha256(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(without_verification(entry)).encode()).hexdigest()
 
 
-def load_entry(path: str | Path, tracks_dir: Path = TRACKS) -> dict[str, Any]:
-    """Read an entry and refuse it, with the reason, unless it is intact (see module doc)."""
+def load_entry(
+    path: str | Path, tracks_dir: Path = TRACKS, keys_dir: Path | None = None
+) -> dict[str, Any]:
+    """Read an entry and refuse it, with the reason, unless it is intact (see module doc); a
+    verification must be signed by a key of ``keys_dir`` (default: the board's)."""
     path = Path(path)
     try:
         entry = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise EntryError(f"{path}: not a readable entry: {exc}") from None
     try:
-        _check_entry(entry, path, Path(tracks_dir))
+        _check_entry(entry, path, Path(tracks_dir), keys_dir)
     except EntryError as exc:
         raise EntryError(f"{path}: refused: {exc}") from None
     return entry
 
 
-def _check_entry(entry: dict[str, Any], path: Path, tracks_dir: Path) -> None:
+def _check_entry(
+    entry: dict[str, Any], path: Path, tracks_dir: Path, keys_dir: Path | None
+) -> None:
     validate_entry(entry)
-    from leakbench.registry import ATTACKS
-
-    if entry["attack"]["distribution"] is None and entry["attack"]["name"] not in ATTACKS:
-        raise EntryError(
-            f"unknown attack {entry['attack']['name']!r}, and no distribution that provides it"
-        )
     track = track_file(entry["track"], tracks_dir)
     if sha256_file(track) != entry["track_sha256"]:
         raise EntryError(
@@ -440,7 +431,7 @@ def _check_entry(entry: dict[str, Any], path: Path, tracks_dir: Path) -> None:
     if "verification" in entry:
         from leakbench.leaderboard.verify import check_block
 
-        check_block(entry, path)
+        check_block(entry, path, keys_dir)
 
 
 def cell_of(entry: Mapping[str, Any]) -> str:

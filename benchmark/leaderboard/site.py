@@ -21,7 +21,14 @@ from typing import Any
 import jinja2
 from PIL import Image
 
-from leakbench.leaderboard.board import Row, TrackBoard, load_board, metric, verification_text
+from leakbench.leaderboard.board import (
+    STATUSES,
+    Row,
+    TrackBoard,
+    load_board,
+    metric,
+    verification_text,
+)
 from leakbench.leaderboard.entry import (
     GRID_SUFFIX,
     RECORDS_SUFFIX,
@@ -162,7 +169,8 @@ def protocol_words(config: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "Trials",
             f"{config.get('trials')} trials per batch size drawn with the public seed "
-            f"{config.get('seed', 0)}; attacks run isolated in a fresh worker process per trial.",
+            f"{config.get('seed', 0)}; the attack's code runs in a sandbox that sees nothing of "
+            "the harness (its own user, processes, files and no network).",
         ),
         (
             "Ranking",
@@ -176,24 +184,33 @@ def protocol_words(config: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     verification = meta.get("verification")
     if verification:
-        t, tol = verification["private_transform"], verification["tolerance"]
-        change = f"shifted by up to {t['max_shift']} px (edge padded)"
-        change += ", flipped horizontally with probability 1/2" if t["flip"] else ""
-        change += f", brightness scaled by up to ±{t['brightness']:.0%}"
+        tol = verification["tolerance"]
+        transform = ", ".join(
+            f"{k} {json.dumps(v)}" for k, v in sorted(verification["private_transform"].items())
+        )
         ceiling = f", values capped at {tol['ceiling']:g}" if tol.get("ceiling") is not None else ""
         side = (
             "at most the upper end of"
             if higher_ranks_first(meta["kind"], meta.get("ranking", "psnr.median"))
             else "at least the lower end of"
         )
+        bound = verification.get("lookup_bound") or {}
+        lookup = (
+            f" The best lookup of the public dataset scores at most {bound['psnr_max']:.1f} dB "
+            "against such samples, so a figure above it is an inversion, not a lookup."
+            if bound.get("psnr_max") is not None
+            else ""
+        )
         words.append(
             (
                 "Verification",
-                f"The attack is re-run on {verification['trials']} unseen trials drawn with a "
-                f"secret seed; every private sample is {change}, with a second secret seed. "
-                f"An entry passes when its claim{ceiling} is {side} the "
+                f"The board re-runs the attack, as it ran, in the sandbox on "
+                f"{verification['trials']} unseen trials drawn with a secret seed; every private "
+                f"sample is changed by a secret continuous transform ({transform}) with a second "
+                f"secret seed.{lookup} An entry passes when its claim{ceiling} is {side} the "
                 f"{tol['confidence']:.0%} bootstrap interval of the verification, give or take "
-                f"{tol['margin']:g}.",
+                f"{tol['margin']:g}, and so is its success rate. The block is signed with the "
+                "board's key; verified entries are ranked by the verification's own figure.",
             )
         )
     return words
@@ -242,6 +259,26 @@ def _samples(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return samples
 
 
+def column_words(board: TrackBoard) -> list[tuple[str, str]]:
+    """What each column of a track's table means, with its unit."""
+    ceiling = "" if board.ceiling is None else f", capped at {board.ceiling:g}"
+    return [
+        ("rank", "position among verified entries; =N marks a tie (equal verified figures)"),
+        (
+            "verified",
+            f"{statistic_words(board.ranking)} on the board's unseen trials{ceiling} (dB for "
+            "PSNR); what the ranking uses",
+        ),
+        ("verified success", "share of verification images at or above the success PSNR"),
+        ("verified worst", f"the worst image of the verification{ceiling}"),
+        ("claimed", "the same statistic on the submitter's public trials, uncapped"),
+        ("PSNR, SSIM", "claimed, over the public trials: median and worst image (dB; SSIM 0–1)"),
+        ("failed trials", "trials whose attack raised, died or timed out, of all trials"),
+        ("time", "median attack time per trial on the submitter's machine (s)"),
+        ("status", "verified (signed by the board), unverified, or failed verification"),
+    ]
+
+
 def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
     """Write the entry's page and its images; return what the index needs to link it."""
     stem = row.path.stem
@@ -256,6 +293,7 @@ def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
         "href": f"{slug(board.name)}/{stem}.html",
         "row": row,
         "verification_text": verification_text(row),
+        "claimed": metric(row.entry, board.ranking),
     }
     html = (
         _environment()
@@ -272,7 +310,7 @@ def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
             samples=samples,
             psnr_bars=_histogram([s["psnr"] for s in samples], PSNR_BINS),
             ssim_bars=_histogram([s["ssim"] for s in samples], SSIM_BINS),
-            options=json.dumps(row.entry["attack"]["options"], indent=2, sort_keys=True),
+            options=json.dumps(row.entry["attack"]["hparams"], indent=2, sort_keys=True),
             defense_options=json.dumps(row.entry["defense"]["options"], indent=2, sort_keys=True),
             statistic=metric(row.entry, board.ranking),
         )
@@ -281,10 +319,12 @@ def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
     return page
 
 
-def build_site(entries_dir: Path, out_dir: Path, tracks_dir: Path = TRACKS) -> list[Path]:
+def build_site(
+    entries_dir: Path, out_dir: Path, tracks_dir: Path = TRACKS, keys_dir: Path | None = None
+) -> list[Path]:
     """Render the site into ``out_dir`` (replacing an earlier build there); returns its files."""
     out_dir = Path(out_dir)
-    boards = load_board(entries_dir, tracks_dir)  # refuses tampered entries before writing
+    boards = load_board(entries_dir, tracks_dir, keys_dir)  # refuses tampered entries first
     if out_dir.exists() and any(out_dir.iterdir()):
         if not (out_dir / MARKER).is_file():
             raise ValueError(f"{out_dir} is not empty and holds no leakbench site; use another")
@@ -294,8 +334,16 @@ def build_site(entries_dir: Path, out_dir: Path, tracks_dir: Path = TRACKS) -> l
     for board in boards:
         tables = []
         for b in sorted(board.tables):
+            pages = [_entry_page(r, board, out_dir) for r in board.tables[b]]
             tables.append(
-                {"batch_size": b, "rows": [_entry_page(r, board, out_dir) for r in board.tables[b]]}
+                {
+                    "batch_size": b,
+                    "parts": [
+                        (status, [p for p in pages if p["row"].status == status])
+                        for status in STATUSES
+                    ],
+                    "counts": board.counts(board.tables[b]),
+                }
             )
         sections.append(
             {
@@ -305,10 +353,8 @@ def build_site(entries_dir: Path, out_dir: Path, tracks_dir: Path = TRACKS) -> l
                 "protocol": protocol_words(board.config),
                 "ranking_words": statistic_words(board.ranking),
                 "tables": tables,
-                "counts": {
-                    status: sum(r.status == status for r in board.rows)
-                    for status in ("verified", "unverified", "failed")
-                },
+                "columns": column_words(board),
+                "ceiling": board.ceiling,
             }
         )
     html = _environment().get_template("index.html.j2").render(sections=sections)

@@ -1,32 +1,40 @@
-"""Re-verification of a leaderboard entry on trials its submitter never saw.
+"""Verification: the board re-measures an entry on data no submitter holds, and signs it.
 
 Every track fixes a public dataset and a public seed, so a submitted run proves little: an
 attack can memorise which samples each trial draws, or enumerate the public dataset and keep
-the image whose gradient matches best. ``leakbench leaderboard verify ENTRY`` therefore re-runs
-the entry's attack, isolated in worker processes, on the same track with
+the image whose gradient matches best. ``leakbench leaderboard verify ENTRY --key KEY`` (a
+maintainer's command) therefore re-runs the entry's attack, exactly as it ran (its recorded
+hyperparameters and the code whose hash the entry holds), in the attack sandbox, on the track
+with
 
 * a secret sample seed (``secrets.randbits(128)``: too many to enumerate), so the trial plan is
-  one nobody has seen, and
-* the track's *private transform* with a second secret seed (``verification.private_transform``
-  in the track: a small shift, a flip, a brightness gain per sample), so the batch the client
-  trains on is in no list the attack could search.
+  one nobody has seen; where the maintainers hold private data of the track's distribution
+  (``$LEAKBENCH_PRIVATE_DATA``), the samples come from there;
+* the track's *private transform* with a second secret seed (``verification.private_transform``:
+  continuous changes of every sample), so the batch the client trains on is in no list an attack
+  could search; the track's ``lookup_bound`` says how far the best lookup gets.
 
 While the run goes, both seeds exist only in this process: ``config.yaml`` holds a SHA-256
 commitment to each (``runner.run(secret_keys=...)``). They are revealed in the verification block
-after the run, so anyone can check them against the commitments and re-run the verification.
+afterwards, so anyone can check them against the commitments and re-run the verification.
 
-**The tolerance** (``verification.tolerance`` of the track) concerns the track's ranking statistic
-(e.g. ``psnr.median``). Per-sample values are capped at ``ceiling`` first (beyond ~60 dB PSNR a
-reconstruction is exact and the rest is float noise that differs from image to image). A
-bootstrap over the verification trials (``resamples`` draws of trials with replacement, seeded
-from the revealed seed, so the figures can be recomputed) gives a ``confidence`` interval of the
-statistic. The check is one-sided, in the direction that would lift the entry's rank: an attack
-entry fails when its claim lies above the interval's upper end plus ``margin``; a defense entry
-fails when its claim lies below the lower end minus ``margin``. Claiming less than one achieves
-only costs the submitter, so it is not a failure.
+**The figures** come from the records this process made, in memory (never from a file an
+attack could have reached). Per-sample values are capped at the track's ``ceiling`` (beyond
+~60 dB PSNR a reconstruction is exact and the rest is float noise). A bootstrap over the trials
+(``resamples`` draws with replacement, seeded from the revealed seed, so the figures can be
+recomputed) gives a ``confidence`` interval of the ranking statistic and of the success rate.
+The check is one-sided, in the direction that would lift the entry's rank: an attack entry fails
+when its claim (capped) lies above the statistic's upper end plus ``margin``, or its claimed
+success rate above the success rate's upper end plus ``success_margin``; a defense entry in the
+mirrored way. Claiming less than one achieves only costs the submitter. The board ranks a
+verified entry by the verification's own figure, never by the claim.
 
-The block also records the hash of the entry as verified; an entry edited afterwards is refused
-(:func:`check_block`), and so is a block whose figures do not follow from its shipped records.
+**The block** (date, versions, the seeds and their commitments, the data and transform, the
+sandbox, the figures, the verdict, the hashes of the entry and of the verification's records,
+and the hash of the attack's code) is signed with the board's key
+(:mod:`leakbench.leaderboard.signing`). An entry edited after verification, a block that was
+not signed by a key the board trusts, or one whose figures do not follow from its shipped
+records, is refused whenever the entry is loaded.
 """
 
 from __future__ import annotations
@@ -37,12 +45,12 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date, datetime
+from datetime import date
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 import leakbench
 from leakbench.leaderboard.entry import (
@@ -50,7 +58,6 @@ from leakbench.leaderboard.entry import (
     EntryError,
     atomic_write_text,
     cell_of,
-    cell_records,
     content_sha256,
     load_entry,
     load_track,
@@ -69,10 +76,12 @@ BOOTSTRAP_STREAM = 0xB007_57A9
 # Per-sample metrics where a larger value means more leakage.
 LEAKIER_WHEN_HIGHER = {"psnr": True, "psnr_scale_aligned": True, "ssim": True, "mse": False}
 SECRET_KEYS = ("seed", "private_transform")
+MIN_TRIALS = 10  # fewer, and one exact trial in three passes a claim of exactness
+DEFAULT_SUCCESS_MARGIN = 0.1
 
 
 class AttackNotInstalled(EntryError):
-    """The entry's attack is not registered here; the message names what to install."""
+    """The entry's attack is not installed here as it ran; the message names what to install."""
 
 
 def verification_settings(track: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,127 +117,192 @@ def _statistic(values: np.ndarray, stat: str, metric: str) -> float:
     raise EntryError(f"unknown statistic {stat!r}; use median, mean or worst")
 
 
-def _capped(value: float, ceiling: float | None, metric: str) -> float:
+def capped(value: float, ceiling: float | None, metric: str) -> float:
+    """``value`` capped at the track's ceiling (beyond it, reconstructions are exact)."""
     if ceiling is None:
         return value
     return min(value, ceiling) if LEAKIER_WHEN_HIGHER[metric] else max(value, ceiling)
 
 
+def _interval(draws: Sequence[float], confidence: float) -> tuple[float, float]:
+    alpha = 1 - confidence
+    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 def figures(
     records: Sequence[Mapping[str, Any]],
     claimed: float,
+    claimed_success: float | None,
     statistic: str,
     tolerance: Mapping[str, Any],
     kind: str,
     seed: int,
 ) -> dict[str, Any]:
-    """The verified statistic, its bootstrap interval, and whether ``claimed`` passes."""
+    """The verified statistic, success rate and worst case, their bootstrap intervals, and
+    whether the claim passes (see the module docstring)."""
     metric, stat = statistic.split(".")
     ceiling = tolerance.get("ceiling")
     per_trial = [
         np.array(
             [
-                _capped(float(s[metric]), ceiling, metric)
+                capped(float(s[metric]), ceiling, metric)
                 for s in r["metrics"]["samples"]
                 if s.get(metric) is not None
             ]
         )
         for r in records
     ]
-    point = _statistic(np.concatenate(per_trial), stat, metric)
+    hits = [np.array([bool(s.get("success")) for s in r["metrics"]["samples"]]) for r in records]
+    everything = np.concatenate(per_trial)
+    point = _statistic(everything, stat, metric)
     rng = np.random.default_rng(np.random.SeedSequence([seed, BOOTSTRAP_STREAM]))
-    draws = [
-        _statistic(
-            np.concatenate([per_trial[i] for i in rng.integers(0, len(per_trial), len(per_trial))]),
-            stat,
-            metric,
-        )
-        for _ in range(int(tolerance["resamples"]))
-    ]
-    alpha = 1 - float(tolerance["confidence"])
-    low, high = (float(q) for q in np.quantile(draws, [alpha / 2, 1 - alpha / 2]))
-    claim = _capped(claimed, ceiling, metric)
+    draws, success_draws = [], []
+    for _ in range(int(tolerance["resamples"])):
+        chosen = rng.integers(0, len(per_trial), len(per_trial))
+        draws.append(_statistic(np.concatenate([per_trial[i] for i in chosen]), stat, metric))
+        success_draws.append(float(np.mean(np.concatenate([hits[i] for i in chosen]))))
+    confidence = float(tolerance["confidence"])
+    low, high = _interval(draws, confidence)
+    success_low, success_high = _interval(success_draws, confidence)
+    success = float(np.mean(np.concatenate(hits)))
+    claim = capped(claimed, ceiling, metric)
     margin = float(tolerance["margin"])
+    success_margin = float(tolerance.get("success_margin", DEFAULT_SUCCESS_MARGIN))
     if higher_ranks_first(kind, statistic):
         passed = claim <= high + margin
         bound = f"the upper end {high:.2f} + margin {margin:g}"
         relation = "at most" if passed else "above"
+        success_ok = claimed_success is None or claimed_success <= success_high + success_margin
     else:
         passed = claim >= low - margin
         bound = f"the lower end {low:.2f} - margin {margin:g}"
         relation = "at least" if passed else "below"
-    capped = "" if claim == claimed else f" (capped at {ceiling:g})"
+        success_ok = claimed_success is None or claimed_success >= success_low - success_margin
+    note = "" if claim == claimed else f" (capped at {ceiling:g})"
     reason = (
-        f"claimed {statistic} {claimed:.2f}{capped} is {relation} {bound} of the "
-        f"{float(tolerance['confidence']):.0%} bootstrap interval [{low:.2f}, {high:.2f}] of "
-        f"{len(records)} unseen trials (verified {point:.2f})"
+        f"claimed {statistic} {claimed:.2f}{note} is {relation} {bound} of the "
+        f"{confidence:.0%} bootstrap interval [{low:.2f}, {high:.2f}] of {len(records)} "
+        f"unseen trials (verified {point:.2f})"
     )
+    if not success_ok:
+        reason += (
+            f"; and the claimed success rate {claimed_success:.2f} is outside the verified "
+            f"interval [{success_low:.2f}, {success_high:.2f}] give or take {success_margin:g}"
+        )
     return {
         "statistic": statistic,
         "claimed": claimed,
         "verified": point,
         "interval": [low, high],
-        "passed": passed,
+        "success_rate": success,
+        "success_interval": [success_low, success_high],
+        "worst": _statistic(everything, "worst", metric),
+        "passed": bool(passed and success_ok),
         "reason": reason,
     }
 
 
-def _commitment(value: Any) -> str:
-    # The commitment runner.public_config writes for a secret key.
+def commitment(value: Any) -> str:
+    """The commitment the run writes for a secret value (``runner.public_config``)."""
     return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def check_block(entry: Mapping[str, Any], path: Path) -> None:
-    """Refuse a verification block that does not follow from what the entry ships."""
+def _claims(entry: Mapping[str, Any], statistic: str) -> tuple[float, float | None]:
+    metric, stat = statistic.split(".")
+    value = entry["results"][metric][stat]
+    if value is None:
+        raise EntryError(f"the entry claims no {statistic}")
+    success = entry["results"].get("success_rate")
+    return float(value), None if success is None else float(success)
+
+
+def check_block(entry: Mapping[str, Any], path: Path, keys_dir: Path | None = None) -> None:
+    """Refuse a verification block that the board did not sign, that does not belong to this
+    entry, or whose figures do not follow from its shipped records."""
+    from leakbench.leaderboard.signing import KEYS, check_signature
+
     block = entry["verification"]
+    check_signature(block, keys_dir or KEYS)
     if content_sha256(entry) != block["entry_sha256"]:
         raise EntryError("it was edited after verification (entry_sha256 differs)")
+    if block["attack_code"] != entry["attack"]["code"]:
+        raise EntryError("its verification ran other attack code than the entry names")
     transform = {"seed": block["seeds"]["private_transform"], **block["private_transform"]}
     if block["commitments"] != {
-        "seed": _commitment(block["seeds"]["seed"]),
-        "private_transform": _commitment(transform),
+        "seed": commitment(block["seeds"]["seed"]),
+        "private_transform": commitment(transform),
     }:
         raise EntryError("its verification seeds do not match the commitments of that run")
     records_path = sibling(path, VERIFICATION_RECORDS)
     if not records_path.is_file() or sha256_file(records_path) != block["records_sha256"]:
         raise EntryError(f"its verification records ({records_path.name}) are missing or changed")
+    claimed, claimed_success = _claims(entry, block["statistic"])
     recomputed = figures(
         read_records(records_path),
-        block["claimed"],
+        claimed,
+        claimed_success,
         block["statistic"],
         block["tolerance"],
         entry["kind"],
         block["seeds"]["seed"],
     )
     stored = {key: block[key] for key in recomputed}
-    if json.loads(json.dumps(recomputed)) != stored or block["claimed"] != _claim(entry, block):
+    if json.loads(json.dumps(recomputed)) != stored:
         raise EntryError("its verification figures do not follow from its verification records")
 
 
-def _claim(entry: Mapping[str, Any], block: Mapping[str, Any]) -> float:
-    metric, stat = block["statistic"].split(".")
-    value = entry["results"][metric][stat]
-    if value is None:
-        raise EntryError(f"the entry claims no {block['statistic']}")
-    return float(value)
-
-
 def require_attack(entry: Mapping[str, Any]) -> None:
-    """Refuse, in one line naming the distribution, an attack that is not installed here."""
-    from leakbench.registry import ATTACKS
+    """Refuse, in one line naming what to install, an attack that is not installed here as the
+    entry ran it (other files than those whose hash the entry holds), and a plug-in whose
+    distribution runs code in every Python process or writes into other packages."""
+    from leakbench.protocol.attack import attack_code
+    from leakbench.registry import ATTACKS, Plugin
 
-    name = entry["attack"]["name"]
-    if name in ATTACKS:
-        return
-    dist = entry["attack"].get("distribution")
-    if dist:
-        raise AttackNotInstalled(
-            f"attack {name!r} is not installed: install the distribution {dist['name']} "
-            f"{dist['version']} (pip install '{dist['name']}=={dist['version']}')"
-        )
-    raise AttackNotInstalled(
-        f"attack {name!r} is not installed, and the entry names no distribution providing it"
+    name, recorded = entry["attack"]["name"], entry["attack"]["code"]
+    install = (
+        f"install the distribution {recorded['distribution']} {recorded['version']} "
+        f"(pip install '{recorded['distribution']}=={recorded['version']}')"
+        if recorded.get("distribution") and recorded["distribution"] != "leakbench"
+        else f"use leakbench {recorded.get('version')} with the attack as it ran"
     )
+    if name not in ATTACKS:
+        raise AttackNotInstalled(f"attack {name!r} is not installed: {install}")
+    installed = ATTACKS.get(name)
+    code = attack_code(installed if isinstance(installed, Plugin) else installed)
+    if code != recorded:
+        raise AttackNotInstalled(
+            f"the installed attack {name!r} is not the code the entry ran (files "
+            f"{code['files_sha256'][:12]} from {code['distribution']} {code['version']}; the "
+            f"entry ran {recorded['files_sha256'][:12]}): {install}"
+        )
+    if isinstance(installed, Plugin) and installed.distribution:
+        _refuse_intrusive_distribution(installed.distribution)
+
+
+def _refuse_intrusive_distribution(name: str) -> None:
+    """A ``.pth`` file runs its code in every Python process of the environment, the harness's
+    included; files outside the distribution's own top-level packages (those of its attack
+    entry points, and its ``top_level.txt``) can replace another distribution's."""
+    dist = metadata.distribution(name)
+    tops = set((dist.read_text("top_level.txt") or "").split()) | {
+        ep.value.split(":")[0].split(".")[0].strip()
+        for ep in dist.entry_points
+        if ep.group == "leakbench.attacks"
+    }
+    for f in dist.files or []:
+        if f.name.endswith(".pth"):
+            raise EntryError(
+                f"distribution {name} installs {f}, which runs code in every Python process "
+                "(the harness's too): it cannot be verified; install it without .pth files"
+            )
+        top = f.parts[0]
+        script = f.parts[:-1] == ("..", "..", "..", "bin")  # a console script
+        if not (top.endswith(".dist-info") or top.split(".")[0] in tops or script):
+            raise EntryError(
+                f"distribution {name} installs {f} outside its own packages "
+                f"({', '.join(sorted(tops)) or 'none declared'}): it cannot be verified"
+            )
 
 
 def verification_config(
@@ -239,8 +313,9 @@ def verification_config(
     run_name: str,
     threads: int | None,
 ) -> Any:
-    """The run configuration of a verification: the track, the entry's free choices, the
-    secret seeds, the verification's trials and its private transform."""
+    """The run of a verification: the track, the entry's attack exactly as it ran (its full
+    hyperparameters), the secret seeds, the verification's trials and transform, the sandbox,
+    one process."""
     from leakbench.config import RunConfig
 
     settings = verification_settings(track)
@@ -248,7 +323,7 @@ def verification_config(
     attack = entry["attack"]["name"]
     values.update(
         attacks=[attack],
-        attack_options={attack: dict(entry["attack"]["options"])},
+        attack_options={attack: dict(entry["attack"]["hparams"])},
         batch_sizes=[entry["protocol"]["batch_size"]],
         trials=int(settings["trials"]),
         seed=seeds["seed"],
@@ -257,6 +332,8 @@ def verification_config(
         run_name=run_name,
         logger="none",
         threads=threads,
+        devices=1,
+        isolation="sandbox",
         covariates=[],  # analyses of the batch do not enter the verdict; they only cost time
     )
     if entry["kind"] == "defense":
@@ -267,61 +344,109 @@ def verification_config(
 def verify_entry(
     path: str | Path,
     *,
+    key: str | Path | None = None,
     tracks_dir: Path = TRACKS,
+    keys_dir: Path | None = None,
     runs_dir: Path | None = None,
     threads: int | None = None,
+    check_only: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Verify the entry at ``path``, write the block into it and return the block."""
-    from leakbench.runner import run
+    """Verify the entry at ``path`` and write the signed block into it (``check_only``: report
+    the verdict, sign and write nothing, no key needed); returns the block."""
+    from leakbench.leaderboard.signing import KEYS, key_id, load_private_key, sign, trusted_keys
+    from leakbench.protocol.sandbox import close_sandboxes, sandbox_unavailable
+    from leakbench.runner import environment, run
 
     path = Path(path)
-    entry = load_entry(path, tracks_dir)  # a tampered entry is refused before anything runs
+    entry = load_entry(path, tracks_dir, keys_dir)  # a tampered entry is refused before running
+    private_key = None if check_only else load_private_key(key)
+    if private_key is not None and key_id(private_key.public_key()) not in trusted_keys(
+        keys_dir or KEYS
+    ):
+        raise EntryError(
+            f"key {key_id(private_key.public_key())} is not one the board trusts: add its public "
+            f"half to {keys_dir or KEYS} (leakbench leaderboard keygen writes it there)"
+        )
     require_attack(entry)
+    reason = sandbox_unavailable()
+    if reason is not None:
+        raise EntryError(
+            f"verification runs attacks in the sandbox, which this machine lacks: {reason}"
+        )
     track = load_track(entry["track"], tracks_dir)
     settings = verification_settings(track)
     tolerance = dict(settings["tolerance"])
     statistic = track["track"].get("ranking", "psnr.median")
-    claimed = _claim(entry, {"statistic": statistic})
+    claimed, claimed_success = _claims(entry, statistic)
     seeds = {"seed": secrets.randbits(128), "private_transform": secrets.randbits(128)}
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    keep = runs_dir is not None
-    base = Path(runs_dir) if keep else Path(tempfile.mkdtemp(prefix="leakbench-verify-"))
-    run_name = f"verify-{entry['track']}-{path.stem}-{stamp}"
+    base = Path(runs_dir) if runs_dir is not None else Path(tempfile.mkdtemp(prefix="lb-verify-"))
+    run_name = f"verify-{entry['track']}-{path.stem}-{secrets.token_hex(4)}"
+    records: list[dict[str, Any]] = []
     try:
         config = verification_config(entry, track, seeds, base, run_name, threads)
-        echo(f"verifying {path} on {config.trials} unseen trials (secret seeds)")
-        run(config, progress=False, echo=lambda _: None, secret_keys=SECRET_KEYS)
-        run_dir = base / run_name
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        records = cell_records(run_dir, cell_of(entry), config.trials)
-        text = records_text(records)
-        atomic_write_text(sibling(path, VERIFICATION_RECORDS), text)
-        grid = run_dir / "figures" / f"{cell_of(entry)}.png"
-        if grid.is_file():
-            atomic_write_bytes(sibling(path, VERIFICATION_GRID), grid.read_bytes())
+        echo(f"verifying {path} on {config.trials} unseen trials (secret seeds, in the sandbox)")
+        run(config, progress=False, echo=lambda _: None, secret_keys=SECRET_KEYS, collect=records)
+        close_sandboxes()  # every process that ran attack code has ended before anything is written
+        records.sort(key=lambda r: r["trial"])
+        if [r["trial"] for r in records] != list(range(config.trials)) or any(
+            r["cell"] != cell_of(entry) for r in records
+        ):
+            raise EntryError("the verification run did not make one record per trial")
+        grid = base / run_name / "figures" / f"{cell_of(entry)}.png"
+        grid_bytes = grid.read_bytes() if grid.is_file() else None
     finally:
-        if not keep:
+        if runs_dir is None:
             shutil.rmtree(base, ignore_errors=True)
-    result = figures(records, claimed, statistic, tolerance, entry["kind"], seeds["seed"])
-    environment = saved["environment"]
+    text = records_text(records)
+    result = figures(
+        records, claimed, claimed_success, statistic, tolerance, entry["kind"], seeds["seed"]
+    )
+    transform = {"seed": seeds["private_transform"], **settings["private_transform"]}
+    sandbox = {r["isolation"] for r in records}
+    if sandbox != {"sandbox"}:
+        raise EntryError(f"the verification's attack ran outside the sandbox ({sandbox})")
     block = {
         "date": date.today().isoformat(),
         "leakbench": leakbench.__version__,
-        "git_commit": environment.get("git_commit"),
+        "git_commit": environment(1, 1).get("git_commit"),
         "seeds": seeds,
-        "commitments": {key: saved[key] for key in SECRET_KEYS},
+        "commitments": {
+            "seed": commitment(seeds["seed"]),
+            "private_transform": commitment(transform),
+        },
         "private_transform": dict(settings["private_transform"]),
+        "data": verification_data_words(track, config),
+        "sandbox": "bubblewrap sandbox (leakbench.protocol.sandbox)",
+        "lookup_bound": settings.get("lookup_bound"),
         "trials": config.trials,
         "failed": sum(r["status"] != "ok" for r in records),
         "records_sha256": hashlib.sha256(text.encode()).hexdigest(),
         **result,
         "tolerance": tolerance,
         "entry_sha256": content_sha256(entry),
+        "attack_code": dict(entry["attack"]["code"]),
     }
+    verdict = ("PASSED: " if block["passed"] else "FAILED: ") + block["reason"]
+    if check_only:
+        echo(verdict + " (checked only: nothing signed or written)")
+        return block
+    assert private_key is not None
+    block["signature"] = sign(block, private_key)
     verified = {**entry, "verification": block}
     validate_entry(verified)
-    check_block(verified, path)  # the block must pass the same check every later load makes
+    atomic_write_text(sibling(path, VERIFICATION_RECORDS), text)
+    if grid_bytes is not None:
+        atomic_write_bytes(sibling(path, VERIFICATION_GRID), grid_bytes)
     atomic_write_text(path, json.dumps(verified, indent=2) + "\n")
-    echo(("PASSED: " if block["passed"] else "FAILED: ") + block["reason"])
+    load_entry(path, tracks_dir, keys_dir)  # the block passes the check every later load makes
+    echo(verdict)
     return block
+
+
+def verification_data_words(track: Mapping[str, Any], config: Any) -> str:
+    """Where the verification's samples came from, in words."""
+    return (
+        f"{config.dataset} ({config.split} split), drawn with the secret seed and changed by the "
+        "secret transform"
+    )

@@ -3,25 +3,30 @@
 ``run_trial(victim, attack, defense, setting, batch)`` takes a private batch through the client,
 the defense and the isolated attack to a scored trial record. Lightning's evaluator decides which
 trials run where; the studies and verification call the same function.
+
+The names below load on first use (PEP 562): the attack sandbox imports
+``leakbench.protocol.zygote`` and ``jobs`` without the scoring machinery.
 """
 
-from leakbench.protocol.attack import PreparedAttack, attack_seed, prepare_attack, trial_seed
-from leakbench.protocol.isolation import ISOLATION_MODES, default_threads
-from leakbench.protocol.private_transform import PrivateTransform
-from leakbench.protocol.trial import MEASURED_FIELDS, TrialOutcome, TrialSetting, run_trial
-from leakbench.protocol.victim import Victim
+from leakbench.lazy import lazy_exports
 
-__all__ = [
-    "ISOLATION_MODES",
-    "MEASURED_FIELDS",
-    "PreparedAttack",
-    "PrivateTransform",
-    "TrialOutcome",
-    "TrialSetting",
-    "Victim",
-    "attack_seed",
-    "default_threads",
-    "prepare_attack",
-    "run_trial",
-    "trial_seed",
-]
+_EXPORTS = {
+    "PreparedAttack": "leakbench.protocol.attack",
+    "attack_seed": "leakbench.protocol.attack",
+    "prepare_attack": "leakbench.protocol.attack",
+    "trial_seed": "leakbench.protocol.attack",
+    "ISOLATION_MODES": "leakbench.protocol.isolation",
+    "Placement": "leakbench.protocol.isolation",
+    "default_threads": "leakbench.protocol.isolation",
+    "PrivateTransform": "leakbench.protocol.private_transform",
+    "MEASURED_FIELDS": "leakbench.protocol.trial",
+    "TrialOutcome": "leakbench.protocol.trial",
+    "TrialSetting": "leakbench.protocol.trial",
+    "run_trial": "leakbench.protocol.trial",
+    "Victim": "leakbench.protocol.victim",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -1,48 +1,59 @@
-"""Runs an attack's ``reconstruct`` where it cannot reach the harness: a fresh worker process.
+"""Where an attack's code runs: a sandbox, a worker process, or (for debugging) the harness.
 
-The harness holds the private batch; the attack must only ever see the Observation. In the
-default ``process`` mode each trial's attack runs in a new process forked from a clean
-*fork server*: a process started (not forked) from this one before any trial, which has
-imported torch and the registered components but never held a private batch. So frame
-walking, ``gc.get_objects()``, hooks planted on shared models and module-level state find
-nothing of the harness, and nothing survives from one trial to the next.
+The harness holds the private batch; the attack must only ever see the Observation. Every call
+into attack code is a job of plain data (:mod:`leakbench.protocol.jobs`): describing a plug-in,
+its client code, its reconstruction. Where the job runs is the run's ``isolation``:
 
-What crosses the process boundary is plain data, serialised with ``torch.save`` and read with
-``torch.load(weights_only=True)`` in both directions: the victim's specification and state, the
-shared update, the granted metadata, the budget, the attacker's seed, the attack class's import
-path and its hyperparameters; back come the reconstruction's tensors and its JSON diagnostics.
-A hostile answer can therefore not run code in the harness when it is read.
+* ``sandbox`` (the default where the machine can make one): bubblewrap namespaces, an
+  unprivileged user, a read-only view of the Python environment and nothing of the harness's
+  files, no network, rlimits (:mod:`leakbench.protocol.sandbox`). The client code, which sees
+  the private batch, gets a fresh sandbox of its own for each trial;
+* ``process``: a fresh worker process per job, forked from a clean *fork server* (a process
+  started, not forked, before any trial, which imported torch and leakbench's own attacks but
+  never a plug-in and never held a private batch). Frames, ``gc``, hooks and module state find
+  nothing of the harness, but the worker is an ordinary process of the same user, with the same
+  files and ``/proc``: it is not a sandbox;
+* ``in-process``: the same job in the harness's own process, for debugging and for measuring
+  what isolation costs; it isolates nothing.
 
-A worker that raises, dies (crash, out of memory), hangs past the trial's wall-clock limit or
-answers something that is not a :class:`Reconstruction` fails that trial with the reason; the
-run goes on. ``in-process`` mode runs the same steps in the harness's own process, for
-debugging and for measuring what the isolation costs; it isolates nothing, and every trial
-record names the mode it ran in.
+Plain data crosses the boundary both ways (``torch.save``, read with ``weights_only=True``). A job
+that raises, dies (crash, out of memory), hangs past the trial's wall-clock limit or answers
+something that is not what was asked for fails its trial with the reason; the run goes on. An
+exception that passes through a wait (Ctrl-C, a signal the runner turns into one) ends the
+worker or sandbox before it propagates. Every trial record names the mode it ran in.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
-import io
-import json
 import multiprocessing
 import os
-import resource
-import signal
+import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from leakbench.protocol.jobs import (
+    dumps,
+    loads,
+    peak_memory,
+    plain_to_reconstruction,
+    run_job,
+)
+from leakbench.protocol.sandbox import SandboxError, SandboxTimeout, SandboxView, run_in_sandbox
 from leakbench.protocol.victim import Victim
-from leakbench.threat_model import Budget, BudgetMeter, Observation, Reconstruction
+from leakbench.protocol.zygote import exit_words
+from leakbench.threat_model import Budget, Reconstruction
 
-ISOLATION_MODES = ("process", "in-process")
+ISOLATION_MODES = ("sandbox", "process", "in-process")
 # Time a worker may take to start and load the attack's module, on top of the trial's limit.
 WORKER_START_ALLOWANCE_S = 30.0
+# Per-job rlimits in the sandbox (the zygote sets them before the attack's code loads).
+SANDBOX_PROCESSES = 128  # processes and threads of the sandbox's user
+SANDBOX_MEMORY_SHARE = 0.75  # of this machine's memory, per process of a job
+SANDBOX_OPEN_FILES = 1024
+SANDBOX_FILE_BYTES = 1 << 30
 
 
 @dataclass
@@ -56,12 +67,35 @@ class AttackOutcome:
     memory: dict[str, float | None] | None = None
 
 
-def peak_memory() -> dict[str, float | None]:
-    """Peak resident memory of this process so far (MiB) and, where there is a GPU, the peak
-    GPU memory torch allocated."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"peak_rss_mb": rss, "gpu_peak_mb": gpu}
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's attack jobs go: the mode, its threads and, for ``sandbox``, the view."""
+
+    isolation: str = "sandbox"
+    threads: int = 1
+    view: SandboxView | None = None
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"unknown isolation mode {self.isolation!r}; valid: {ISOLATION_MODES}")
+        if self.isolation == "sandbox" and self.view is None:
+            raise ValueError("isolation 'sandbox' needs a SandboxView")
+
+
+def sandbox_limits(max_seconds: float | None, threads: int) -> dict[str, int | None]:
+    """The rlimits of one sandboxed job: memory per process (a share of this machine's), CPU
+    seconds (the wall-clock limit on every thread, plus the start allowance)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = (
+        None if max_seconds is None else (max_seconds + WORKER_START_ALLOWANCE_S) * max(threads, 1)
+    )
+    return {
+        "memory_bytes": int(memory * SANDBOX_MEMORY_SHARE),
+        "cpu_seconds": None if cpu is None else int(cpu) + 1,
+        "processes": SANDBOX_PROCESSES,
+        "open_files": SANDBOX_OPEN_FILES,
+        "file_bytes": SANDBOX_FILE_BYTES,
+    }
 
 
 def observation_payload(
@@ -99,7 +133,7 @@ def observation_payload(
         "labels": None if labels is None else labels.detach().cpu().clone(),
         "client_state": client_state,
         # Plain data (names and numbers), as granted: see threat_model.protocol_view.
-        "client_protocol": copy.deepcopy(client_protocol or {"name": "fedsgd"}),
+        "client_protocol": dict(client_protocol or {"name": "fedsgd"}),
         # Capability.BATCHNORM_STATISTICS: per BatchNorm layer, {"mean", "var"} (CPU copies).
         "batchnorm_statistics": None
         if batchnorm_statistics is None
@@ -110,153 +144,108 @@ def observation_payload(
     }
 
 
-def observation_from_payload(payload: dict[str, Any]) -> Observation:
-    """The attacker's :class:`Observation`, built from scratch out of the payload."""
-    device = torch.device(payload["device"])
-    model = Victim.from_spec(payload["victim"]).build().to(device)
-    model.train(payload["client_mode"] == "train")
-    labels = payload["labels"]
-    statistics = payload.get("batchnorm_statistics")
-    return Observation(
-        model=model,
-        update={name: g.to(device) for name, g in payload["update"].items()},
-        input_shape=tuple(payload["input_shape"]),
-        num_classes=payload["num_classes"],
-        mean=tuple(payload["mean"]),
-        std=tuple(payload["std"]),
-        budget=BudgetMeter(Budget(**payload["budget"])),
-        seed=payload["seed"],
-        batch_size=payload["batch_size"],
-        labels=None if labels is None else labels.to(device),
-        client_state=payload["client_state"],
-        client_protocol=payload.get("client_protocol") or {"name": "fedsgd"},
-        batchnorm_statistics=None
-        if statistics is None
-        else {
-            layer: {key: t.to(device) for key, t in stats.items()}
-            for layer, stats in statistics.items()
-        },
+def run_attack_job(
+    label: str,
+    message: dict[str, Any],
+    placement: Placement,
+    max_seconds: float | None,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Run one job of attack ``label`` where ``placement`` says; its reply (``result`` or
+    ``error``, and what it used), with ``timed_out`` set when it ran past its limit."""
+    message = {**message, "threads": placement.threads}
+    if placement.isolation == "in-process":
+        return loads(dumps(run_job(loads(dumps(message)))))  # the same round trip as a worker's
+    limit = None if max_seconds is None else max_seconds + WORKER_START_ALLOWANCE_S
+    if placement.isolation == "process":
+        # The fork server's path is the harness's when it started: a plug-in found on the path
+        # since then is found by the worker too.
+        return _in_worker({**message, "sys_path": list(sys.path)}, limit, max_seconds)
+    assert placement.view is not None
+    message.update(
+        sys_path=list(placement.view.sys_path),
+        limits=sandbox_limits(max_seconds, placement.threads),
     )
+    started = time.perf_counter()
+    try:
+        answer, how = run_in_sandbox(
+            dumps(message), label=label, view=placement.view, timeout=limit, fresh=fresh
+        )
+    except SandboxTimeout:
+        return _timed_out(max_seconds, time.perf_counter() - started, "the sandbox was ended")
+    except SandboxError as exc:
+        return {"error": f"the attack's sandbox failed: {exc}", "usage": _used(started)}
+    if answer is None:
+        return {
+            "error": f"the attack's sandboxed process died without answering ({how})",
+            "usage": _used(started),
+        }
+    return _read_answer(answer, started)
 
 
 def reconstruct(
-    attack_cls: type,
+    label: str,
+    target: dict[str, Any],
     hparams: dict[str, Any],
     payload: dict[str, Any],
-    *,
-    isolation: str,
+    placement: Placement,
     max_seconds: float | None,
-    threads: int,
 ) -> AttackOutcome:
-    """Run ``attack_cls(**hparams).reconstruct`` on the observation the payload describes."""
-    if isolation == "in-process":
-        outcome = _reconstruct_here(attack_cls, hparams, payload)
-    elif isolation == "process":
-        outcome = _reconstruct_in_worker(attack_cls, hparams, payload, max_seconds, threads)
-    else:
-        raise ValueError(f"unknown isolation mode {isolation!r}; valid: {ISOLATION_MODES}")
-    if outcome.error is None and max_seconds is not None:
-        if outcome.usage.get("seconds", 0.0) > max_seconds:
-            message = _timeout_message(max_seconds)
-            return AttackOutcome(None, message, True, outcome.usage, outcome.memory)
-    return outcome
+    """Run the attack's ``reconstruct`` on the observation the payload describes."""
+    message = {"kind": "reconstruct", "target": target, "hparams": hparams, "payload": payload}
+    reply = run_attack_job(label, message, placement, max_seconds)
+    usage = reply.get("usage") or {"iterations": None, "seconds": None}
+    if reply.get("timed_out"):
+        return AttackOutcome(None, reply["error"], True, usage)
+    if "error" in reply:
+        return AttackOutcome(None, str(reply["error"]), False, usage, reply.get("memory"))
+    if max_seconds is not None and usage.get("seconds", 0.0) > max_seconds:
+        return AttackOutcome(None, _timeout_message(max_seconds), True, usage, reply.get("memory"))
+    return AttackOutcome(
+        plain_to_reconstruction(reply["result"]), None, False, usage, reply.get("memory")
+    )
 
 
 def _timeout_message(max_seconds: float) -> str:
     return f"timeout: the attack ran past the trial's wall-clock limit of {max_seconds:g} s"
 
 
-def _describe(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
-
-
-def _reconstruct_here(
-    attack_cls: type, hparams: dict[str, Any], payload: dict[str, Any]
-) -> AttackOutcome:
-    reply = _answer(attack_cls, hparams, observation_from_payload(payload))
-    return _outcome(_loads(_dumps(reply)), reply["usage"])  # the same round trip as a worker's
-
-
-def _answer(attack_cls: type, hparams: dict[str, Any], observation: Observation) -> dict[str, Any]:
-    """Run the attack; its answer, or its error, as plain data with what it used."""
-    try:
-        reply = {"result": _answer_to_plain(attack_cls(**hparams).reconstruct(observation))}
-    except Exception as exc:  # a failing attack fails its trial, never the run
-        reply = {"error": _describe(exc)}
-    reply.update(usage=observation.budget.usage(), memory=peak_memory())
-    return reply
-
-
-def _outcome(reply: dict[str, Any], usage: dict[str, Any]) -> AttackOutcome:
-    usage = reply.get("usage", usage)
-    if "error" in reply:
-        return AttackOutcome(None, str(reply["error"]), False, usage, reply.get("memory"))
-    return AttackOutcome(_plain_to_answer(reply["result"]), None, False, usage, reply["memory"])
-
-
-def _answer_to_plain(answer: Any) -> dict[str, Any]:
-    """A Reconstruction as plain data; anything else is refused with what was expected."""
-    if not isinstance(answer, Reconstruction):
-        raise TypeError(f"reconstruct returned {type(answer).__name__}, expected a Reconstruction")
-    if not isinstance(answer.images, torch.Tensor):
-        raise TypeError(f"Reconstruction.images is {type(answer.images).__name__}, not a tensor")
-    if answer.labels is not None and not isinstance(answer.labels, torch.Tensor):
-        raise TypeError(f"Reconstruction.labels is {type(answer.labels).__name__}, not a tensor")
-    try:
-        info = json.loads(json.dumps(answer.info, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"Reconstruction.info is not JSON-serialisable: {exc}") from None
+def _timed_out(max_seconds: float | None, seconds: float, how: str) -> dict[str, Any]:
     return {
-        "images": answer.images.detach().cpu().clone(),
-        "labels": None if answer.labels is None else answer.labels.detach().cpu().clone(),
-        "batch_size": None if answer.batch_size is None else int(answer.batch_size),
-        "info": info,
+        "error": _timeout_message(max_seconds or 0.0) + f" ({how})",
+        "timed_out": True,
+        "usage": {"iterations": None, "seconds": seconds},
     }
 
 
-def _plain_to_answer(plain: dict[str, Any]) -> Reconstruction:
-    return Reconstruction(
-        images=plain["images"],
-        labels=plain["labels"],
-        batch_size=plain["batch_size"],
-        info=plain["info"],
-    )
+def _used(started: float) -> dict[str, Any]:
+    return {"iterations": None, "seconds": time.perf_counter() - started}
 
 
-def _dumps(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+def _read_answer(answer: bytes, started: float) -> dict[str, Any]:
+    try:
+        reply = loads(answer)
+    except Exception as exc:
+        from leakbench.protocol.jobs import describe_exception
 
-
-def _loads(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=True)
+        return {"error": f"unreadable answer from the worker: {describe_exception(exc)}",
+                "usage": _used(started)}  # fmt: skip
+    if not isinstance(reply, dict) or not ({"result", "error"} & set(reply)):
+        return {"error": "unreadable answer from the worker: not a job reply",
+                "usage": _used(started)}  # fmt: skip
+    return reply
 
 
 def _worker_main(connection: Any, request: bytes) -> None:
-    """Entry point of a worker process: read the request, run the attack, send the answer."""
-    try:
-        message = _loads(request)
-        torch.set_num_threads(message["threads"])
-        module, _, qualname = message["attack"].partition(":")
-        attack_cls: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            attack_cls = getattr(attack_cls, part)
-        observation = observation_from_payload(message["payload"])
-    except Exception as exc:
-        hint = "attack classes must be importable by module and name in a fresh process"
-        connection.send_bytes(_dumps({"error": f"worker setup failed ({hint}): {_describe(exc)}"}))
-        return
-    connection.send_bytes(_dumps(_answer(attack_cls, message["hparams"], observation)))
+    """Entry point of a worker process: read the job, run it, send the reply."""
+    connection.send_bytes(dumps(run_job(loads(request))))
 
 
 _CONTEXT: Any = None
 
 
 def worker_context() -> Any:
-    """The fork-server context, started once per process with the components preloaded."""
+    """The fork-server context, started once per process with leakbench's own code preloaded."""
     global _CONTEXT
     if _CONTEXT is None:
         context = multiprocessing.get_context("forkserver")
@@ -265,69 +254,50 @@ def worker_context() -> Any:
     return _CONTEXT
 
 
-def _reconstruct_in_worker(
-    attack_cls: type,
-    hparams: dict[str, Any],
-    payload: dict[str, Any],
-    max_seconds: float | None,
-    threads: int,
-) -> AttackOutcome:
-    request = _dumps(
-        {
-            "attack": f"{attack_cls.__module__}:{attack_cls.__qualname__}",
-            "hparams": hparams,
-            "payload": payload,
-            "threads": threads,
-        }
-    )
+def _in_worker(message: dict[str, Any], limit: float | None, max_seconds: float | None) -> dict:
     context = worker_context()
     receiver, sender = context.Pipe(duplex=False)
-    worker = context.Process(target=_worker_main, args=(sender, request), daemon=True)
-    start = time.perf_counter()
+    worker = context.Process(target=_worker_main, args=(sender, dumps(message)), daemon=True)
+    started = time.perf_counter()
     worker.start()
     sender.close()  # so that a dead worker reads as end-of-file here
-    limit = None if max_seconds is None else max_seconds + WORKER_START_ALLOWANCE_S
+    answered = False
     try:
         if not receiver.poll(limit):
-            worker.kill()
-            worker.join()
-            seconds = time.perf_counter() - start
-            message = _timeout_message(max_seconds or 0.0) + " (the worker was stopped)"
-            return AttackOutcome(None, message, True, {"iterations": None, "seconds": seconds})
+            return _timed_out(max_seconds, time.perf_counter() - started, "the worker was stopped")
         try:
-            reply = _loads(receiver.recv_bytes())
+            data = receiver.recv_bytes()
         except EOFError:
             worker.join()
-            return AttackOutcome(
-                None,
-                f"the attack's worker process died without answering ({_exit(worker.exitcode)})",
-                False,
-                {"iterations": None, "seconds": time.perf_counter() - start},
-            )
-        except Exception as exc:
+            return {
+                "error": "the attack's worker process died without answering "
+                f"({exit_words(worker.exitcode)})",
+                "usage": _used(started),
+            }
+        answered = True
+        return _read_answer(data, started)
+    finally:
+        # Whatever happened (an answer, a timeout, Ctrl-C), the worker ends with the call; one
+        # that answered may take a moment to exit, one that did not is stopped at once.
+        receiver.close()
+        worker.join(timeout=10 if answered else 0)
+        if worker.is_alive():
             worker.kill()
             worker.join()
-            return AttackOutcome(
-                None,
-                f"unreadable answer from the worker: {_describe(exc)}",
-                False,
-                {"iterations": None, "seconds": time.perf_counter() - start},
-            )
-    finally:
-        receiver.close()
-    worker.join(timeout=10)
-    if worker.is_alive():  # answered but does not exit (a thread left running): stop it
-        worker.kill()
-        worker.join()
-    return _outcome(reply, {"iterations": None, "seconds": time.perf_counter() - start})
-
-
-def _exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
-    return f"exit code {code}"
 
 
 def default_threads(processes: int = 1) -> int:
     """The cores of this machine divided among ``processes`` processes (at least 1 each)."""
     return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
+__all__ = [
+    "ISOLATION_MODES",
+    "AttackOutcome",
+    "Placement",
+    "default_threads",
+    "observation_payload",
+    "peak_memory",
+    "reconstruct",
+    "run_attack_job",
+]

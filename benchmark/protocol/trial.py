@@ -28,7 +28,6 @@ Lightning's evaluator, the studies (``leakbench boundary``, ...) and verificatio
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,30 +39,22 @@ from torch import Tensor, nn
 from leakbench.client import ClientProtocol, FedSGD
 from leakbench.interfaces import Defense
 from leakbench.metrics import perturbation, score_trial, to_pixels
-from leakbench.protocol.attack import (
-    PreparedAttack,
-    attack_seed,
-    protocol_requirements,
-    trial_seed,
-)
+from leakbench.protocol.attack import PreparedAttack, attack_seed, trial_seed
 from leakbench.protocol.isolation import (
     AttackOutcome,
+    Placement,
     default_threads,
     observation_payload,
     peak_memory,
     reconstruct,
+    run_attack_job,
 )
+from leakbench.protocol.jobs import json_data
 from leakbench.protocol.private_transform import PrivateTransform
+from leakbench.protocol.sandbox import SandboxView
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
-from leakbench.threat_model import (
-    Budget,
-    Capability,
-    ClientContext,
-    ServerContext,
-    batchnorm_statistics,
-    protocol_view,
-)
+from leakbench.threat_model import Budget, Capability, batchnorm_statistics, protocol_view
 
 # Record fields that measure the machine rather than the attack: they differ between two runs
 # of the same configuration, and only they do.
@@ -91,7 +82,10 @@ class TrialSetting:
     success_psnr: float
     covariates: tuple[str, ...] = ()
     with_lpips: bool = False
-    isolation: str = "process"  # or "in-process" (debugging, overhead measurements)
+    # Where attack code runs (leakbench.protocol.isolation): "sandbox" (with its view of the
+    # file system), "process", or "in-process" (debugging, overhead measurements).
+    isolation: str = "process"
+    sandbox_view: SandboxView | None = field(default=None, compare=False)
     # Verification only: a secret change of every sample before the client sees it.
     private_transform: PrivateTransform | None = None
     threads: int | None = None  # the attack worker's intra-op threads; None: all cores
@@ -163,29 +157,17 @@ def run_trial(
             return _failed(
                 record, setting, private, labels, batch["sample_ids"], f"server model: {exc}"
             )
-        record["server_model"] = {"name": victim.name, "options": _plain(victim.options)}
+        record["server_model"] = {"name": victim.name, "options": dict(victim.options)}
     model = victim.build().to(private.device).train(s.client_mode == "train")
     trained_images, client_state, client_seconds, client_report = private, None, None, None
     if attack.runs_client_code and Capability.CLIENT_CODE in s.granted:
-        context = ClientContext(
-            input_shape=s.input_shape,
-            num_classes=s.num_classes,
-            mean=s.mean,
-            std=s.std,
-            budget=s.budget,
-            seed=attacker_seed,
-        )
         hook_started = time.perf_counter()
         try:
-            # The hook gets copies: the client's own model and batch stay as they were.
-            trained_images, client_state = attack.instance().client_hook(
-                copy.deepcopy(model), private.clone(), context
+            trained_images, client_state, client_report = _client_code(
+                attack, victim, private, attacker_seed, s
             )
             client_seconds = time.perf_counter() - hook_started
-            _check_images(trained_images, private)
-            client_state = _plain(client_state)
-            client_report = _plain(context.report)
-        except Exception as exc:
+        except ValueError as exc:
             return _failed(
                 record, setting, private, labels, batch["sample_ids"], f"client code: {exc}"
             )
@@ -232,7 +214,7 @@ def run_trial(
         client_state=client_state,
         client_code_s=client_seconds,  # the attack's client code, on the client
         client_report=client_report,  # its diagnostics: recorded, not sent to the server
-        defense_report=_plain(share.info),  # what the defense says it did this round
+        defense_report=json_data(share.info, "the defense's report"),  # what it did this round
         metrics=scores,
     )
     if not torch.equal(share.images, private):
@@ -256,43 +238,44 @@ def run_trial(
 
 
 def server_model(attack: PreparedAttack, victim: Victim, s: TrialSetting, seed: int) -> Victim:
-    """The model the server sends instead of ``victim``: the attack's ``server_model`` gets and
-    returns plain data (tensors, names, JSON options), and the model is built here, from the
-    zoo, for the run's input shape and class count, with its state loaded strictly."""
-    built = victim.build()
-    view = {
-        "name": victim.name,
-        "options": copy.deepcopy(dict(victim.options)),
-        "input_shape": list(victim.input_shape),
-        "num_classes": victim.num_classes,
-        "state": {k: v.detach().clone() for k, v in built.state_dict().items()},
-    }
+    """The model the server sends instead of ``victim``. The attack's ``server_model`` runs as
+    a job where its code runs (in a sandbox of its own under ``sandbox``), on plain data: the
+    victim's name, options and state, the run's public facts and the surrogate data where
+    granted; it answers a zoo name, JSON options and a state of tensors, and the model is
+    built here, from the zoo, for the run's input shape and class count, its state loaded
+    strictly."""
     surrogate = s.surrogate if Capability.SURROGATE_DATA in s.granted else None
-    context = ServerContext(
-        input_shape=s.input_shape,
-        num_classes=s.num_classes,
-        mean=s.mean,
-        std=s.std,
-        budget=s.budget,
-        seed=seed,
-        surrogate_images=None if surrogate is None else surrogate[0].clone(),
-        surrogate_labels=None if surrogate is None else surrogate[1].clone(),
-    )
-    sent = attack.instance().server_model(view, context)
-    if not isinstance(sent, dict) or set(sent) != {"name", "options", "state"}:
-        raise ValueError("it must return a dict with exactly the keys name, options and state")
-    name, options, state = sent["name"], _plain(sent["options"]), sent["state"]
-    if not isinstance(name, str) or not isinstance(options, dict):
-        raise ValueError("its name must be a string and its options a JSON object")
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise ValueError("its state must map parameter and buffer names to tensors")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"its state holds NaN or inf (in {', '.join(sorted(bad))})")
+    message = {
+        "kind": "server_model",
+        "target": dict(attack.target),
+        "hparams": attack.hparams,
+        "victim": {
+            "name": victim.name,
+            "options": json_data(dict(victim.options), "the victim's options"),
+            "input_shape": list(victim.input_shape),
+            "num_classes": victim.num_classes,
+            "state": {k: v.detach().cpu().clone() for k, v in victim.build().state_dict().items()},
+        },
+        "context": {
+            "input_shape": list(s.input_shape),
+            "num_classes": s.num_classes,
+            "mean": list(s.mean),
+            "std": list(s.std),
+            "seed": seed,
+            "surrogate_images": None if surrogate is None else surrogate[0].detach().cpu().clone(),
+            "surrogate_labels": None if surrogate is None else surrogate[1].detach().cpu().clone(),
+        },
+        "budget": s.budget.to_dict(),
+    }
+    reply = run_attack_job(attack.name, message, _placement(s), s.budget.max_seconds, fresh=True)
+    if "error" in reply:
+        raise ValueError(str(reply["error"]))
+    sent = reply["result"]
+    name, options, state = sent["name"], sent["options"], sent["state"]
+    if not isinstance(name, str) or not isinstance(options, dict) or not isinstance(state, dict):
+        raise ValueError("it answered something other than a name, options and a state")
     state = {
-        k: v.detach().to(victim.dtype).clone() if v.is_floating_point() else v.detach().clone()
+        k: v.to(victim.dtype).clone() if v.is_floating_point() else v.clone()
         for k, v in state.items()
     }
     sent_victim = Victim(
@@ -306,7 +289,6 @@ def server_model(attack: PreparedAttack, victim: Victim, s: TrialSetting, seed: 
 def _check_protocol(attack: PreparedAttack, s: TrialSetting) -> None:
     """The attack was prepared for this trial's client protocol (refused before any trial by
     ``prepare_attack``; here for a harness that prepared it for another one)."""
-    protocol_requirements(attack.name, attack.cls, s.client_protocol)
     if attack.client_protocol != s.client_protocol:
         raise ValueError(
             f"attack {attack.name!r} was prepared for the client protocol "
@@ -314,20 +296,39 @@ def _check_protocol(attack: PreparedAttack, s: TrialSetting) -> None:
         )
 
 
-def _plain(value: Any) -> Any:
-    """What the client code returns or reports, as JSON data: both are recorded."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"what it returned or reported is not JSON data ({exc})") from None
+def _placement(s: TrialSetting) -> Placement:
+    return Placement(s.isolation, s.threads or default_threads(), s.sandbox_view)
 
 
-def _check_images(images: Any, like: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.shape != like.shape:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"it returned a batch of {shape}, expected {tuple(like.shape)}")
-    if images.dtype != like.dtype:
-        raise ValueError(f"it returned a {images.dtype} batch, expected {like.dtype}")
+def _client_code(
+    attack: PreparedAttack, victim: Victim, private: Tensor, seed: int, s: TrialSetting
+) -> tuple[Tensor, Any, Any]:
+    """The attack's client code on the client's model and batch (in a sandbox of its own under
+    ``sandbox``): the batch the client trains on, the state for the server and its report."""
+    message = {
+        "kind": "client_hook",
+        "target": dict(attack.target),
+        "hparams": attack.hparams,
+        "victim": victim.spec(),
+        "client_mode": s.client_mode,
+        "images": private.detach().cpu().clone(),
+        "context": {
+            "input_shape": list(s.input_shape),
+            "num_classes": s.num_classes,
+            "mean": list(s.mean),
+            "std": list(s.std),
+            "seed": seed,
+        },
+        "budget": s.budget.to_dict(),
+    }
+    reply = run_attack_job(attack.name, message, _placement(s), s.budget.max_seconds, fresh=True)
+    if "error" in reply:
+        raise ValueError(str(reply["error"]))
+    result = reply["result"]
+    images = result["images"]
+    if not isinstance(images, Tensor) or images.shape != private.shape:
+        raise ValueError(f"it returned {type(images).__name__}, expected a batch like the client's")
+    return images.to(private.device, private.dtype), result["state"], result["report"]
 
 
 def _attack(attack: PreparedAttack, payload: dict[str, Any], s: TrialSetting) -> AttackOutcome:
@@ -336,12 +337,12 @@ def _attack(attack: PreparedAttack, payload: dict[str, Any], s: TrialSetting) ->
         message = f"the shared update contains NaN or inf (in {', '.join(bad)})"
         return AttackOutcome(None, message, False, {"iterations": 0, "seconds": 0.0})
     outcome = reconstruct(
-        attack.cls,
+        attack.name,
+        dict(attack.target),
         attack.hparams,
         payload,
-        isolation=s.isolation,
-        max_seconds=s.budget.max_seconds,
-        threads=s.threads or default_threads(),
+        _placement(s),
+        s.budget.max_seconds,
     )
     answer = outcome.reconstruction
     if answer is None:

@@ -1,8 +1,9 @@
-"""Imported once by the attack workers' fork server, so that each trial's worker starts warm:
-torch, the victim zoo and every registered attack (built-in and entry-point plugins) are loaded,
-and torch's lazily initialised machinery (autograd, the optimisers' first step) has run once
-on a toy problem. That happens on one thread, so no thread pool exists yet when workers are
-forked; each worker sets its own thread count."""
+"""Imported once by what forks the attack jobs (the worker processes' fork server, and the
+sandbox's zygote), so that each job starts warm: torch, the victim zoo and leakbench's own
+attacks are loaded (never a plug-in: its module is imported only in the job that runs it), and
+torch's lazily initialised machinery (autograd, the optimisers' first step) has run once on a
+toy problem. That happens on one thread, so no thread pool exists yet when jobs are forked;
+each job sets its own thread count."""
 
 import torch
 from torch import nn
@@ -28,6 +29,8 @@ def _warm_up() -> None:
     torch.optim.Adam([x]).step()
 
 
-ATTACKS.names()
+ATTACKS.names()  # imports the built-in attack modules; plug-ins are only named
 MODELS.names()
+import leakbench.protocol.jobs  # noqa: E402,F401  (what every job runs)
+
 _warm_up()
