@@ -55,8 +55,11 @@ from leakbench.threat_model import Observation, Reconstruction
 _PASS_THROUGH = (nn.Flatten, nn.Identity)
 
 
-def first_linear_layer(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The first trainable layer, which must be ``nn.Linear`` with a bias fed the raw input.
+def first_linear_layer(
+    model: nn.Module, attack: str = "the bias attack", bias: bool = True
+) -> tuple[str, nn.Linear]:
+    """The first trainable layer, which must be ``nn.Linear`` fed the raw input, with a bias
+    unless ``bias`` is False; ``attack`` names the attack that needs it in a refusal.
 
     Walks the leaf modules in registration order, which is the execution order of the
     ``nn.Sequential`` victims this attack targets.
@@ -69,22 +72,25 @@ def first_linear_layer(model: nn.Module) -> tuple[str, nn.Linear]:
         if not isinstance(module, nn.Linear):
             trainable = next(module.parameters(), None) is not None
             kind = "the first trainable layer" if trainable else "the first layer"
+            with_bias = " with a bias" if bias else ""
             raise UnsupportedModelError(
-                f"the bias attack needs the first trainable layer to be nn.Linear with a bias "
+                f"{attack} needs the first trainable layer to be nn.Linear{with_bias} "
                 f"fed the input; {kind} {name!r} is {module!r}"
             )
-        if module.bias is None:
+        if bias and module.bias is None:
             raise UnsupportedModelError(
-                f"the bias attack needs the first trainable layer to be nn.Linear with a bias; "
+                f"{attack} needs the first trainable layer to be nn.Linear with a bias; "
                 f"the first trainable layer {name!r} ({module!r}) has no bias"
             )
         return name, module
-    raise UnsupportedModelError("the bias attack found no nn.Linear layer in the model")
+    raise UnsupportedModelError(f"{attack} found no nn.Linear layer in the model")
 
 
 @register_attack("bias")
 class BiasAttack(Attack):
     requires = frozenset()
+    # SoK letter: A, the update alone (the ratio of two of its entries).
+    threat_letter = "A"
     client_protocols = EVERY_PROTOCOL
     threat_model = (
         "honest-but-curious server observing one FedSGD update; first trainable layer is "

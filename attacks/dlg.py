@@ -77,6 +77,8 @@ def l2_gradient_distance(dummy: list[Tensor], target: Tensor) -> Tensor:
 @register_attack("dlg")
 class DLG(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    # SoK letter: A, as the SoK gives DLG (and iDLG): labels are optimised or inferred.
+    threat_letter = "A"
     client_protocols = EVERY_PROTOCOL
     threat_model = (
         "honest-but-curious server observing one FedSGD update; knows the architecture, the "

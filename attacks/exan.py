@@ -887,6 +887,8 @@ def check_exan_hyperparameters(
 @register_attack("exan")
 class ExAN(Attack):
     requires = frozenset()
+    # SoK letter: B, as the SoK gives the closed-form attacks (R-GAP, SPEAR).
+    threat_letter = "B"
     client_protocols = EVERY_PROTOCOL
     threat_model = (
         "honest-but-curious server observing one FedSGD update of a ReLU FCN; knows the "

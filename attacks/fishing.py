@@ -212,6 +212,8 @@ def check_choice(name: str, value: str, valid: tuple[str, ...]) -> str:
 @register_attack("fishing")
 class Fishing(Attack):
     requires = frozenset({Capability.CLIENT_CODE})
+    # SoK letter: F, active manipulation (code the server ships changes the client's batch).
+    threat_letter = "F"
     threat_model = (
         "honest-but-curious server that ships client code: an LP perturbs each sample so the "
         "batch meets the exclusivity condition; the client returns the neuron assignment and "

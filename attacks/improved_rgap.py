@@ -83,6 +83,8 @@ def ssras_route(model: nn.Module) -> str:
 @register_attack("improved-rgap")
 class ImprovedRGAP(Attack):
     requires = frozenset()
+    # SoK letter: B, as the SoK gives R-GAP.
+    threat_letter = "B"
     max_batch_size = 1  # SSRAS is a single-sample system
     threat_model = (
         "honest-but-curious server observing one FedSGD update of a single sample; knows the "

@@ -194,6 +194,8 @@ def _box(observation: Observation, like: Tensor) -> tuple[Tensor, Tensor]:
 @register_attack("inverting-gradients")
 class InvertingGradients(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    # SoK letter: B, as the SoK gives Inverting Gradients (C under FedAvg: local hyperparameters).
+    threat_letter = "B"
     client_protocols = EVERY_PROTOCOL
     protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
     threat_model = (

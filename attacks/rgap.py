@@ -503,6 +503,8 @@ def _inside_pixel_box(walks: list[_Walk], observation: Observation) -> _Walk:
 @register_attack("rgap")
 class RGAP(Attack):
     requires = frozenset()
+    # SoK letter: B, as the SoK gives R-GAP.
+    threat_letter = "B"
     max_batch_size = 1  # a single-sample system; allow_combination=True lifts the limit
     threat_model = (
         "honest-but-curious server observing one FedSGD update of a single sample; knows the "

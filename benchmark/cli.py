@@ -93,7 +93,7 @@ def list_command() -> int:
     print("models:     " + ", ".join(listing(MODELS).names))
     print("defenses:   " + ", ".join(listing(DEFENSES).names))
     print("covariates: " + ", ".join(listing(COVARIATES).names))
-    print("attacks:")
+    print("attacks (SoK letter: the threat model of Carletti et al., USENIX Security 2025):")
     attacks = listing(ATTACKS, describe=_plugin_facts)
     for name in attacks.names:
         facts = attacks.attack_facts[name]
@@ -102,7 +102,19 @@ def list_command() -> int:
         print(f"  {name:<24} requires: {needs}")
         print(f"  {'':<24} batch size: {'any' if limit is None else f'at most {limit}'}")
         print(f"  {'':<24} threat model: {facts['threat_model']}")
+        print(f"  {'':<24} SoK letter: {sok_letters(facts.get('threat_letters', {}))}")
     return 0
+
+
+def sok_letters(by_protocol: dict[str, str]) -> str:
+    """``B (informed eavesdropper); C under fedavg``: the FedSGD letter, then any other."""
+    from leakbench.capabilities import THREAT_MODELS
+
+    if not by_protocol:
+        return "-"
+    base = by_protocol.get("fedsgd", next(iter(by_protocol.values())))
+    others = [f"{letter} under {p}" for p, letter in sorted(by_protocol.items()) if letter != base]
+    return "; ".join([THREAT_MODELS[base].describe(), *others])
 
 
 def _plugin_facts(name: str) -> dict:

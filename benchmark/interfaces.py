@@ -6,6 +6,7 @@ An attack module subclasses :class:`Attack`, declares what it needs, and registe
     class MyAttack(Attack):
         requires = frozenset({Capability.LABELS})
         threat_model = "honest-but-curious server; labels known"
+        threat_letter = "B"  # the SoK's letter (leakbench.capabilities)
 
         def reconstruct(self, observation: Observation) -> Reconstruction: ...
 
@@ -23,14 +24,22 @@ clipping, say) overrides ``apply``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from leakbench.threat_model import Capability, ClientContext, Observation, Reconstruction
+from leakbench.threat_model import (
+    Capability,
+    ClientContext,
+    Observation,
+    Reconstruction,
+    ServerContext,
+    ThreatModel,
+    implied_threat_model,
+)
 
 
 def positive_int(name: str, value: int) -> int:
@@ -64,9 +73,23 @@ class Attack(ABC):
     # configuration); empty for a generic attack. Defense tracks run an adaptive attack only on
     # the defenses that name it (``Defense.adaptive_attacks``).
     adapts_to: ClassVar[frozenset[str]] = frozenset()
+    # The letter of the SoK's threat model (Carletti et al., USENIX Security 2025; see
+    # ``leakbench.capabilities``) that the attack's paper assumes; None: the weakest letter its
+    # requirements imply. Either way, requirements that need more raise the letter (Inverting
+    # Gradients is B, and C under FedAvg, where it needs the local hyperparameters).
+    threat_letter: ClassVar[str | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         self.hparams = hparams
+
+    @classmethod
+    def sok_threat_model(cls, protocols: Iterable[str] = ("fedsgd",)) -> ThreatModel:
+        """The SoK threat model the attack assumes under the client protocols ``protocols``
+        (a run's ``ClientProtocol.names()``): its letter, raised by what it requires there."""
+        needed = set(cls.requires)
+        for name in protocols:
+            needed |= cls.protocol_requires.get(name, frozenset())
+        return implied_threat_model(needed, cls.threat_letter)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` naming the layer this attack cannot handle."""
@@ -83,6 +106,24 @@ class Attack(ABC):
         attack's threat model says travels to the server.
         """
         return images, None
+
+    def server_model(self, victim: Mapping[str, Any], context: ServerContext) -> dict[str, Any]:
+        """Runs on the server before the round, only for attacks whose class requires
+        ``Capability.SERVER_MODEL`` on a run that grants it (checked once, from the class,
+        before any trial): the server sends the model this returns instead of the victim, and
+        the client trains what it received.
+
+        Plain data in and out. ``victim``: the run's victim, ``{"name", "options",
+        "input_shape", "num_classes", "state"}`` (``state``: every tensor of its state dict).
+        Returns ``{"name": a registered zoo model, "options": its JSON options, "state": {key:
+        tensor}}``; the harness builds that model from the zoo for the run's input shape and
+        class count, loads ``state`` into it strictly, and the client trains it. The attacker
+        then observes that model, like any other.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} requires {Capability.SERVER_MODEL.value} but does not "
+            "implement server_model"
+        )
 
     @abstractmethod
     def reconstruct(self, observation: Observation) -> Reconstruction:

@@ -182,11 +182,16 @@ REGISTRIES: dict[str, Registry[Any]] = {
 
 def attack_facts(attack: Any) -> dict[str, Any]:
     """What the harness needs to know of an attack (class or instance) before any trial."""
+    protocols = sorted(getattr(attack, "client_protocols", ()) or ())
     return {
         "requires": sorted(getattr(c, "value", c) for c in attack.requires),
         "threat_model": attack.threat_model,
         "max_batch_size": attack.max_batch_size,
-        "client_protocols": sorted(getattr(attack, "client_protocols", ()) or ()),
+        "client_protocols": protocols,
+        # The SoK letter it declares, and the one it assumes under each client protocol it
+        # supports (leakbench.capabilities).
+        "threat_letter": getattr(attack, "threat_letter", None),
+        "threat_letters": {p: attack.sok_threat_model([p]).letter for p in protocols},
     }
 
 

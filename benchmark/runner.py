@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning
+import numpy as np
 import torch
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -46,6 +47,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import leakbench
+from leakbench.capabilities import Capability, admitted_letters, grants_beyond, threat_model_of
 from leakbench.client import ClientProtocol, protocol_from_spec
 from leakbench.config import ConfigError, RunConfig, protocol_differences, saved_config
 from leakbench.datamodules.base import DatasetError
@@ -82,6 +84,10 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 PRIVATE_DATA_ENV = "LEAKBENCH_PRIVATE_DATA"
 # Set by the first process of a run, inherited by the ranks Lightning launches: one run folder.
 RUN_DIR_VARIABLE = "LEAKBENCH_RUN_DIR"
+# Capability.SURROGATE_DATA: at most this many samples of the other split, drawn from the run
+# seed on their own stream.
+SURROGATE_SAMPLES = 1024
+SURROGATE_STREAM = 0x5022_0647
 
 
 def check_options(
@@ -324,6 +330,7 @@ class PreparedRun:
     gallery_ids: tuple[str, ...] | None = None
     classifier: Victim | None = None
     task_leakage: str = "off (privacy_metrics: false)"  # how it is scored, or why it is not
+    surrogate: tuple[torch.Tensor, torch.Tensor] | None = None  # Capability.SURROGATE_DATA
 
 
 def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
@@ -370,6 +377,7 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
     defense.check_model(model)
     threads = config.threads or default_threads(processes)
     placement, sandbox = run_placement(config, threads, probe.describe().get("root"))
+    admitted = track_threat_model(config)
     attacks, inapplicable = {}, {}
     for name in config.attacks:
         try:
@@ -380,6 +388,7 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
                 protocol,
                 victim=victim,
                 placement=placement,
+                admitted=admitted,
             )
         except UnsupportedModelError as exc:
             inapplicable[name] = str(exc)
@@ -411,8 +420,55 @@ def prepare(config: RunConfig, secret_keys: Sequence[str] = ()) -> PreparedRun:
         placement=placement,
         sandbox=sandbox,
         client_protocol=protocol,
+        surrogate=(
+            surrogate_samples(probe, config)
+            if Capability.SURROGATE_DATA in config.granted
+            else None
+        ),
         **(privacy_references(config, probe) if config.privacy_metrics else {}),
     )
+
+
+def track_threat_model(config: RunConfig) -> str | None:
+    """The SoK letter the run's track states (``track.threat_model``), checked: a known letter,
+    and no grant that tells the attacker more than it knows. Attacks whose letter it does not
+    admit are refused by ``prepare_attack``."""
+    letter = (config.track or {}).get("threat_model")
+    if letter is None:
+        return None
+    name = (config.track or {}).get("name", "of this run")
+    try:
+        track = threat_model_of(letter)
+    except ValueError as exc:
+        raise ConfigError(f"track {name!r}: {exc}") from None
+    beyond = grants_beyond(letter, config.granted)
+    if beyond:
+        raise ConfigError(
+            f"track {name!r} (threat model {track.describe()}, admits "
+            f"{', '.join(admitted_letters(letter))}) grants "
+            f"{', '.join(c.value for c in beyond)}, which that threat model does not know"
+        )
+    return letter
+
+
+def surrogate_split(datamodule: Any, split: str) -> str:
+    """The split surrogate data comes from: train, or the first other split when the trials
+    are drawn from train. Splits are disjoint, so no surrogate sample is a private one."""
+    others = [s for s in datamodule.splits if s != split]
+    if not others:
+        raise ConfigError(f"surrogate_data: {datamodule.splits} has no split besides {split!r}")
+    return "train" if "train" in others else others[0]
+
+
+def surrogate_samples(datamodule: Any, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Capability.SURROGATE_DATA: up to ``SURROGATE_SAMPLES`` samples (model inputs in the run's
+    dtype, labels) of the dataset's other split, drawn from the run seed."""
+    samples = datamodule.samples(surrogate_split(datamodule, config.split))
+    rng = np.random.default_rng([config.seed, SURROGATE_STREAM])
+    order = rng.permutation(len(samples))[:SURROGATE_SAMPLES]
+    items = [samples[int(i)] for i in order]
+    images = torch.stack([x for x, _, _ in items]).to(getattr(torch, config.dtype))
+    return images, torch.tensor([y for _, y, _ in items], dtype=torch.long)
 
 
 def forbidden_folders(
@@ -619,7 +675,12 @@ def _run_cells(
         "sandbox": prepared.sandbox,
         # What ran: each attack's hyperparameters as its jobs rebuild it, and its code.
         "attacks_run": {
-            name: {"hparams": a.hparams, "code": dict(a.code), "threat_model": a.threat_model}
+            name: {
+                "hparams": a.hparams,
+                "code": dict(a.code),
+                "threat_model": a.threat_model,
+                "threat_letter": a.threat_letter,  # the SoK letter under the run's protocol
+            }
             for name, a in prepared.attacks.items()
         },
     }
@@ -709,6 +770,7 @@ def _run_cells(
                     gallery=prepared.gallery,
                     gallery_ids=prepared.gallery_ids,
                     classifier=prepared.classifier,
+                    surrogate=prepared.surrogate,
                 )
                 evaluator = Evaluator(
                     prepared.victim,

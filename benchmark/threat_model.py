@@ -25,9 +25,19 @@ from torch import Tensor, nn
 
 # Torch-free, so the command line can read them without torch; re-exported from here.
 # New capabilities and Budget fields go in leakbench/capabilities.py.
-from leakbench.capabilities import Budget, Capability, RequirementsNotGranted
+from leakbench.capabilities import (
+    THREAT_MODELS,
+    Budget,
+    Capability,
+    RequirementsNotGranted,
+    ThreatModel,
+    implied_threat_model,
+    threat_model_of,
+)
 
 __all__ = [
+    "THREAT_MODELS",
+    "BatchNormStatistics",
     "Budget",
     "BudgetMeter",
     "Capability",
@@ -35,9 +45,17 @@ __all__ = [
     "Observation",
     "Reconstruction",
     "RequirementsNotGranted",
+    "ServerContext",
+    "ThreatModel",
+    "batchnorm_statistics",
+    "implied_threat_model",
     "make_observation",
     "protocol_view",
+    "threat_model_of",
 ]
+
+# Per BatchNorm layer (by module name): {"mean": (C,), "var": (C,)} of its input over a batch.
+BatchNormStatistics = dict[str, dict[str, Tensor]]
 
 
 class BudgetMeter:
@@ -97,6 +115,48 @@ class ClientContext:
 
 
 @dataclass(frozen=True)
+class ServerContext:
+    """What an attack's server code (``Attack.server_model``) knows when it makes the model the
+    server sends: public facts of the run, the trial's budget, a seed for its own randomness and,
+    with ``Capability.SURROGATE_DATA``, the surrogate samples (model inputs and labels)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    budget: Budget
+    seed: int
+    surrogate_images: Tensor | None = None
+    surrogate_labels: Tensor | None = None
+
+
+def batchnorm_statistics(model: nn.Module, images: Tensor) -> BatchNormStatistics:
+    """The mean and biased variance, per channel, of every BatchNorm layer's input when
+    ``model`` (in its current mode) runs on ``images``: the statistics train-mode BatchNorm
+    normalises that batch with (``Capability.BATCHNORM_STATISTICS``). ``model`` is left as it
+    was: the forward pass runs on a copy, so no running statistic moves."""
+    probe = copy.deepcopy(model)
+    statistics: BatchNormStatistics = {}
+    handles = []
+    for name, module in probe.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+
+            def record(_module: nn.Module, inputs: tuple[Tensor, ...], _out: Any, key=name):
+                features = inputs[0].detach().transpose(0, 1).flatten(1)
+                statistics[key] = {
+                    "mean": features.mean(1).clone(),
+                    "var": features.var(1, unbiased=False).clone(),
+                }
+
+            handles.append(module.register_forward_hook(record))
+    with torch.no_grad():
+        probe(images.detach())
+    for handle in handles:
+        handle.remove()
+    return statistics
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything the attacker sees in one trial."""
 
@@ -116,6 +176,9 @@ class Observation:
     # The client protocol behind the update (``leakbench.client``): its full spec with
     # Capability.LOCAL_HYPERPARAMETERS, otherwise only its name (and its inner protocol's).
     client_protocol: dict[str, Any] = field(default_factory=lambda: {"name": "fedsgd"})
+    # With Capability.BATCHNORM_STATISTICS: per BatchNorm layer of the model, the mean and
+    # biased variance of its input over the batch behind the update (``batchnorm_statistics``).
+    batchnorm_statistics: BatchNormStatistics | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,10 +229,17 @@ def make_observation(
     seed: int,
     client_state: Any = None,
     client_protocol: Mapping[str, Any] | None = None,
+    images: Tensor | None = None,
 ) -> Observation:
     """An attacker's view built directly from a model and an update, copying both: for testing
     an attack on its own. Trials never use it: the protocol sends the attacker a serialised
-    Observation (:mod:`leakbench.protocol.isolation`)."""
+    Observation (:mod:`leakbench.protocol.isolation`). ``images`` (the batch behind the update)
+    are needed only to grant ``Capability.BATCHNORM_STATISTICS``; they are not kept."""
+    statistics = None
+    if Capability.BATCHNORM_STATISTICS in granted:
+        if images is None:
+            raise ValueError("granting batchnorm_statistics needs the batch: pass images=")
+        statistics = batchnorm_statistics(model, images)
     server_model = copy.deepcopy(model)
     server_model.zero_grad(set_to_none=True)
     return Observation(
@@ -185,6 +255,7 @@ def make_observation(
         labels=labels.detach().clone() if Capability.LABELS in granted else None,
         client_state=copy.deepcopy(client_state),
         client_protocol=protocol_view(client_protocol or {"name": "fedsgd"}, granted),
+        batchnorm_statistics=statistics,
     )
 
 

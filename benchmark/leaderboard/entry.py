@@ -302,6 +302,10 @@ def make_entry(
         "wandb": wandb_run(run_dir, config.get("wandb_project", "leakbench")),
         "submitter": submitter,
         "paper": paper,
+        "threat_model": {
+            "attack": config["attacks_run"][attack].get("threat_letter"),
+            "track": config["track"].get("threat_model"),
+        },
         "date": date.today().isoformat(),
     }
     validate_entry(entry)

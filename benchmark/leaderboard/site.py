@@ -52,6 +52,10 @@ GRANTS = {
     "batch_size": "the batch size",
     "labels": "the labels of the batch",
     "client_code": "running its own code on the client",
+    "local_hyperparameters": "the client protocol's local hyperparameters",
+    "surrogate_data": "surrogate data (samples of the dataset's other split)",
+    "server_model": "sending a model of its own making, which the client trains",
+    "batchnorm_statistics": "the BatchNorm statistics of the client's batch",
 }
 STATISTICS = {"median": "median", "mean": "mean", "worst": "worst-case"}
 METRICS = {
@@ -105,6 +109,16 @@ def threat_words(config: dict[str, Any]) -> str:
     text += f" It is granted {', '.join(granted)}." if granted else " It is granted nothing else."
     if withheld:
         text += f" It is not granted {', '.join(withheld)}."
+    letter = config.get("track", {}).get("threat_model")
+    if letter is not None:
+        from leakbench.capabilities import admitted_letters, threat_model_of
+
+        admitted = ", ".join(admitted_letters(letter))
+        model = threat_model_of(letter)
+        text += (
+            f" SoK threat model {letter}, {model.name} (Carletti et al., USENIX Security 2025):"
+            f" attacks of threat models {admitted} are admitted."
+        )
     return text
 
 

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import leakbench
-from leakbench.capabilities import Capability, RequirementsNotGranted
+from leakbench.capabilities import (
+    Capability,
+    RequirementsNotGranted,
+    admitted_letters,
+    implied_threat_model,
+    threat_model_of,
+)
 from leakbench.client import ClientProtocol, FedSGD
 from leakbench.config import ConfigError
 from leakbench.interfaces import Attack, UnsupportedModelError
@@ -55,6 +61,8 @@ class PreparedAttack:
     # lifts its single-sample limit): read once, here. Larger cells are skipped with the reason.
     max_batch_size: int | None = None
     threat_model: str = ""
+    # The SoK letter it assumes under the run's client protocol (leakbench.capabilities).
+    threat_letter: str = "A"
     # The code that ran: {"distribution", "version", "files_sha256"} (attack_code).
     code: Mapping[str, Any] = field(default_factory=dict)
     # The class, only where the harness may import it: leakbench's own attacks and classes the
@@ -98,8 +106,10 @@ def prepare_attack(
     *,
     victim: Victim | None = None,
     placement: Placement | None = None,
+    admitted: str | None = None,
 ) -> PreparedAttack:
-    """Build the attack ``name`` once (bad options are refused here), check its grants, that it
+    """Build the attack ``name`` once (bad options are refused here), check that the SoK
+    threat model it assumes is one the track ``admitted`` (a letter) admits, its grants, that it
     supports the run's client protocol (FedSGD unless given) and, with ``victim``, that it can
     handle that victim. A plug-in answers in a job where ``placement`` (the run's) says."""
     protocol = client_protocol or FedSGD()
@@ -119,6 +129,16 @@ def prepare_attack(
         {k: frozenset(Capability(c) for c in v) for k, v in facts["protocol_requires"].items()},
         protocol,
     )
+    try:
+        assumed = implied_threat_model(requires, facts.get("threat_letter"))
+    except ValueError as exc:
+        raise ConfigError(f"attack {name!r}: {exc}") from None
+    if admitted is not None and not threat_model_of(admitted).admits(assumed):
+        raise ConfigError(
+            f"attack {name!r} assumes threat model {assumed.describe()}, which the track "
+            f"(threat model {threat_model_of(admitted).describe()}, admits "
+            f"{', '.join(admitted_letters(admitted))}) does not admit"
+        )
     missing = sorted(c.value for c in requires - granted)
     if missing:
         raise RequirementsNotGranted(
@@ -137,6 +157,7 @@ def prepare_attack(
         client_protocol=protocol,
         max_batch_size=facts["max_batch_size"],
         threat_model=facts["threat_model"],
+        threat_letter=assumed.letter,
         code=attack_code(entry if cls is None else cls),
         cls=cls,
     )
@@ -187,6 +208,8 @@ def describe_plugin(
         if facts["max_batch_size"] is not None:
             facts["max_batch_size"] = int(facts["max_batch_size"])
         facts["threat_model"] = str(facts["threat_model"])
+        if facts.get("threat_letter") is not None:
+            facts["threat_letter"] = threat_model_of(str(facts["threat_letter"])).letter
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"attack {plugin.name!r} described itself wrongly: {exc}") from None
     return facts

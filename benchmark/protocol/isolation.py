@@ -114,6 +114,7 @@ def observation_payload(
     client_state: Any,
     device: str = "cpu",
     client_protocol: dict[str, Any] | None = None,
+    batchnorm_statistics: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Everything the attacker may see, as plain data (copies on the CPU, never references);
     ``device`` is where the attack's tensors go (the device the client trained on)."""
@@ -133,6 +134,13 @@ def observation_payload(
         "client_state": client_state,
         # Plain data (names and numbers), as granted: see threat_model.protocol_view.
         "client_protocol": dict(client_protocol or {"name": "fedsgd"}),
+        # Capability.BATCHNORM_STATISTICS: per BatchNorm layer, {"mean", "var"} (CPU copies).
+        "batchnorm_statistics": None
+        if batchnorm_statistics is None
+        else {
+            layer: {key: t.detach().cpu().clone() for key, t in stats.items()}
+            for layer, stats in batchnorm_statistics.items()
+        },
     }
 
 

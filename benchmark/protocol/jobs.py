@@ -1,7 +1,7 @@
 """The attack code a trial runs, as jobs of plain data: where the attack's code runs, this is all
 that runs.
 
-Three kinds of job cross the boundary between the harness and the attack's code, in a sandbox,
+Four kinds of job cross the boundary between the harness and the attack's code, in a sandbox,
 a worker process or (for debugging) in the harness itself (:mod:`leakbench.protocol.isolation`):
 
 * ``describe``: build the attack from its options and answer what the harness needs to know
@@ -11,6 +11,9 @@ a worker process or (for debugging) in the harness itself (:mod:`leakbench.proto
 * ``client_hook``: the attack's client code, on the client's model and private batch, where the
   run grants ``client_code``; it returns the batch the client trains on, the state that travels
   to the server and its report;
+* ``server_model``: the attack's server code, where the run grants ``server_model``: on the
+  victim's name, options and state (and the surrogate data, where granted) it returns the model
+  the server sends instead, as a zoo name, JSON options and a state of tensors;
 * ``reconstruct``: the attack on the server's Observation.
 
 A message names the attack by where it lives: a module and a class (built-in attacks, and
@@ -42,9 +45,10 @@ from leakbench.threat_model import (
     ClientContext,
     Observation,
     Reconstruction,
+    ServerContext,
 )
 
-JOB_KINDS = ("describe", "client_hook", "reconstruct")
+JOB_KINDS = ("describe", "client_hook", "server_model", "reconstruct")
 
 
 def dumps(obj: Any) -> bytes:
@@ -102,6 +106,7 @@ def observation_from_payload(payload: Mapping[str, Any]) -> Observation:
     model = Victim.from_spec(payload["victim"]).build().to(device)
     model.train(payload["client_mode"] == "train")
     labels = payload["labels"]
+    statistics = payload.get("batchnorm_statistics")
     return Observation(
         model=model,
         update={name: g.to(device) for name, g in payload["update"].items()},
@@ -115,6 +120,12 @@ def observation_from_payload(payload: Mapping[str, Any]) -> Observation:
         labels=None if labels is None else labels.to(device),
         client_state=payload["client_state"],
         client_protocol=payload.get("client_protocol") or {"name": "fedsgd"},
+        batchnorm_statistics=None
+        if statistics is None
+        else {
+            layer: {key: t.to(device) for key, t in stats.items()}
+            for layer, stats in statistics.items()
+        },
     )
 
 
@@ -200,6 +211,27 @@ def _client_hook(message: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _server_model(message: Mapping[str, Any]) -> dict[str, Any]:
+    cls = attack_class(message["target"])
+    context = ServerContext(**message["context"], budget=Budget(**message["budget"]))
+    sent = cls(**message["hparams"]).server_model(copy.deepcopy(message["victim"]), context)
+    if not isinstance(sent, Mapping) or set(sent) != {"name", "options", "state"}:
+        raise ValueError("it must return a dict with exactly the keys name, options and state")
+    state = sent["state"]
+    if not isinstance(sent["name"], str) or not isinstance(state, Mapping):
+        raise ValueError("its name must be a string and its state a mapping")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError("its state must map parameter and buffer names to tensors")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
+    if bad:
+        raise ValueError(f"its state holds NaN or inf (in {', '.join(bad)})")
+    return {
+        "name": sent["name"],
+        "options": json_data(sent["options"], "its options"),
+        "state": {k: v.detach().cpu().clone() for k, v in state.items()},
+    }
+
+
 def _reconstruct(message: Mapping[str, Any]) -> tuple[dict[str, Any], BudgetMeter]:
     cls = attack_class(message["target"])
     observation = observation_from_payload(message["payload"])
@@ -225,7 +257,7 @@ def run_job(message: Mapping[str, Any]) -> dict[str, Any]:
             hint = "attack classes must be importable by module and name in a fresh process"
             return {"error": f"worker setup failed ({hint}): {describe_exception(exc)}"}
         return {**reply, "usage": meter.usage(), "memory": peak_memory()}
-    jobs = {"describe": _describe, "client_hook": _client_hook}
+    jobs = {"describe": _describe, "client_hook": _client_hook, "server_model": _server_model}
     if kind not in jobs:
         return {"error": f"unknown job kind {kind!r}; valid: {', '.join(JOB_KINDS)}"}
     try:

@@ -4,15 +4,18 @@ Lightning's evaluator, the studies (``leakbench boundary``, ...) and verificatio
 :func:`run_trial`; none of them has a second copy of these steps:
 
 0. (verification only) the private samples are changed by a secret, seeded transform;
-1. the client builds a fresh victim from its specification;
+1. the client builds a fresh victim from its specification; where the run grants the attack's
+   class ``server_model``, the server first sends a model of its own making (plain data: a zoo
+   name, options and a state, built here from the zoo) and the client trains that instead;
 2. the attack's client code runs, only where the run granted it to the attack's class;
 3. the client protocol runs the round under the defense (``defense.apply``): FedSGD's gradient
    of the mean cross-entropy, FedAvg's weight delta after local SGD steps, or the sum of K
    clients' updates, each client holding its own slice of the trial's batch
    (:mod:`leakbench.client`); the defense reports what it did (``defense_report``);
-4. the server's Observation is assembled as plain data: the victim's specification and state,
-   the shared update, the granted metadata (the client protocol's local hyperparameters among
-   them), the budget and an attacker seed that does not identify the trial;
+4. the server's Observation is assembled as plain data: the specification and state of the
+   model the client trained, the shared update, the granted metadata (the client protocol's
+   local hyperparameters, the batch's BatchNorm statistics among them), the budget and an
+   attacker seed that does not identify the trial;
 5. the attack reconstructs, isolated in a worker process by default
    (:mod:`leakbench.protocol.isolation`);
 6. scoring through the canonical metrics module, against the private batch (every client's
@@ -52,7 +55,7 @@ from leakbench.protocol.records import attack_seed, trial_seed
 from leakbench.protocol.sandbox import SandboxView
 from leakbench.protocol.victim import Victim
 from leakbench.registry import COVARIATES
-from leakbench.threat_model import Budget, Capability, protocol_view
+from leakbench.threat_model import Budget, Capability, batchnorm_statistics, protocol_view
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class TrialSetting:
     # Verification only: a secret change of every sample before the client sees it.
     private_transform: PrivateTransform | None = None
     threads: int | None = None  # the attack worker's intra-op threads; None: all cores
+    # Capability.SURROGATE_DATA: samples of the dataset's other split (model inputs, labels),
+    # for the attack's server code. Left out of comparisons: they hold tensors.
+    surrogate: tuple[Tensor, Tensor] | None = field(default=None, compare=False)
     # How the shared update comes about. ``batch_size`` is one client's; a trial's batch holds
     # ``client_protocol.samples_per_trial(batch_size)`` samples (K·B for an aggregate of K).
     client_protocol: ClientProtocol = FedSGD()
@@ -138,7 +144,16 @@ def run_trial(
     if batch.get("error"):  # a sample could not be read: nothing to attack
         return _failed(record, setting, private, labels, batch["sample_ids"], batch["error"])
 
-    # 1-3. The client: a fresh victim, the attack's client code where granted, the defense.
+    # 1-3. The client: a fresh victim (the server's own model where granted), the attack's
+    # client code where granted, the defense.
+    if Capability.SERVER_MODEL in attack.requires and Capability.SERVER_MODEL in s.granted:
+        try:
+            victim = server_model(attack, victim, s, attacker_seed)
+        except Exception as exc:
+            return _failed(
+                record, setting, private, labels, batch["sample_ids"], f"server model: {exc}"
+            )
+        record["server_model"] = {"name": victim.name, "options": dict(victim.options)}
     model = victim.build().to(private.device).train(s.client_mode == "train")
     trained_images, client_state, client_seconds, client_report = private, None, None, None
     if attack.runs_client_code and Capability.CLIENT_CODE in s.granted:
@@ -170,6 +185,11 @@ def run_trial(
         client_state=client_state,
         device=str(private.device),
         client_protocol=protocol_view(s.client_protocol.spec(), s.granted),
+        batchnorm_statistics=(
+            batchnorm_statistics(model, share.images)
+            if Capability.BATCHNORM_STATISTICS in s.granted
+            else None
+        ),
     )
     outcome = _attack(attack, payload, setting)
 
@@ -211,6 +231,55 @@ def run_trial(
     }
     truth = to_pixels(private, s.mean, s.std)
     return TrialOutcome(record, list(zip(truth, matched, strict=True)))
+
+
+def server_model(attack: PreparedAttack, victim: Victim, s: TrialSetting, seed: int) -> Victim:
+    """The model the server sends instead of ``victim``. The attack's ``server_model`` runs as
+    a job where its code runs (in a sandbox of its own under ``sandbox``), on plain data: the
+    victim's name, options and state, the run's public facts and the surrogate data where
+    granted; it answers a zoo name, JSON options and a state of tensors, and the model is
+    built here, from the zoo, for the run's input shape and class count, its state loaded
+    strictly."""
+    surrogate = s.surrogate if Capability.SURROGATE_DATA in s.granted else None
+    message = {
+        "kind": "server_model",
+        "target": dict(attack.target),
+        "hparams": attack.hparams,
+        "victim": {
+            "name": victim.name,
+            "options": json_data(dict(victim.options), "the victim's options"),
+            "input_shape": list(victim.input_shape),
+            "num_classes": victim.num_classes,
+            "state": {k: v.detach().cpu().clone() for k, v in victim.build().state_dict().items()},
+        },
+        "context": {
+            "input_shape": list(s.input_shape),
+            "num_classes": s.num_classes,
+            "mean": list(s.mean),
+            "std": list(s.std),
+            "seed": seed,
+            "surrogate_images": None if surrogate is None else surrogate[0].detach().cpu().clone(),
+            "surrogate_labels": None if surrogate is None else surrogate[1].detach().cpu().clone(),
+        },
+        "budget": s.budget.to_dict(),
+    }
+    reply = run_attack_job(attack.name, message, _placement(s), s.budget.max_seconds, fresh=True)
+    if "error" in reply:
+        raise ValueError(str(reply["error"]))
+    sent = reply["result"]
+    name, options, state = sent["name"], sent["options"], sent["state"]
+    if not isinstance(name, str) or not isinstance(options, dict) or not isinstance(state, dict):
+        raise ValueError("it answered something other than a name, options and a state")
+    state = {
+        k: v.to(victim.dtype).clone() if v.is_floating_point() else v.clone()
+        for k, v in state.items()
+    }
+    sent_victim = Victim(
+        name, victim.input_shape, victim.num_classes, options, victim.seed, victim.dtype, state
+    )
+    # The zoo refuses an unregistered name or bad options, and a state that does not fit.
+    sent_victim.build()
+    return sent_victim
 
 
 def _check_protocol(attack: PreparedAttack, s: TrialSetting) -> None:
