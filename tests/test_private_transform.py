@@ -18,7 +18,7 @@ from leakbench.leaderboard.entry import TRACKS, EntryError, load_track
 from leakbench.leaderboard.lookup import measure, nearest_psnr, shifted_and_flipped
 from leakbench.leaderboard.private_data import verification_data
 from leakbench.metrics import DEFAULT_SUCCESS_PSNR
-from leakbench.protocol.private_transform import DEFAULTS, PrivateTransform
+from leakbench.protocol.private_transform import DEFAULTS, PrivateTransform, describe
 from leakbench.runner import PRIVATE_DATA_ENV, run
 
 SHIPPED = sorted(p.stem for p in TRACKS.glob("*.yaml"))
@@ -159,6 +159,17 @@ def test_every_shipped_track_uses_the_documented_transform(name):
     options = load_track(name)["track"]["verification"]["private_transform"]
     assert PrivateTransform.from_options({**options, "seed": 1}) == PrivateTransform(seed=1)
     assert set(options) == set(DEFAULTS)  # every parameter written out in the track
+
+
+def test_the_transform_says_what_it_does():
+    options = load_track("lfw-subset-cnn6-b1")["track"]["verification"]["private_transform"]
+    assert describe(options) == (
+        "cropped to a box of 70%–100% of its area (aspect ratio 0.85–1.18) anywhere inside it, "
+        "turned by up to ±8°, mirrored with probability 1/2, its contrast and brightness scaled "
+        "by up to ±15% and ±15% (each colour channel by up to ±10%), blurred (σ 0.2–0.6 px) and "
+        "given Gaussian noise of σ 0.04 on every pixel"
+    )
+    assert "mirrored" not in describe({"flip": False})
 
 
 def test_the_nearest_public_image_oracle_undoes_shifts_mirrors_and_gains():
