@@ -14,7 +14,7 @@ import torch
 import tests.components  # noqa: F401  (registers the test attacks)
 from leakbench.config import RunConfig
 from leakbench.datamodules.fixtures import write_lfw_fixture
-from leakbench.leaderboard.entry import TRACKS, EntryError, load_track
+from leakbench.leaderboard.entry import TRACKS, EntryError, load_schema, load_track
 from leakbench.leaderboard.lookup import measure, nearest_psnr, shifted_and_flipped
 from leakbench.leaderboard.private_data import verification_data
 from leakbench.metrics import DEFAULT_SUCCESS_PSNR
@@ -159,6 +159,17 @@ def test_every_shipped_track_uses_the_documented_transform(name):
     options = load_track(name)["track"]["verification"]["private_transform"]
     assert PrivateTransform.from_options({**options, "seed": 1}) == PrivateTransform(seed=1)
     assert set(options) == set(DEFAULTS)  # every parameter written out in the track
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_verification_block_can_record_every_shipped_transform(name):
+    import jsonschema
+
+    schema = load_schema()["properties"]["verification"]["properties"]["private_transform"]
+    options = load_track(name)["track"]["verification"]["private_transform"]
+    jsonschema.validate(options, schema)
+    with pytest.raises(jsonschema.ValidationError, match="max_shift"):
+        jsonschema.validate({**options, "max_shift": 2}, schema)
 
 
 def test_the_transform_says_what_it_does():
