@@ -118,7 +118,8 @@ class RunConfig:
             the harness's objects, not a sandbox) or in-process (debugging; isolates nothing).
         threads: Intra-op threads per process; null: the cores divided by the processes.
         private_transform: Leaderboard verification's secret change of every private sample
-            ({seed, max_shift, flip, brightness}); null for ordinary runs.
+            ({seed, crop_scale, crop_ratio, rotation, flip, brightness, contrast, colour, blur,
+            noise}: leakbench.protocol.private_transform); null for ordinary runs.
         success_psnr: PSNR (dB) at or above which a reconstructed sample counts as a success.
         privacy_metrics: Also score identifiability (IIP: is a reconstruction's nearest image
             in the split its own ground truth) and task leakage (does the dataset's reference

@@ -132,12 +132,18 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
 
 
 def least_squares_gain(reconstruction: Tensor, truth: Tensor) -> float:
+    return float(least_squares_gains(reconstruction[None], truth)[0])
+
+
+def least_squares_gains(candidates: Tensor, truth: Tensor) -> Tensor:
+    """Per candidate c (first dimension), the gain a = <c, t> / <c, c> that minimises
+    ||a·c − t||² against ``truth``; 0 for a blank candidate. float64."""
     import torch
 
-    r = reconstruction.flatten().to(torch.float64)
+    c = candidates.flatten(1).to(torch.float64)
     t = truth.flatten().to(torch.float64)
-    denominator = float(r @ r)
-    return float(r @ t) / denominator if denominator > 0 else 0.0
+    energy = (c * c).sum(1)
+    return torch.where(energy > 0, (c @ t) / energy.clamp_min(MSE_FLOOR), 0.0)
 
 
 # AlexNet's layers up to relu5, which LPIPS compares, need inputs of at least this many pixels

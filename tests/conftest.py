@@ -1,7 +1,11 @@
-"""Test-wide settings: no network, no W&B traffic, results in temporary folders."""
+"""Test-wide settings: no network, no W&B traffic, results in temporary folders; the hostile
+plug-ins of ``tests/plugins/`` as an installed distribution."""
 
 import os
+import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +32,36 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+PLUGINS = Path(__file__).parent / "plugins"
+# The hostile plug-ins' ``leakbench.attacks`` entry points.
+HOSTILE_ENTRY_POINTS = {
+    "hostile-probe": "hostile_probe:Probe",
+    "hostile-import": "hostile_import",
+    "hostile-check": "hostile_hooks:CheckModelPatch",
+    "hostile-stash": "hostile_hooks:ClientStash",
+    "hostile-enumerator": "hostile_lookup:Enumerator",
+    "hostile-memoriser": "hostile_lookup:Memoriser",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_site(tmp_path_factory):
+    """The hostile plug-ins as an installed distribution, found through its entry points: their
+    packages and a ``.dist-info`` on ``sys.path``, as a pip install would leave them."""
+    site = tmp_path_factory.mktemp("hostile-site")
+    site.chmod(0o755)  # like any site-packages: readable by the sandbox's unprivileged user
+    packages = sorted({value.split(":")[0] for value in HOSTILE_ENTRY_POINTS.values()})
+    for package in packages:
+        shutil.copytree(PLUGINS / package, site / package)
+    dist = site / "leakbench_hostile-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: leakbench-hostile\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in HOSTILE_ENTRY_POINTS.items())
+    (dist / "entry_points.txt").write_text(f"[leakbench.attacks]\n{lines}")
+    files = [p.relative_to(site) for p in site.rglob("*") if p.is_file()]
+    (dist / "RECORD").write_text("".join(f"{f},,\n" for f in [*files, "RECORD"]))
+    sys.path.insert(0, str(site))
+    yield site
+    sys.path.remove(str(site))

@@ -43,7 +43,7 @@ TRACK = {
         "description": "synthetic track for tests",
         "verification": {
             "trials": 2,
-            "private_transform": {"max_shift": 1, "flip": True, "brightness": 0.1},
+            "private_transform": {"rotation": 5.0, "noise": 0.02},
             "tolerance": {"confidence": 0.95, "resamples": 200, "margin": 3.0, "ceiling": 60.0},
         },
     },
@@ -453,6 +453,7 @@ def test_shipped_tracks_are_valid_run_configs_that_declare_verification():
             verification = config.track["verification"]
             assert {"trials", "private_transform", "tolerance"} <= set(verification)
             assert verification["trials"] >= MIN_TRIALS, path.name
+            assert verification["private_transform"]["noise"] > 0
 
 
 def test_shipped_entries_tables_and_site_are_what_the_commands_make(tmp_path):

@@ -27,38 +27,12 @@ from leakbench.protocol.sandbox import sandbox_unavailable
 from leakbench.registry import ATTACKS
 from leakbench.runner import run
 
-PLUGINS = Path(__file__).parent / "plugins"
-ENTRY_POINTS = {
-    "hostile-probe": "hostile_probe:Probe",
-    "hostile-import": "hostile_import",
-    "hostile-check": "hostile_hooks:CheckModelPatch",
-    "hostile-stash": "hostile_hooks:ClientStash",
-}
 CHANCE_DB = 15.0  # noise against faces scores far below this; an exact copy above 100 dB
 
 pytestmark = pytest.mark.skipif(
     sandbox_unavailable() is not None,
     reason=f"no attack sandbox on this machine: {sandbox_unavailable()}",
 )
-
-
-@pytest.fixture(scope="module")
-def hostile_site(tmp_path_factory):
-    """The hostile plug-ins as an installed distribution, found through its entry points."""
-    site = tmp_path_factory.mktemp("hostile-site")
-    site.chmod(0o755)  # like any site-packages: readable by the sandbox's unprivileged user
-    for package in ("hostile_probe", "hostile_import", "hostile_hooks"):
-        shutil.copytree(PLUGINS / package, site / package)
-    dist = site / "leakbench_hostile-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: leakbench-hostile\nVersion: 0.1\n")
-    lines = "".join(f"{name} = {value}\n" for name, value in ENTRY_POINTS.items())
-    (dist / "entry_points.txt").write_text(f"[leakbench.attacks]\n{lines}")
-    files = [p.relative_to(site) for p in site.rglob("*") if p.is_file()]
-    (dist / "RECORD").write_text("".join(f"{f},,\n" for f in [*files, "RECORD"]))
-    sys.path.insert(0, str(site))
-    yield site
-    sys.path.remove(str(site))
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ A *track* is a run configuration with a ``track`` block, shipped with the packag
       intended_for: LFW (...)   # the dataset the track is meant for on a cluster
       verification:             # how `leaderboard verify` re-checks a claim
         trials: 4
-        private_transform: {max_shift: 2, flip: true, brightness: 0.1}
+        private_transform: {rotation: 8.0, noise: 0.04, ...}  # leakbench.protocol.private_transform
+        private_dataset: {dataset: lfw, dataset_options: {root: "{private}/lfw", ...}}  # optional
+        lookup_bound: {psnr_max: 28.79, psnr_median: 27.97, measured_with: "leakbench ..."}
         tolerance: {confidence: 0.95, resamples: 2000, margin: 3.0, ceiling: 60.0}
 
 The path of a result::
@@ -19,6 +21,7 @@ The path of a result::
     leakbench run --config leaderboards/tracks/<track>.yaml --attack <yours>
     leakbench submit runs/<run>                  # one entry per cell (entry.py)
     leakbench leaderboard verify <entry.json>    # unseen, secretly transformed trials (verify.py)
+    leakbench leaderboard lookup-bound <track>   # what a lookup scores against them (lookup.py)
     leakbench leaderboard render                 # Markdown and CSV tables (board.py)
     leakbench leaderboard build                  # the static site (site.py)
 

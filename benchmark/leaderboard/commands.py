@@ -6,6 +6,7 @@ default to the leaderboard's own (``leaderboards/`` in a checkout, else ``./lead
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -207,4 +208,33 @@ def build_command(
     out = Path(out_dir) if out_dir else LEADERBOARDS / "site"
     files = build_site(entries, out, tracks, Path(keys_dir) if keys_dir else None)
     print(f"wrote {len(files)} files; open {out / 'index.html'}")
+    return 0
+
+
+@command("leaderboard lookup-bound")
+def lookup_bound_command(
+    tracks: list[str], *, trials: int = 200, seed: int = 0, tracks_dir: str | None = None
+) -> int:
+    """Measure what the best lookup of the public dataset scores against a track's secretly
+    transformed samples: the nearest public image (flips, shifts, least-squares gain, chosen
+    with the truth) and the transform's noise floor; prints the figures, writes nothing.
+
+    Args:
+        tracks: Track name(s).
+        trials: Transformed samples per track.
+        seed: Seed of the sample draw and of the transform.
+        tracks_dir: Folder of the track files (default: the package's).
+    """
+    from leakbench.leaderboard.entry import load_track
+    from leakbench.leaderboard.lookup import measure, report
+
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}")
+    _, folder = _folders(None, tracks_dir)
+    loaded = [load_track(name, folder) for name in tracks]  # an unknown name fails before work
+    for track in loaded:
+        figures = measure(track, trials, seed)
+        print("\n".join(report(figures, seed)))
+        bound = figures.bound(trials, seed)
+        print(f"  verification.lookup_bound: {json.dumps(bound)}", flush=True)
     return 0

@@ -261,6 +261,13 @@ def _samples(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return samples
 
 
+def transform_words(options: dict[str, Any]) -> str:
+    """The verification's private transform in words (loads torch: only for verified entries)."""
+    from leakbench.protocol.private_transform import describe
+
+    return describe(options)
+
+
 def column_words(board: TrackBoard) -> list[tuple[str, str]]:
     """What each column of a track's table means, with its unit."""
     ceiling = "" if board.ceiling is None else f", capped at {board.ceiling:g}"
@@ -315,6 +322,11 @@ def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
             options=json.dumps(row.entry["attack"]["hparams"], indent=2, sort_keys=True),
             defense_options=json.dumps(row.entry["defense"]["options"], indent=2, sort_keys=True),
             statistic=metric(row.entry, board.ranking),
+            transform_words=(
+                transform_words(row.entry["verification"]["private_transform"])
+                if "verification" in row.entry
+                else ""
+            ),
         )
     )
     atomic_write_text(folder / f"{stem}.html", html)

@@ -332,13 +332,14 @@ def verification_config(
     run_name: str,
     threads: int | None,
 ) -> Any:
-    """The run of a verification: the track, the entry's attack exactly as it ran (its full
-    hyperparameters), the secret seeds, the verification's trials and transform, the sandbox,
-    one process."""
+    """The run of a verification: the track (on the maintainers' private data where they hold
+    it), the entry's attack exactly as it ran (its full hyperparameters), the secret seeds, the
+    verification's trials and transform, the sandbox, one process."""
     from leakbench.config import RunConfig
+    from leakbench.leaderboard.private_data import verification_data
 
     settings = verification_settings(track)
-    values = dict(track)
+    values = {**track, **verification_data(track).keys}
     attack = entry["attack"]["name"]
     values.update(
         attacks=[attack],
@@ -373,6 +374,7 @@ def verify_entry(
 ) -> dict[str, Any]:
     """Verify the entry at ``path`` and write the signed block into it (``check_only``: report
     the verdict, sign and write nothing, no key needed); returns the block."""
+    from leakbench.leaderboard.private_data import verification_data
     from leakbench.leaderboard.signing import KEYS, key_id, load_private_key, sign, trusted_keys
     from leakbench.protocol.sandbox import close_sandboxes, sandbox_unavailable
     from leakbench.runner import environment, run
@@ -435,7 +437,7 @@ def verify_entry(
             "private_transform": commitment(transform),
         },
         "private_transform": dict(settings["private_transform"]),
-        "data": verification_data_words(track, config),
+        "data": verification_data(track).description,
         "sandbox": "bubblewrap sandbox (leakbench.protocol.sandbox)",
         "lookup_bound": settings.get("lookup_bound"),
         "trials": config.trials,
@@ -461,11 +463,3 @@ def verify_entry(
     load_entry(path, tracks_dir, keys_dir)  # the block passes the check every later load makes
     echo(verdict)
     return block
-
-
-def verification_data_words(track: Mapping[str, Any], config: Any) -> str:
-    """Where the verification's samples came from, in words."""
-    return (
-        f"{config.dataset} ({config.split} split), drawn with the secret seed and changed by the "
-        "secret transform"
-    )
