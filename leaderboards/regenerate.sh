@@ -6,7 +6,7 @@
 #   LEAKBENCH_BOARD_KEY_FILE=/path/board.pem leaderboards/regenerate.sh   (runs in runs/leaderboard/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${LEAKBENCH_BOARD_KEY_FILE:?set LEAKBENCH_BOARD_KEY_FILE to the board's private key}"
+: "${LEAKBENCH_BOARD_KEY_FILE:?set it to the file of the board private key}"
 LEAKBENCH=${LEAKBENCH:-.venv/bin/leakbench}
 PYTHON=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-runs/leaderboard}
