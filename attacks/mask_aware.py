@@ -73,6 +73,7 @@ def kept_entries_start(observation: Observation) -> Tensor | None:
 @register_attack("mask-aware")
 class MaskAware(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
     client_protocols = EVERY_PROTOCOL
     protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
     adapts_to = frozenset({"pruning", "top-k", "soteria"})

@@ -165,6 +165,7 @@ def dp_clients(observation: Observation) -> int:
 @register_attack("noise-aware")
 class NoiseAware(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
     client_protocols = EVERY_PROTOCOL
     protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
     adapts_to = frozenset({"noise", "dp-sgd"})

@@ -161,6 +161,7 @@ def sign_distance(shared: Sequence[Tensor]) -> Distance:
 @register_attack("quantization-aware")
 class QuantizationAware(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
     client_protocols = EVERY_PROTOCOL
     protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
     adapts_to = frozenset({"quantization"})

@@ -65,6 +65,7 @@ def defended_linear(model: nn.Module, layer: str | None) -> str:
 @register_attack("soteria-skip")
 class SoteriaSkip(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
+    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
     client_protocols = EVERY_PROTOCOL
     protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
     adapts_to = frozenset({"soteria"})

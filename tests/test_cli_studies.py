@@ -160,7 +160,7 @@ def test_boundary_studies_a_trained_checkpoint_and_trains_on_from_it(capsys, tmp
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--solvers", "[glpk]"], "solvers: expected one of 'cbc', 'highs', got glpk"),
+        (["--solvers", "[glpk]"], "solvers: expected one of 'highs', 'cbc', got glpk"),
         (["--batch-sizes", "[0]"], "batch_sizes: expected a positive integer, got 0"),
         (["--model", "nope"], "unknown model 'nope'; valid names:"),
         (["--ig-options", "[1]"], "ig_options: expected a dict"),

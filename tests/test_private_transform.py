@@ -358,5 +358,7 @@ def test_every_shipped_private_source_is_well_formed(monkeypatch, name):
     monkeypatch.delenv(PRIVATE_DATA_ENV, raising=False)
     track = load_track(name)
     data = verification_data(track)
-    assert data.keys == {"dataset": "lfw-subset", "dataset_options": {}, "split": track["split"]}
-    assert data.description == f"public split lfw-subset/{track['split']} with the secret transform"
+    dataset, split = track["dataset"], track["split"]
+    options = track.get("dataset_options", {})
+    assert data.keys == {"dataset": dataset, "dataset_options": options, "split": split}
+    assert data.description == f"public split {dataset}/{split} with the secret transform"

@@ -120,7 +120,10 @@ def test_tracks_all_is_every_track_with_a_job_type_per_track(tmp_path):
     "grid, fragments",
     [
         ({"axes": {"attack": ["bias"]}}, ["unknown axis 'attack'", "valid axes: attacks"]),
-        ({"axes": {"attacks": ["bias", "nope"]}}, ["axes.attacks[1]", "'nope'", "bias, dlg"]),
+        (
+            {"axes": {"attacks": ["bias", "nope"]}},
+            ["axes.attacks[1]", "'nope'", "bias, cocktail-party, dlg"],
+        ),
         ({"axes": {"defenses": [{"name": "noise", "opts": {}}]}}, ["'opts'", "valid: name"]),
         ({"axes": {"seeds": 0}}, ["axes.seeds must be a non-empty list"]),
         ({"launch": 1}, ["unknown key(s) 'launch'", "valid keys: name"]),

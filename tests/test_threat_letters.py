@@ -36,6 +36,13 @@ EXPECTED_LETTERS = {
     "robbing-the-fed": "G",
     "gradinversion": "E",
     "cocktail-party": "B",
+    # The adaptive attacks extend Inverting Gradients' objective with a model of the defense.
+    "soteria-skip": "B",
+    "mask-aware": "B",
+    "quantization-aware": "B",
+    "noise-aware": "B",
+    "mixup-unmixing": "B",
+    "instahide-decoding": "B",
 }
 NEW_TRACKS = {
     "digits-fcn-imprint": "G",
