@@ -47,14 +47,25 @@ from leakbench.attacks.inverting_gradients import (
     bias_gradient_labels,
     total_variation,
 )
-from leakbench.client import ClientProtocol, fedsgd_equivalent
-from leakbench.interfaces import TrialFailure, UnsupportedModelError, positive_int
-from leakbench.threat_model import Observation, Reconstruction
+from leakbench.client import EVERY_PROTOCOL, ClientProtocol, FedAvg, fedsgd_equivalent
+from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError, positive_int
+from leakbench.threat_model import Capability, Observation, Reconstruction
 
 # D(dummy update, shared update), both in ``model.parameters()`` order.
 Distance = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
 # The update dummies (images, soft or hard targets) would produce, in parameter order.
 Simulator = Callable[[Tensor, Tensor], list[Tensor]]
+
+
+class DefenseAwareAttack(Attack):
+    """What the defense-aware attacks share with Inverting Gradients, whose optimiser they run:
+    its threat model (the SoK's letter B; the local hyperparameters under FedAvg, where the
+    client's steps are replayed) and every client protocol it replays."""
+
+    requires = frozenset({Capability.BATCH_SIZE})
+    threat_letter = "B"
+    client_protocols = EVERY_PROTOCOL
+    protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
 
 
 @dataclass(frozen=True)

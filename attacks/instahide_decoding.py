@@ -84,7 +84,7 @@ def resolve_reflections(low: np.ndarray, high: np.ndarray, sweeps: int) -> tuple
 @register_attack("instahide-decoding")
 class InstaHideDecoding(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
-    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
+    threat_letter = "B"  # the SoK's letter of Inverting Gradients, whose objective it extends
     adapts_to = frozenset({"instahide"})
     threat_model = (
         "honest-but-curious server observing one FedSGD update of an InstaHide client; knows "

@@ -44,15 +44,14 @@ import torch
 from torch import Tensor
 
 from leakbench.attacks._defense_aware import (
+    DefenseAwareAttack,
     MatchingSchedule,
     first_layer_update,
     masked_cosine,
     match,
 )
-from leakbench.client import EVERY_PROTOCOL, FedAvg
-from leakbench.interfaces import Attack
 from leakbench.registry import register_attack
-from leakbench.threat_model import Capability, Observation, Reconstruction
+from leakbench.threat_model import Observation, Reconstruction
 
 
 def kept_entries_start(observation: Observation) -> Tensor | None:
@@ -71,11 +70,7 @@ def kept_entries_start(observation: Observation) -> Tensor | None:
 
 
 @register_attack("mask-aware")
-class MaskAware(Attack):
-    requires = frozenset({Capability.BATCH_SIZE})
-    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
-    client_protocols = EVERY_PROTOCOL
-    protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
+class MaskAware(DefenseAwareAttack):
     adapts_to = frozenset({"pruning", "top-k", "soteria"})
     threat_model = (
         "honest-but-curious server observing one sparsified update; knows the architecture, "

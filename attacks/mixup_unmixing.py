@@ -47,7 +47,7 @@ def check_unmixing_hyperparameters(k: int, tolerance: float, dlg_iterations: int
 @register_attack("mixup-unmixing")
 class MixUpUnmixing(Attack):
     requires = frozenset({Capability.BATCH_SIZE})
-    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
+    threat_letter = "B"  # the SoK's letter of Inverting Gradients, whose objective it extends
     adapts_to = frozenset({"mixup"})
     threat_model = (
         "honest-but-curious server observing one FedSGD update of a MixUp client; knows the "

@@ -63,6 +63,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from leakbench.attacks._defense_aware import (
+    DefenseAwareAttack,
     Distance,
     MatchingSchedule,
     Simulator,
@@ -70,8 +71,8 @@ from leakbench.attacks._defense_aware import (
     match,
     protocol_simulator,
 )
-from leakbench.client import EVERY_PROTOCOL, Aggregate, FedAvg, FedSGD
-from leakbench.interfaces import Attack, TrialFailure
+from leakbench.client import Aggregate, FedSGD
+from leakbench.interfaces import TrialFailure
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, Observation, Reconstruction
 
@@ -163,11 +164,7 @@ def dp_clients(observation: Observation) -> int:
 
 
 @register_attack("noise-aware")
-class NoiseAware(Attack):
-    requires = frozenset({Capability.BATCH_SIZE})
-    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
-    client_protocols = EVERY_PROTOCOL
-    protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
+class NoiseAware(DefenseAwareAttack):
     adapts_to = frozenset({"noise", "dp-sgd"})
     threat_model = (
         "honest-but-curious server observing one noisy update; knows the architecture, the "

@@ -55,13 +55,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from leakbench.attacks._defense_aware import Distance, MatchingSchedule, match
+from leakbench.attacks._defense_aware import (
+    DefenseAwareAttack,
+    Distance,
+    MatchingSchedule,
+    match,
+)
 from leakbench.attacks.bias import BiasAttack
-from leakbench.client import EVERY_PROTOCOL, FedAvg
 from leakbench.defenses.quantization import SCHEMES
-from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError, positive_int
+from leakbench.interfaces import TrialFailure, UnsupportedModelError, positive_int
 from leakbench.registry import register_attack
-from leakbench.threat_model import Capability, Observation, Reconstruction
+from leakbench.threat_model import Observation, Reconstruction
 
 # Relative tolerance of "an integer multiple of the unit" when reading QSGD's unit back.
 UNIT_TOLERANCE = 1e-3
@@ -159,11 +163,7 @@ def sign_distance(shared: Sequence[Tensor]) -> Distance:
 
 
 @register_attack("quantization-aware")
-class QuantizationAware(Attack):
-    requires = frozenset({Capability.BATCH_SIZE})
-    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
-    client_protocols = EVERY_PROTOCOL
-    protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
+class QuantizationAware(DefenseAwareAttack):
     adapts_to = frozenset({"quantization"})
     threat_model = (
         "honest-but-curious server observing one quantised update; knows the architecture, the "

@@ -40,11 +40,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leakbench.attacks._defense_aware import MatchingSchedule, masked_cosine, match
-from leakbench.client import EVERY_PROTOCOL, FedAvg
-from leakbench.interfaces import Attack, UnsupportedModelError
+from leakbench.attacks._defense_aware import (
+    DefenseAwareAttack,
+    MatchingSchedule,
+    masked_cosine,
+    match,
+)
+from leakbench.interfaces import UnsupportedModelError
 from leakbench.registry import register_attack
-from leakbench.threat_model import Capability, Observation, Reconstruction
+from leakbench.threat_model import Observation, Reconstruction
 
 
 def defended_linear(model: nn.Module, layer: str | None) -> str:
@@ -63,11 +67,7 @@ def defended_linear(model: nn.Module, layer: str | None) -> str:
 
 
 @register_attack("soteria-skip")
-class SoteriaSkip(Attack):
-    requires = frozenset({Capability.BATCH_SIZE})
-    threat_letter = "B"  # the SoK\'s letter of Inverting Gradients, whose objective it extends
-    client_protocols = EVERY_PROTOCOL
-    protocol_requires = {FedAvg.name: frozenset({Capability.LOCAL_HYPERPARAMETERS})}
+class SoteriaSkip(DefenseAwareAttack):
     adapts_to = frozenset({"soteria"})
     threat_model = (
         "honest-but-curious server observing one update; knows the architecture, the "
