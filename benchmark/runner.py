@@ -109,7 +109,7 @@ def check_options(
             f"expected it as the run's key {set_by_run[taken[0]]!r}"
         )
     try:
-        parameters = list(inspect.signature(factory).parameters.values())[fixed:]
+        parameters = option_parameters(factory)[fixed:]
     except (TypeError, ValueError):  # no signature to read: the call itself will say
         return
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
@@ -135,6 +135,19 @@ def check_options(
             f"{kind}_options: got {options!r}, expected the option {missing[0]!r} that "
             f"{kind} {name!r} needs"
         )
+
+
+def option_parameters(factory: Callable[..., Any]) -> list[inspect.Parameter]:
+    """The parameters ``factory`` takes; a class whose ``__init__`` passes ``**options`` on to
+    its base class takes the base's too (as a datamodule with one option of its own does)."""
+    parameters = list(inspect.signature(factory).parameters.values())
+    if not isinstance(factory, type) or not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return parameters
+    base = next((b for b in factory.__mro__[1:] if "__init__" in vars(b)), object)
+    if base is object:
+        return parameters
+    own = [p for p in parameters if p.kind is not p.VAR_KEYWORD]
+    return own + [p for p in option_parameters(base) if p.name not in {q.name for q in own}]
 
 
 def instantiate(kind: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> Any:

@@ -343,7 +343,7 @@ def test_a_binary_config_file_is_named(capsys, tmp_path):
             "--dataset_options",
             "{bogus: 1}",
             "dataset_options: unknown option 'bogus' (given 1) for dataset 'lfw-subset'; "
-            "expected one of: train_batch_size, num_clients, partition, dirichlet_alpha, "
+            "expected one of: mirrored, train_batch_size, num_clients, partition, dirichlet_alpha, "
             "partition_seed, client",
         ),
         (
