@@ -215,4 +215,4 @@ def test_rank_and_data_check_take_typed_options(capsys, tmp_path):
     assert code == 1 and "does not exist" in out
     code, _, err = run_cli(capsys, ["data", "check", "isic", "--option", "edition=2017",
                                     "--option", "size=64", "--root", tmp_path])  # fmt: skip
-    assert code == 2 and "unexpected keyword argument 'size'" in err
+    assert code == 2 and "unknown option 'size' (given 64) for dataset 'isic'" in err

@@ -560,7 +560,9 @@ def test_data_check_counts_and_problems(
 
     with pytest.raises(ValueError, match="unknown dataset 'lwf'"):
         check_dataset("lwf")
-    with pytest.raises(ValueError, match="bad options for dataset 'isic'"):
+    with pytest.raises(
+        ValueError, match="unknown option 'editon' .* expected one of: root, edition"
+    ):
         check_dataset("isic", str(data["isic"]), {"editon": "2017"})
 
 
