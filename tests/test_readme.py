@@ -69,15 +69,22 @@ BUDGETS: dict[str, dict[str, str]] = {
 # default: here, into the scratch copy of it.
 PLACES: dict[str, dict[str, str]] = {
     "submit": {"--entries_dir": "leaderboards/entries"},
+    "leaderboard verify": {"--keys_dir": "leaderboards/keys"},
     "leaderboard render": {
         "--entries_dir": "leaderboards/entries",
         "--out_dir": "leaderboards/tables",
+        "--keys_dir": "leaderboards/keys",
     },
     "leaderboard build": {
         "--entries_dir": "leaderboards/entries",
         "--out_dir": "leaderboards/site",
+        "--keys_dir": "leaderboards/keys",
     },
 }
+# The maintainers' verification: ENTRY.json is the entry the README's submission made, and the
+# board's key one made here (its public half among the scratch copy's trusted keys).
+SUBMITTED_ENTRY = f"leaderboards/entries/lfw-subset-lenet-zhu-b1/{TEMPLATE_ATTACK}-b1.json"
+BOARD_KEY = "/path/outside/the/repository/board.pem"
 # What the README's grid runs with here (keys of its `set`, applied to every run).
 GRID_BUDGET = {"trials": 1, "budget": {"max_iterations": 2}}
 # Commands that train victims or sweep many runs: they run in the nightly slow job.
@@ -198,6 +205,11 @@ def filled(command: Command, scratch: Scratch, capsys: pytest.CaptureFixture[str
         if placeholder in argv:
             sha = checkpoint_for(victim_of(command), scratch, capsys)[:length]
             argv = [sha if a == placeholder else a for a in argv]
+    if "ENTRY.json" in argv:
+        assert Path(SUBMITTED_ENTRY).is_file(), f"README line {command.line}: nothing submitted"
+        argv = [SUBMITTED_ENTRY if a == "ENTRY.json" else a for a in argv]
+    if BOARD_KEY in argv:
+        argv = [str(board_key(scratch, capsys)) if a == BOARD_KEY else a for a in argv]
     argv = [a.replace("my-attack", TEMPLATE_ATTACK).replace("GRID.yaml", "leaderboards/grids/"
             "my-grid.yaml") for a in argv]  # fmt: skip
     if command.words == "run" and any(a in argv for a in ("--resume", "--print-config", "--help")):
@@ -213,6 +225,16 @@ def filled(command: Command, scratch: Scratch, capsys: pytest.CaptureFixture[str
     for key, value in {**budget, **PLACES.get(command.words, {})}.items():
         argv += [key, value]
     return argv
+
+
+def board_key(scratch: Scratch, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A board key made here with ``keygen`` (once), trusted by the scratch copy's board."""
+    key = scratch.path.parent / "board.pem"
+    if not key.is_file():
+        argv = ["leaderboard", "keygen", str(key), "--name", "readme-test"]
+        code, out = leakbench([*argv, "--keys_dir", "leaderboards/keys"], capsys)
+        assert code == 0, out
+    return key
 
 
 def victim_of(command: Command) -> tuple[str, str]:
