@@ -267,3 +267,29 @@ def test_the_defense_page_renders_its_scatter_in_chromium(board, browser, tmp_pa
     assert browser.console_errors() == []
     link = browser.evaluate("document.querySelector('#defense-tracks a').href")
     assert link == (out / "defense" / "tiny-defense-board.html").as_uri()
+
+
+def test_the_template_defense_clips_and_adds_noise_relative_to_each_tensor():
+    import sys
+
+    import torch
+
+    sys.path.insert(
+        0, str(Path(__file__).resolve().parents[1] / "leaderboards" / "template-defense" / "src")
+    )
+    try:
+        from leakbench_template_defense import TemplateRelativeNoise
+    finally:
+        sys.path.pop(0)
+    update = {"w": torch.full((100, 100), 0.5), "b": torch.full((10_000,), 1e-3)}
+    defense = TemplateRelativeNoise(relative_scale=0.1, clip_norm=1.0)
+    shared = defense.defend_update(None, None, None, update, torch.Generator().manual_seed(0))
+    clipped = update["w"] / update["w"].norm()  # norm 50 clipped to 1; b (norm 0.1) is not
+    for name, expected in (("w", clipped), ("b", update["b"])):
+        noise = shared[name] - expected
+        relative = float(noise.norm() / expected.norm())
+        assert relative == pytest.approx(0.1, rel=0.05), name  # σ times the tensor's RMS
+    again = defense.defend_update(None, None, None, update, torch.Generator().manual_seed(0))
+    assert all(torch.equal(shared[k], again[k]) for k in shared)  # seeded by the client
+    with pytest.raises(ValueError, match="clip_norm must be finite and > 0"):
+        TemplateRelativeNoise(clip_norm=0.0)
