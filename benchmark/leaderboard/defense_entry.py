@@ -68,8 +68,9 @@ TRACK_BOOKKEEPING = BOOKKEEPING_KEYS | {"checkpoint_dir"}
 
 
 def is_defense_run(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` is the folder ``leakbench defenses`` wrote for one track."""
-    return (Path(run_dir) / "privacy_utility.json").is_file()
+    """Whether ``run_dir`` is the folder ``leakbench defenses`` wrote for one track (each
+    measured setting stands alone: an interrupted track's finished settings can be submitted)."""
+    return (Path(run_dir) / "settings").is_dir() and not (Path(run_dir) / "summary.json").exists()
 
 
 def is_defense_entry(entry: Mapping[str, Any]) -> bool:
