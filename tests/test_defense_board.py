@@ -293,3 +293,29 @@ def test_the_template_defense_clips_and_adds_noise_relative_to_each_tensor():
     assert all(torch.equal(shared[k], again[k]) for k in shared)  # seeded by the client
     with pytest.raises(ValueError, match="clip_norm must be finite and > 0"):
         TemplateRelativeNoise(clip_norm=0.0)
+
+
+def test_shipped_defense_tracks_declare_verification_and_their_entries_load(tmp_path):
+    from leakbench.analysis.defense_track import DefenseTrack
+    from leakbench.leaderboard.defense_entry import DEFENSE_ENTRIES, DEFENSE_TRACKS
+
+    tracks = sorted(DEFENSE_TRACKS.glob("*.yaml"))
+    assert len(tracks) == 6
+    for path in tracks:
+        track = DefenseTrack.load(path)
+        meta = track.base["track"]
+        assert meta["free"] == ["defenses"] and meta["ranking"] == "psnr.median", path.name
+        assert {"trials", "private_transform", "tolerance"} <= set(meta["verification"])
+        assert "REDUCED" in meta["description"], path.name  # the shipped budgets say so
+    boards = load_defense_board(DEFENSE_ENTRIES)  # every shipped entry intact, signatures too
+    shipped = [row for board in boards for row in board.rows]
+    assert shipped, "no shipped defense entries"
+    for row in shipped:
+        assert row.entry["budget_note"].startswith("REDUCED budgets"), row.path
+    out = tmp_path / "site"
+    build_site(tmp_path / "no-attack-entries", out, defense_entries_dir=DEFENSE_ENTRIES)
+    for board in boards:
+        page = (out / "defense" / f"{board.name}.html").read_text()
+        assert page.count('<circle class="point') == sum(
+            r.privacy is not None and r.accuracy is not None for r in board.rows
+        )

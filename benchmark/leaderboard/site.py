@@ -393,7 +393,13 @@ def _defense_page(board: DefenseTrackBoard, out: Path) -> dict[str, Any]:
     for row in board.rows:
         for name, attack in row.entry["attacks"].items():
             budgets[name] = {"adaptive": attack["adaptive"], "budget": attack["budget"]}
-    notes = sorted({row.entry["budget_note"] for row in board.rows})
+    reduced = [name for name, a in sorted(budgets.items()) if "(track; published" in a["budget"]]
+    budget_note = (
+        f"REDUCED budgets: {', '.join(reduced)} ran below their published budgets (the track's "
+        "attack_options); the table gives each budget next to the published one."
+        if reduced
+        else "Every attack ran at its published budget."
+    )
     href = f"defense/{slug(board.name)}.html"
     html = (
         _environment()
@@ -408,7 +414,7 @@ def _defense_page(board: DefenseTrackBoard, out: Path) -> dict[str, Any]:
             plot=scatter(board, float(ceiling)),
             undefended=board.undefended_accuracy,
             budgets=sorted(budgets.items()),
-            budget_note=" ".join(notes) or "",
+            budget_note=budget_note,
         )
     )
     atomic_write_text(out / href, html)
