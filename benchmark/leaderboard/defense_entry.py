@@ -51,6 +51,7 @@ from leakbench.leaderboard.entry import (
     read_records,
     records_text,
     sha256_file,
+    shipped_records,
     sibling,
     slug,
     track_file,
@@ -342,12 +343,7 @@ def _check(entry: dict[str, Any], path: Path, tracks_dir: Path, keys_dir: Path |
             differing.append(f"the budget of {name}")
     if differing:
         raise EntryError(f"its protocol differs from the track in: {', '.join(differing)}")
-    records_path = sibling(path, RECORDS_SUFFIX)
-    if not records_path.is_file():
-        raise EntryError(f"its records file {records_path.name} is missing")
-    if sha256_file(records_path) != entry["records"]["sha256"]:
-        raise EntryError(f"its records hash does not match {records_path.name}")
-    records = read_records(records_path)
+    records_path, records = shipped_records(entry, path)
     ordered = sorted(records, key=lambda r: (r["trial"], r["attack"]))
     if (
         records_text(ordered) != records_path.read_text()
