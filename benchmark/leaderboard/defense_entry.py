@@ -183,12 +183,9 @@ def make_defense_entry(
         raise EntryError(f"{document_path} is not a defense setting's result")
     shipped_path = track_file(document["track"], tracks_dir)
     shipped = yaml.safe_load(shipped_path.read_text())
-    if fixed_part(document["track_config"]) != fixed_part(shipped):
-        changed = sorted(
-            k
-            for k in set(fixed_part(shipped)) | set(fixed_part(document["track_config"]))
-            if fixed_part(shipped).get(k) != fixed_part(document["track_config"]).get(k)
-        )
+    expected, ran = fixed_part(shipped), fixed_part(document["track_config"])
+    changed = sorted(k for k in set(expected) | set(ran) if expected.get(k) != ran.get(k))
+    if changed:
         raise EntryError(
             f"the run changed the protocol of defense track {document['track']!r} outside "
             f"track.defenses, in: {', '.join(changed)}"
