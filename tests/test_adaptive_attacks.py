@@ -87,6 +87,7 @@ NO_BIAS = {"widths": [32, 32], "bias": False}  # no closed-form first layer: mat
             15,
         ),
         ("pruning", {"keep_fraction": 0.1}, NO_BIAS, "mask-aware", {}, ["inverting-gradients"], 8),
+        ("top-k", {"fraction": 0.1}, NO_BIAS, "mask-aware", {}, ["inverting-gradients"], 8),
         (
             "quantization",
             {"scheme": "uniform", "bits": 2},

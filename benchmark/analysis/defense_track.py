@@ -527,23 +527,44 @@ def run_defense_track(
         return _run_defense_track(track, output_dir, progress, echo)
 
 
-def _run_defense_track(
-    track: DefenseTrack,
-    output_dir: str | Path | None,
-    progress: bool,
-    echo: Callable[[str], None],
-) -> list[SettingResult]:
-    from leakbench.client import protocol_from_spec
+@dataclass
+class SettingRun:
+    """What one setting runs: its protocol, defense options, trained victims, and the run
+    configuration with the attacks that apply (generic and adaptive) at their budgets; or, for a
+    defense that cannot run under the protocol, the reason."""
+
+    setting: DefenseSetting
+    protocol: Any  # leakbench.client.ClientProtocol
+    values: dict[str, Any] = field(default_factory=dict)  # RunConfig keys of the setting's run
+    options: dict[str, Any] = field(default_factory=dict)  # the defense's, as it trains
+    victims: list[Any] = field(default_factory=list)  # one TrainedVictim per seed
+    generic: list[str] = field(default_factory=list)
+    adaptive: list[str] = field(default_factory=list)
+    used_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    not_applicable: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # the defense cannot run under the protocol
+
+
+@dataclass
+class TrackContext:
+    """What every setting of a track shares: the checked configuration and the caches."""
+
+    track: DefenseTrack
+    config: RunConfig
+    candidates: list[str]
+    track_options: dict[str, dict[str, Any]]
+    train_size: int
+    checkpoints: Path
+    applicability: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+
+
+def track_context(track: DefenseTrack, folder: Path) -> TrackContext:
+    """Step 1: the shared configuration, checked before anything is trained or written."""
     from leakbench.models.training import default_checkpoint_dir
     from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
 
-    started = time.perf_counter()
     base = dict(track.base)
-    folder = Path(output_dir or base.get("output_dir", "runs")) / (
-        base.get("run_name") or track.name
-    )
     checkpoints = Path(base.get("checkpoint_dir") or default_checkpoint_dir())
-    # 1. The shared configuration, checked before anything is trained or written.
     candidates = generic_attacks(track.attacks)
     track_options: dict[str, dict[str, Any]] = dict(base.pop("attack_options", None) or {})
     unknown = sorted(set(track_options) - set(ATTACKS.names()))
@@ -565,122 +586,163 @@ def _run_defense_track(
     train_size = len(DATAMODULES.get(config.dataset)(**config.dataset_options).samples("train"))
     for setting in track.settings:
         DEFENSES.get(setting.defense)  # an unknown name is refused before any training
+    return TrackContext(track, config, candidates, track_options, train_size, checkpoints)
 
+
+def prepare_setting(
+    context: TrackContext,
+    setting: DefenseSetting,
+    seeds: Sequence[int] | None = None,
+    echo: Callable[[str], None] = print,
+) -> SettingRun:
+    """Step 2 for one setting: its client protocol and defense, its victims (trained with the
+    defense, one per seed of ``seeds``, default the recipe's; the first is attacked) and the
+    attacks that apply to its victim. ``leakbench defenses`` and the board's verification of a
+    defense entry both run a setting from what this returns."""
+    from leakbench.client import protocol_from_spec
+    from leakbench.registry import DEFENSES
+
+    track, config = context.track, context.config
+    spec = setting.client_protocol or config.client_protocol
+    try:
+        protocol = protocol_from_spec(spec)
+    except ValueError as exc:
+        raise ConfigError(f"track {track.name}: setting {setting.label!r}: {exc}") from None
+    defense_cls = DEFENSES.get(setting.defense)
+    unsupported = sorted(protocol.names() - defense_cls.client_protocols)
+    if unsupported:
+        reason = (
+            f"{setting.defense} cannot run under the client protocol {unsupported[0]!r} "
+            f"(it supports: {', '.join(sorted(defense_cls.client_protocols))})"
+        )
+        return SettingRun(setting, protocol, options=dict(setting.options), reason=reason)
+    training_batch = protocol.samples_per_trial(track.batch_size)
+    try:
+        options = defense_cls.options_for_training(
+            setting.options,
+            batch_size=training_batch,
+            dataset_size=context.train_size,
+            epochs=track.utility.epochs,
+        )
+        defense = defense_cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"track {track.name}: setting {setting.label!r}: {exc}") from None
+    victims = [
+        _trained(config, setting, track.utility, seed, training_batch, context.checkpoints)
+        for seed in (track.utility.seeds if seeds is None else seeds)
+    ]
+    attacked = victims[0]
+    echo(
+        f"setting {setting.label}: victim trained at B = {training_batch} (seed "
+        f"{track.utility.seeds[0]}), checkpoint {attacked.checkpoint.sha256[:16]}, test "
+        f"accuracy {attacked.test_accuracy:.3f}"
+    )
+    values = {
+        **config.to_dict(),
+        "client_protocol": spec,
+        "model": setting.model or config.model,
+        "model_options": _model_options(config, setting),
+        "model_state": attacked.checkpoint.sha256,
+        "checkpoint_dir": str(context.checkpoints),
+        "defense": setting.defense,
+        "defense_options": options,
+        "run_name": setting.slug,
+    }
+    # The attacks: generic ones (checked once per protocol), then the defense's adaptive.
+    attack_options = {
+        name: {**PUBLISHED_BUDGETS.get(name, {}), **context.track_options.get(name, {})}
+        for name in context.candidates
+    }
+    key = json.dumps([protocol.spec(), values["model"], values["model_options"]], sort_keys=True)
+    if key not in context.applicability:
+        context.applicability[key] = applicable_attacks(
+            RunConfig.from_mapping(values, source=f"track {track.name}"),
+            context.candidates,
+            attack_options,
+        )
+    generic, not_applicable = context.applicability[key]
+    adaptive_options = {
+        name: {**PUBLISHED_BUDGETS.get(name, {}), **context.track_options.get(name, {}), **told}
+        for name, told in (defense.adaptive_attacks() if track.adaptive else {}).items()
+    }
+    adaptive, adaptive_refused = applicable_attacks(
+        RunConfig.from_mapping(values, source=f"track {track.name}"),
+        list(adaptive_options),
+        adaptive_options,
+    )
+    not_applicable = {**not_applicable, **adaptive_refused}
+    attacks = generic + adaptive
+    if not attacks:
+        raise ConfigError(f"track {track.name}: no attack can run on setting {setting.label!r}")
+    used_options = {
+        name: (adaptive_options if name in adaptive else attack_options)[name] for name in attacks
+    }
+    values.update(attacks=attacks, attack_options=used_options)
+    return SettingRun(
+        setting,
+        protocol,
+        values,
+        options,
+        victims,
+        list(generic),
+        adaptive,
+        used_options,
+        not_applicable,
+    )
+
+
+def _run_defense_track(
+    track: DefenseTrack,
+    output_dir: str | Path | None,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> list[SettingResult]:
+    started = time.perf_counter()
+    folder = Path(output_dir or track.base.get("output_dir", "runs")) / (
+        track.base.get("run_name") or track.name
+    )
+    context = track_context(track, folder)
+    config = context.config
     results: list[SettingResult] = []
     undefended: list[float] = []
-    applicability: dict[str, tuple[list[str], dict[str, str]]] = {}
     for setting in track.settings:
-        # 2. The setting's protocol, defense and victims.
-        spec = setting.client_protocol or config.client_protocol
-        try:
-            protocol = protocol_from_spec(spec)
-        except ValueError as exc:
-            raise ConfigError(f"track {track.name}: setting {setting.label!r}: {exc}") from None
-        defense_cls = DEFENSES.get(setting.defense)
-        unsupported = sorted(protocol.names() - defense_cls.client_protocols)
+        # 2. The setting's protocol, defense, victims and attacks.
+        prepared = prepare_setting(context, setting, echo=echo)
         run_path = folder / setting.slug
-        if unsupported:
-            reason = (
-                f"{setting.defense} cannot run under the client protocol {unsupported[0]!r} "
-                f"(it supports: {', '.join(sorted(defense_cls.client_protocols))})"
-            )
-            echo(f"setting {setting.label}: not applicable: {reason}")
+        if prepared.reason is not None:
+            echo(f"setting {setting.label}: not applicable: {prepared.reason}")
             results.append(
                 SettingResult(
                     setting.label,
                     setting.defense,
                     setting.options,
-                    protocol.spec(),
+                    prepared.protocol.spec(),
                     None,
                     [],
                     undefended,
                     str(run_path),
-                    reason=reason,
+                    reason=prepared.reason,
                 )
             )
             continue
-        training_batch = protocol.samples_per_trial(track.batch_size)
-        try:
-            options = defense_cls.options_for_training(
-                setting.options,
-                batch_size=training_batch,
-                dataset_size=train_size,
-                epochs=track.utility.epochs,
-            )
-            defense = defense_cls(**options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"track {track.name}: setting {setting.label!r}: {exc}") from None
-        victims = [
-            _trained(config, setting, track.utility, seed, training_batch, checkpoints)
-            for seed in track.utility.seeds
-        ]
-        accuracy = [v.test_accuracy for v in victims]
+        accuracy = [v.test_accuracy for v in prepared.victims]
         is_reference = setting.defense == "none" and not setting.client_protocol
         if is_reference and not undefended:
             undefended = accuracy
-        attacked = victims[0]
-        echo(
-            f"setting {setting.label}: victim trained at B = {training_batch} (seed "
-            f"{track.utility.seeds[0]}), checkpoint {attacked.checkpoint.sha256[:16]}, test "
-            f"accuracy {attacked.test_accuracy:.3f}"
-        )
-        values = {
-            **config.to_dict(),
-            "client_protocol": spec,
-            "model": setting.model or config.model,
-            "model_options": _model_options(config, setting),
-            "model_state": attacked.checkpoint.sha256,
-            "checkpoint_dir": str(checkpoints),
-            "defense": setting.defense,
-            "defense_options": options,
-            "run_name": setting.slug,
-        }
-        # The attacks: generic ones (checked once per protocol), then the defense's adaptive.
-        attack_options = {
-            name: {**PUBLISHED_BUDGETS.get(name, {}), **track_options.get(name, {})}
-            for name in candidates
-        }
-        key = json.dumps(
-            [protocol.spec(), values["model"], values["model_options"]], sort_keys=True
-        )
-        if key not in applicability:
-            applicability[key] = applicable_attacks(
-                RunConfig.from_mapping(values, source=f"track {track.name}"),
-                candidates,
-                attack_options,
-            )
-        generic, not_applicable = applicability[key]
-        adaptive_options = {
-            name: {**PUBLISHED_BUDGETS.get(name, {}), **track_options.get(name, {}), **told}
-            for name, told in (defense.adaptive_attacks() if track.adaptive else {}).items()
-        }
-        adaptive, adaptive_refused = applicable_attacks(
-            RunConfig.from_mapping(values, source=f"track {track.name}"),
-            list(adaptive_options),
-            adaptive_options,
-        )
-        not_applicable = {**not_applicable, **adaptive_refused}
-        for name, reason in not_applicable.items():
+        for name, reason in prepared.not_applicable.items():
             echo(f"  not applicable: {name}: {reason}")
-        attacks = generic + adaptive
-        if not attacks:
-            raise ConfigError(f"track {track.name}: no attack can run on setting {setting.label!r}")
-        used_options = {
-            name: (adaptive_options if name in adaptive else attack_options)[name]
-            for name in attacks
-        }
-        setting_config = RunConfig.from_mapping(
-            {**values, "attacks": attacks, "attack_options": used_options},
-            source=f"track {track.name}",
+        echo(
+            f"  attacks: {', '.join(prepared.generic)}; adaptive: "
+            f"{', '.join(prepared.adaptive) or 'none'}"
         )
-        echo(f"  attacks: {', '.join(generic)}; adaptive: {', '.join(adaptive) or 'none'}")
         from leakbench.results import RunDirectory
         from leakbench.runner import run
 
+        setting_config = RunConfig.from_mapping(prepared.values, source=f"track {track.name}")
         run(setting_config, progress=progress, echo=lambda line: None)
         # 3. Privacy, utility and the machine-readable result.
         records = list(RunDirectory(run_path).records())
-        privacy = setting_privacy(records, config.success_psnr, adaptive)
+        privacy = setting_privacy(records, config.success_psnr, prepared.adaptive)
         round_epsilon = next(
             (
                 r["defense_report"].get("round_epsilon")
@@ -690,31 +752,32 @@ def _run_defense_track(
             ),
             None,
         )
+        attacked = prepared.victims[0]
         result = SettingResult(
             setting.label,
             setting.defense,
-            options,
-            protocol.spec(),
+            prepared.options,
+            prepared.protocol.spec(),
             privacy,
             accuracy,
             undefended,
             str(run_path),
-            attack_options=used_options,
-            not_applicable=not_applicable,
+            attack_options=prepared.used_options,
+            not_applicable=prepared.not_applicable,
             accounting=dict(attacked.checkpoint.card.get("defense_accounting", {})),
             round_epsilon=round_epsilon,
             undefended=is_reference,
             victim={
-                "model": values["model"],
-                "model_options": values["model_options"],
+                "model": prepared.values["model"],
+                "model_options": prepared.values["model_options"],
                 "checkpoint": attacked.checkpoint.sha256,
                 "test_accuracy": attacked.test_accuracy,
                 # Every seed's trained victim: what a verifier re-trains and compares.
-                "checkpoints_per_seed": [v.checkpoint.sha256 for v in victims],
+                "checkpoints_per_seed": [v.checkpoint.sha256 for v in prepared.victims],
             },
         )
         results.append(result)
-        write_setting(result, records, folder, track, adaptive)
+        write_setting(result, records, folder, track, prepared.adaptive)
 
     # 4. The table and its figure.
     for result in results:

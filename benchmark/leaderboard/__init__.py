@@ -20,6 +20,8 @@ The path of a result::
 
     leakbench run --config leaderboards/tracks/<track>.yaml --attack <yours>
     leakbench submit runs/<run>                  # one entry per cell (entry.py)
+    leakbench defenses --config <defense track>  # privacy against utility per defense setting
+    leakbench submit runs/<defense track>        # one entry per setting (defense_entry.py)
     leakbench leaderboard verify <entry.json>    # unseen, secretly transformed trials (verify.py)
     leakbench leaderboard lookup-bound <track>   # what a lookup scores against them (lookup.py)
     leakbench leaderboard render                 # Markdown and CSV tables (board.py)
@@ -61,6 +63,10 @@ _EXPORTS = {
     "render": "leakbench.leaderboard.board",
     "build_site": "leakbench.leaderboard.site",
     "AttackNotInstalled": "leakbench.leaderboard.verify",
+    **dict.fromkeys(
+        ("load_defense_entry", "make_defense_entry", "write_defense_entries"),
+        "leakbench.leaderboard.defense_entry",
+    ),
     "verify_entry": "leakbench.leaderboard.verify",
 }
 
@@ -74,12 +80,31 @@ def submit(
     run_dir: str | Path,
     cells: list[str] | None = None,
     entries_dir: Path | None = None,
+    *,
+    defense_tracks_dir: Path | None = None,
     **details: Any,
 ) -> list[Path]:
     """Write one entry per cell of a finished track run (every cell unless ``cells``); entries
-    go to ``entries_dir`` (default: the leaderboard's ``entries`` folder)."""
+    go to ``entries_dir`` (default: the leaderboard's ``entries`` folder). A defense track's run
+    (``leakbench defenses``) gives one entry per setting (``cells``: setting slugs), checked
+    against ``defense_tracks_dir``, by default into ``defense-entries``."""
+    from leakbench.leaderboard.defense_entry import (
+        DEFENSE_ENTRIES,
+        DEFENSE_TRACKS,
+        is_defense_run,
+        write_defense_entries,
+    )
     from leakbench.leaderboard.entry import LEADERBOARDS, run_cells, write_entry
 
+    if is_defense_run(run_dir):
+        details.pop("tracks_dir", None)
+        return write_defense_entries(
+            run_dir,
+            cells,
+            Path(entries_dir) if entries_dir is not None else DEFENSE_ENTRIES,
+            tracks_dir=Path(defense_tracks_dir or DEFENSE_TRACKS),
+            **details,
+        )
     folder = Path(entries_dir) if entries_dir is not None else LEADERBOARDS / "entries"
     return [
         write_entry(run_dir, cell, folder, **details)

@@ -33,24 +33,33 @@ def submit_command(
     replace: bool = False,
     entries_dir: str | None = None,
     tracks_dir: str | None = None,
+    defense_tracks_dir: str | None = None,
 ) -> int:
-    """Turn a finished track run into leaderboard entries, one per cell.
+    """Turn a finished track run into leaderboard entries, one per cell; a defense track's run
+    (the folder `leakbench defenses` wrote) into defense entries, one per setting.
 
     Args:
         run_dir: The finished run folder.
-        cells: Only these cells (e.g. [dlg__none__b1]; see summary.json); default: every cell.
-        name: Display name (default: the attack or defense).
+        cells: Only these cells (e.g. [dlg__none__b1]; see summary.json), or for a defense run
+            these settings (e.g. [noise-s=0.01]; see settings/); default: every one.
+        name: Display name (default: the attack, defense or setting label).
         submitter: Who submits the entry.
         paper: Link to the paper or code.
         replace: Overwrite an entry of the same name.
-        entries_dir: Folder of the entries (default: the leaderboard's).
+        entries_dir: Folder of the entries (default: the leaderboard's entries, or
+            defense-entries for a defense run).
         tracks_dir: Folder of the track files (default: the package's).
+        defense_tracks_dir: Folder of the defense track files (default: the package's).
     """
     from leakbench.leaderboard import submit
 
-    entries, tracks = _folders(entries_dir, tracks_dir)
+    _, tracks = _folders(entries_dir, tracks_dir)
     details = {"name": name, "submitter": submitter, "paper": paper, "replace": replace}
-    for path in submit(run_dir, cells, entries, tracks_dir=tracks, **details):
+    entries = Path(entries_dir) if entries_dir else None
+    defense_tracks = Path(defense_tracks_dir) if defense_tracks_dir else None
+    for path in submit(
+        run_dir, cells, entries, tracks_dir=tracks, defense_tracks_dir=defense_tracks, **details
+    ):
         print(f"wrote {path}")
     return 0
 
@@ -95,12 +104,14 @@ def verify_command(
     key: str | None = None,
     check_only: bool = False,
     tracks_dir: str | None = None,
+    defense_tracks_dir: str | None = None,
     keys_dir: str | None = None,
     runs_dir: str | None = None,
     threads: int | None = None,
 ) -> int:
     """Re-run entries in the sandbox on unseen, secretly transformed trials and sign the result
-    with the board's key (a maintainer's command).
+    with the board's key (a maintainer's command). An attack entry's attack runs as it ran; a
+    defense entry's setting is attacked by the board's attacks on its re-trained victim.
 
     Exit 0 when every entry passed, 1 when one failed, 2 when one was refused.
 
@@ -109,6 +120,7 @@ def verify_command(
         key: The board's private key (PEM); default: $LEAKBENCH_BOARD_KEY_FILE.
         check_only: Report the verdict only: no key, nothing signed or written.
         tracks_dir: Folder of the track files (default: the package's).
+        defense_tracks_dir: Folder of the defense track files (default: the package's).
         keys_dir: Folder of the public keys the board trusts (default: the package's).
         runs_dir: Keep the verification runs here (default: discarded).
         threads: Intra-op threads per process.
@@ -125,6 +137,7 @@ def verify_command(
                 key=key,
                 check_only=check_only,
                 tracks_dir=tracks,
+                defense_tracks_dir=Path(defense_tracks_dir) if defense_tracks_dir else None,
                 keys_dir=Path(keys_dir) if keys_dir else None,
                 runs_dir=Path(runs_dir) if runs_dir else None,
                 threads=threads,
@@ -192,6 +205,8 @@ def build_command(
     tracks_dir: str | None = None,
     keys_dir: str | None = None,
     out_dir: str | None = None,
+    defense_entries_dir: str | None = None,
+    defense_tracks_dir: str | None = None,
 ) -> int:
     """Render the static web leaderboard.
 
@@ -200,13 +215,25 @@ def build_command(
         tracks_dir: Folder of the track files (default: the package's).
         keys_dir: Folder of the public keys the board trusts (default: the package's).
         out_dir: Folder of the site (default: the leaderboard's ``site``).
+        defense_entries_dir: Folder of the defense entries (default: defense-entries beside
+            the entries folder).
+        defense_tracks_dir: Folder of the defense track files (default: the package's).
     """
     from leakbench.leaderboard.entry import LEADERBOARDS
     from leakbench.leaderboard.site import build_site
 
     entries, tracks = _folders(entries_dir, tracks_dir)
     out = Path(out_dir) if out_dir else LEADERBOARDS / "site"
-    files = build_site(entries, out, tracks, Path(keys_dir) if keys_dir else None)
+    from leakbench.leaderboard.defense_entry import DEFENSE_TRACKS
+
+    files = build_site(
+        entries,
+        out,
+        tracks,
+        Path(keys_dir) if keys_dir else None,
+        Path(defense_entries_dir) if defense_entries_dir else None,
+        Path(defense_tracks_dir) if defense_tracks_dir else DEFENSE_TRACKS,
+    )
     print(f"wrote {len(files)} files; open {out / 'index.html'}")
     return 0
 

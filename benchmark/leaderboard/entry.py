@@ -417,12 +417,7 @@ def _check_entry(
         differing.append("batch_size")
     if differing:
         raise EntryError(f"its protocol differs from the track in: {', '.join(differing)}")
-    records_path = sibling(path, RECORDS_SUFFIX)
-    if not records_path.is_file():
-        raise EntryError(f"its records file {records_path.name} is missing")
-    if sha256_file(records_path) != entry["records"]["sha256"]:
-        raise EntryError(f"its records hash does not match {records_path.name}")
-    records = read_records(records_path)
+    records_path, records = shipped_records(entry, path)
     if len(records) != entry["protocol"]["trials"] or records_text(records) != (
         records_path.read_text()
     ):
@@ -442,6 +437,17 @@ def _check_entry(
         from leakbench.leaderboard.verify import check_block
 
         check_block(entry, path, keys_dir)
+
+
+def shipped_records(entry: Mapping[str, Any], path: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """The records file next to entry ``path`` and its records; refused when it is missing or
+    its bytes are not the ones ``records.sha256`` names."""
+    records_path = sibling(path, RECORDS_SUFFIX)
+    if not records_path.is_file():
+        raise EntryError(f"its records file {records_path.name} is missing")
+    if sha256_file(records_path) != entry["records"]["sha256"]:
+        raise EntryError(f"its records hash does not match {records_path.name}")
+    return records_path, read_records(records_path)
 
 
 def cell_of(entry: Mapping[str, Any]) -> str:

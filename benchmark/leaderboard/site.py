@@ -3,7 +3,10 @@
 ``index.html`` has one section per track (its protocol, threat model and budget in words, and a
 sortable table per batch size, ranked by the track's statistic, failures counted, verification
 marked); each entry gets a page with its protocol, settings, environment, ground truth next to
-reconstruction, and the distribution of its per-sample metrics. The templates are Jinja2 files
+reconstruction, and the distribution of its per-sample metrics. Each defense track gets a page
+(``defense/<track>.html``): the privacy–utility scatter as inline SVG, and the table of its
+settings with the worst attack per setting, its budget and whether it adapts to the defense,
+failures listed apart. The templates are Jinja2 files
 shipped with the package (``leakbench/templates``); sorting is a few lines of plain JavaScript.
 Everything is a relative link and there is no fetch, so the site works from ``file://``.
 
@@ -30,6 +33,12 @@ from leakbench.leaderboard.board import (
     metric,
     verification_text,
 )
+from leakbench.leaderboard.defense_board import (
+    DefenseTrackBoard,
+    load_defense_board,
+    scatter,
+)
+from leakbench.leaderboard.defense_entry import DEFENSE_TRACKS
 from leakbench.leaderboard.entry import (
     GRID_SUFFIX,
     RECORDS_SUFFIX,
@@ -333,12 +342,103 @@ def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
     return page
 
 
+def defense_protocol_words(board: DefenseTrackBoard) -> list[tuple[str, str]]:
+    """A defense track's protocol as (heading, sentence) pairs: the attack tracks' words for
+    what both share, the defense track's own for its victims and its verification."""
+    shared = ("Dataset", "Client", "Threat model", "Budget", "Trials")
+    words = [
+        (heading, sentence)
+        for heading, sentence in protocol_words(
+            {**board.config, "attacks": ["bias"], "attack_options": {}}
+        )
+        if heading in shared
+    ]
+    utility = board.meta.get("utility") or {}
+    words.insert(
+        1,
+        (
+            "Victims",
+            f"{board.config.get('model', 'fcn')} trained with each setting's defense active at "
+            f"every step, at the track's batch size, {utility.get('epochs', 5)} epoch(s), seeds "
+            f"{', '.join(str(s) for s in utility.get('seeds', [0, 1, 2]))}; the first seed's "
+            "victim is the one attacked, every seed's accuracy is the utility.",
+        ),
+    )
+    verification = board.meta.get("verification")
+    if verification:
+        tol = verification["tolerance"]
+        words.append(
+            (
+                "Verification",
+                f"The board re-trains the setting's attacked victim from the track's recipe (it "
+                "must be the checkpoint the entry attacked), runs its own attacks, generic and "
+                f"adaptive at the track's budgets, in the sandbox on {verification['trials']} "
+                "unseen trials drawn with a secret seed, every private sample changed by a "
+                "secret continuous transform. An entry passes when its claimed worst case is at "
+                f"least the lower end of the {tol['confidence']:.0%} bootstrap interval of the "
+                f"verified one, give or take {tol['margin']:g} dB (values capped at "
+                f"{tol.get('ceiling', 60.0):g}); the block is signed with the board's key.",
+            )
+        )
+    return words
+
+
+def _defense_page(board: DefenseTrackBoard, out: Path) -> dict[str, Any]:
+    """Write a defense track's page (its settings' table and the privacy–utility scatter);
+    return what the index needs to link it."""
+    config = dict(board.config)
+    batch_size = config.get("batch_sizes", [1])[0]
+    ceiling = (board.meta.get("verification") or {}).get("tolerance", {}).get("ceiling") or 60.0
+    budgets: dict[str, dict[str, Any]] = {}
+    for row in board.rows:
+        for name, attack in row.entry["attacks"].items():
+            budgets[name] = {"adaptive": attack["adaptive"], "budget": attack["budget"]}
+    reduced = [name for name, a in sorted(budgets.items()) if "(track; published" in a["budget"]]
+    budget_note = (
+        f"REDUCED budgets: {', '.join(reduced)} ran below their published budgets (the track's "
+        "attack_options); the table gives each budget next to the published one."
+        if reduced
+        else "Every attack ran at its published budget."
+    )
+    href = f"defense/{slug(board.name)}.html"
+    html = (
+        _environment()
+        .get_template("defense.html.j2")
+        .render(
+            board=board,
+            batch_size=batch_size,
+            description=" ".join(board.meta.get("description", "").split()),
+            protocol=defense_protocol_words(board),
+            counts=board.counts(),
+            rows=board.rows,
+            plot=scatter(board, float(ceiling)),
+            undefended=board.undefended_accuracy,
+            budgets=sorted(budgets.items()),
+            budget_note=budget_note,
+        )
+    )
+    atomic_write_text(out / href, html)
+    return {"href": href, "board": board, "counts": board.counts(), "batch_size": batch_size}
+
+
 def build_site(
-    entries_dir: Path, out_dir: Path, tracks_dir: Path = TRACKS, keys_dir: Path | None = None
+    entries_dir: Path,
+    out_dir: Path,
+    tracks_dir: Path = TRACKS,
+    keys_dir: Path | None = None,
+    defense_entries_dir: Path | None = None,
+    defense_tracks_dir: Path = DEFENSE_TRACKS,
 ) -> list[Path]:
-    """Render the site into ``out_dir`` (replacing an earlier build there); returns its files."""
+    """Render the site into ``out_dir`` (replacing an earlier build there); returns its files.
+    Defense entries come from ``defense_entries_dir`` (default: ``defense-entries`` beside
+    ``entries_dir``), one page per defense track of ``defense_tracks_dir``."""
     out_dir = Path(out_dir)
     boards = load_board(entries_dir, tracks_dir, keys_dir)  # refuses tampered entries first
+    defense_boards = load_defense_board(
+        Path(defense_entries_dir or Path(entries_dir).parent / "defense-entries"),
+        defense_tracks_dir,
+        keys_dir,
+    )
     if out_dir.exists() and any(out_dir.iterdir()):
         if not (out_dir / MARKER).is_file():
             raise ValueError(f"{out_dir} is not empty and holds no leakbench site; use another")
@@ -371,7 +471,12 @@ def build_site(
                 "ceiling": board.ceiling,
             }
         )
-    html = _environment().get_template("index.html.j2").render(sections=sections)
+    defense_pages = [_defense_page(board, out_dir) for board in defense_boards]
+    html = (
+        _environment()
+        .get_template("index.html.j2")
+        .render(sections=sections, defense_pages=defense_pages)
+    )
     atomic_write_text(out_dir / "index.html", html)
     for name in STATIC:
         atomic_write_bytes(out_dir / name, (TEMPLATES / name).read_bytes())

@@ -81,7 +81,8 @@ DEFAULT_SUCCESS_MARGIN = 0.1
 
 
 class AttackNotInstalled(EntryError):
-    """The entry's attack is not installed here as it ran; the message names what to install."""
+    """The entry's attack (or a defense entry's defense) is not installed here as it ran; the
+    message names what to install."""
 
 
 def verification_settings(track: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,14 +239,23 @@ def _claims(entry: Mapping[str, Any], statistic: str) -> tuple[float, float | No
 
 def check_block(entry: Mapping[str, Any], path: Path, keys_dir: Path | None = None) -> None:
     """Refuse a verification block that the board did not sign, that does not belong to this
-    entry, or whose figures do not follow from its shipped records."""
+    entry, or whose figures do not follow from its shipped records (an attack entry's, or a
+    defense entry's per-sample worst case)."""
+    from leakbench.leaderboard.defense_entry import (
+        defense_claims,
+        is_defense_entry,
+        worst_case_records,
+    )
     from leakbench.leaderboard.signing import KEYS, check_signature
 
     block = entry["verification"]
     check_signature(block, keys_dir or KEYS)
     if content_sha256(entry) != block["entry_sha256"]:
         raise EntryError("it was edited after verification (entry_sha256 differs)")
-    if block["attack_code"] != entry["attack"]["code"]:
+    defense = is_defense_entry(entry)
+    if defense and block["defense_code"] != entry["defense"]["code"]:
+        raise EntryError("its verification ran other defense code than the entry names")
+    if not defense and block["attack_code"] != entry["attack"]["code"]:
         raise EntryError("its verification ran other attack code than the entry names")
     transform = {"seed": block["seeds"]["private_transform"], **block["private_transform"]}
     if block["commitments"] != {
@@ -256,14 +266,17 @@ def check_block(entry: Mapping[str, Any], path: Path, keys_dir: Path | None = No
     records_path = sibling(path, VERIFICATION_RECORDS)
     if not records_path.is_file() or sha256_file(records_path) != block["records_sha256"]:
         raise EntryError(f"its verification records ({records_path.name}) are missing or changed")
-    claimed, claimed_success = _claims(entry, block["statistic"])
+    records = read_records(records_path)
+    claimed, claimed_success = (
+        defense_claims(entry, block["statistic"]) if defense else _claims(entry, block["statistic"])
+    )
     recomputed = figures(
-        read_records(records_path),
+        worst_case_records(records) if defense else records,
         claimed,
         claimed_success,
         block["statistic"],
         block["tolerance"],
-        entry["kind"],
+        "defense" if defense else entry["kind"],
         block["seeds"]["seed"],
     )
     stored = {key: block[key] for key in recomputed}
@@ -275,23 +288,37 @@ def require_attack(entry: Mapping[str, Any]) -> None:
     """Refuse, in one line naming what to install, an attack that is not installed here as the
     entry ran it (other files than those whose hash the entry holds), and a plug-in whose
     distribution runs code in every Python process or writes into other packages."""
-    from leakbench.protocol.attack import attack_code
-    from leakbench.registry import ATTACKS, Plugin
+    from leakbench.registry import ATTACKS
 
-    name, recorded = entry["attack"]["name"], entry["attack"]["code"]
+    require_code(ATTACKS, "attack", entry["attack"]["name"], entry["attack"]["code"])
+
+
+def require_defense(entry: Mapping[str, Any]) -> None:
+    """:func:`require_attack` for the defense of a defense entry."""
+    from leakbench.registry import DEFENSES
+
+    require_code(DEFENSES, "defense", entry["defense"]["name"], entry["defense"]["code"])
+
+
+def require_code(registry: Any, noun: str, name: str, recorded: Mapping[str, Any]) -> None:
+    """Refuse a registered ``noun`` that is not installed as ``recorded`` (see
+    :func:`require_attack`)."""
+    from leakbench.protocol.attack import attack_code
+    from leakbench.registry import Plugin
+
     install = (
         f"install the distribution {recorded['distribution']} {recorded['version']} "
         f"(pip install '{recorded['distribution']}=={recorded['version']}')"
         if recorded.get("distribution") and recorded["distribution"] != "leakbench"
-        else f"use leakbench {recorded.get('version')} with the attack as it ran"
+        else f"use leakbench {recorded.get('version')} with the {noun} as it ran"
     )
-    if name not in ATTACKS:
-        raise AttackNotInstalled(f"attack {name!r} is not installed: {install}")
-    installed = ATTACKS.get(name)
+    if name not in registry:
+        raise AttackNotInstalled(f"{noun} {name!r} is not installed: {install}")
+    installed = registry.get(name)
     code = attack_code(installed if isinstance(installed, Plugin) else installed)
     if code != recorded:
         raise AttackNotInstalled(
-            f"the installed attack {name!r} is not the code the entry ran (files "
+            f"the installed {noun} {name!r} is not the code the entry ran (files "
             f"{code['files_sha256'][:12]} from {code['distribution']} {code['version']}; the "
             f"entry ran {recorded['files_sha256'][:12]}): {install}"
         )
@@ -307,7 +334,7 @@ def _refuse_intrusive_distribution(name: str) -> None:
     tops = set((dist.read_text("top_level.txt") or "").split()) | {
         ep.value.split(":")[0].split(".")[0].strip()
         for ep in dist.entry_points
-        if ep.group == "leakbench.attacks"
+        if ep.group in ("leakbench.attacks", "leakbench.defenses")
     }
     for f in dist.files or []:
         if f.name.endswith(".pth"):
@@ -366,21 +393,39 @@ def verify_entry(
     *,
     key: str | Path | None = None,
     tracks_dir: Path = TRACKS,
+    defense_tracks_dir: Path | None = None,
     keys_dir: Path | None = None,
     runs_dir: Path | None = None,
     threads: int | None = None,
     check_only: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Verify the entry at ``path`` and write the signed block into it (``check_only``: report
-    the verdict, sign and write nothing, no key needed); returns the block."""
+    """Verify the entry at ``path`` (an attack entry, or a defense entry of a defense track in
+    ``defense_tracks_dir``) and write the signed block into it (``check_only``: report the
+    verdict, sign and write nothing, no key needed); returns the block."""
+    from leakbench.leaderboard.defense_entry import (
+        DEFENSE_TRACKS,
+        defense_claims,
+        is_defense_entry,
+        load_defense_entry,
+        validate_defense_entry,
+        worst_case_records,
+    )
     from leakbench.leaderboard.private_data import verification_data
     from leakbench.leaderboard.signing import KEYS, key_id, load_private_key, sign, trusted_keys
     from leakbench.protocol.sandbox import close_sandboxes, sandbox_unavailable
-    from leakbench.runner import environment, run
+    from leakbench.runner import environment
 
     path = Path(path)
-    entry = load_entry(path, tracks_dir, keys_dir)  # a tampered entry is refused before running
+    try:
+        defense = is_defense_entry(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EntryError(f"{path}: not a readable entry: {exc}") from None
+    if defense:
+        tracks_dir = Path(defense_tracks_dir or DEFENSE_TRACKS)
+        entry = load_defense_entry(path, tracks_dir, keys_dir)  # tampered: refused before running
+    else:
+        entry = load_entry(path, tracks_dir, keys_dir)
     private_key = None if check_only else load_private_key(key)
     if private_key is not None and key_id(private_key.public_key()) not in trusted_keys(
         keys_dir or KEYS
@@ -389,7 +434,7 @@ def verify_entry(
             f"key {key_id(private_key.public_key())} is not one the board trusts: add its public "
             f"half to {keys_dir or KEYS} (leakbench leaderboard keygen writes it there)"
         )
-    require_attack(entry)
+    (require_defense if defense else require_attack)(entry)
     reason = sandbox_unavailable()
     if reason is not None:
         raise EntryError(
@@ -399,29 +444,31 @@ def verify_entry(
     settings = verification_settings(track)
     tolerance = dict(settings["tolerance"])
     statistic = track["track"].get("ranking", "psnr.median")
-    claimed, claimed_success = _claims(entry, statistic)
+    claimed, claimed_success = (
+        defense_claims(entry, statistic) if defense else _claims(entry, statistic)
+    )
     seeds = {"seed": secrets.randbits(128), "private_transform": secrets.randbits(128)}
     base = Path(runs_dir) if runs_dir is not None else Path(tempfile.mkdtemp(prefix="lb-verify-"))
     run_name = f"verify-{entry['track']}-{path.stem}-{secrets.token_hex(4)}"
     records: list[dict[str, Any]] = []
     try:
-        config = verification_config(entry, track, seeds, base, run_name, threads)
-        echo(f"verifying {path} on {config.trials} unseen trials (secret seeds, in the sandbox)")
-        run(config, progress=False, echo=lambda _: None, secret_keys=SECRET_KEYS, collect=records)
+        measure = _measure_defense if defense else _measure_attack
+        trials, grid_bytes, specific = measure(
+            entry, track, tracks_dir, seeds, base, run_name, threads, echo, records
+        )
         close_sandboxes()  # every process that ran attack code has ended before anything is written
-        records.sort(key=lambda r: r["trial"])
-        if [r["trial"] for r in records] != list(range(config.trials)) or any(
-            r["cell"] != cell_of(entry) for r in records
-        ):
-            raise EntryError("the verification run did not make one record per trial")
-        grid = base / run_name / "figures" / f"{cell_of(entry)}.png"
-        grid_bytes = grid.read_bytes() if grid.is_file() else None
     finally:
         if runs_dir is None:
             shutil.rmtree(base, ignore_errors=True)
     text = records_text(records)
     result = figures(
-        records, claimed, claimed_success, statistic, tolerance, entry["kind"], seeds["seed"]
+        worst_case_records(records) if defense else records,
+        claimed,
+        claimed_success,
+        statistic,
+        tolerance,
+        "defense" if defense else entry["kind"],
+        seeds["seed"],
     )
     transform = {"seed": seeds["private_transform"], **settings["private_transform"]}
     sandbox = {r["isolation"] for r in records}
@@ -440,13 +487,13 @@ def verify_entry(
         "data": verification_data(track).description,
         "sandbox": "bubblewrap sandbox (leakbench.protocol.sandbox)",
         "lookup_bound": settings.get("lookup_bound"),
-        "trials": config.trials,
+        "trials": trials,
         "failed": sum(r["status"] != "ok" for r in records),
         "records_sha256": hashlib.sha256(text.encode()).hexdigest(),
         **result,
         "tolerance": tolerance,
         "entry_sha256": content_sha256(entry),
-        "attack_code": dict(entry["attack"]["code"]),
+        **specific,
     }
     verdict = ("PASSED: " if block["passed"] else "FAILED: ") + block["reason"]
     if check_only:
@@ -455,11 +502,129 @@ def verify_entry(
     assert private_key is not None
     block["signature"] = sign(block, private_key)
     verified = {**entry, "verification": block}
-    validate_entry(verified)
+    (validate_defense_entry if defense else validate_entry)(verified)
     atomic_write_text(sibling(path, VERIFICATION_RECORDS), text)
     if grid_bytes is not None:
         atomic_write_bytes(sibling(path, VERIFICATION_GRID), grid_bytes)
     atomic_write_text(path, json.dumps(verified, indent=2) + "\n")
-    load_entry(path, tracks_dir, keys_dir)  # the block passes the check every later load makes
+    # The block passes the check every later load makes.
+    (load_defense_entry if defense else load_entry)(path, tracks_dir, keys_dir)
     echo(verdict)
     return block
+
+
+def _measure_attack(
+    entry: Mapping[str, Any],
+    track: Mapping[str, Any],
+    tracks_dir: Path,
+    seeds: Mapping[str, int],
+    base: Path,
+    run_name: str,
+    threads: int | None,
+    echo: Callable[[str], None],
+    records: list[dict[str, Any]],
+) -> tuple[int, bytes | None, dict[str, Any]]:
+    """An attack entry's verification run: its attack as it ran, on the track's unseen trials;
+    fills ``records``; returns the trials, the grid and the block's attack-specific fields."""
+    from leakbench.runner import run
+
+    config = verification_config(entry, track, seeds, base, run_name, threads)
+    echo(
+        f"verifying {entry['name']} on {config.trials} unseen trials (secret seeds, in the sandbox)"
+    )
+    run(config, progress=False, echo=lambda _: None, secret_keys=SECRET_KEYS, collect=records)
+    records.sort(key=lambda r: r["trial"])
+    if [r["trial"] for r in records] != list(range(config.trials)) or any(
+        r["cell"] != cell_of(entry) for r in records
+    ):
+        raise EntryError("the verification run did not make one record per trial")
+    grid = base / run_name / "figures" / f"{cell_of(entry)}.png"
+    grid_bytes = grid.read_bytes() if grid.is_file() else None
+    return config.trials, grid_bytes, {"attack_code": dict(entry["attack"]["code"])}
+
+
+def _measure_defense(
+    entry: Mapping[str, Any],
+    track: Mapping[str, Any],
+    tracks_dir: Path,
+    seeds: Mapping[str, int],
+    base: Path,
+    run_name: str,
+    threads: int | None,
+    echo: Callable[[str], None],
+    records: list[dict[str, Any]],
+) -> tuple[int, None, dict[str, Any]]:
+    """A defense entry's verification run: the setting's victim re-trained from the track's
+    recipe (it must be the one the entry attacked), then the board's attacks on it (the track's
+    generic ones and the defense's adaptive ones, at the track's budgets), on unseen trials."""
+    from leakbench.analysis.defense_track import (
+        DefenseSetting,
+        DefenseTrack,
+        prepare_setting,
+        track_context,
+    )
+    from leakbench.config import RunConfig
+    from leakbench.leaderboard.entry import track_file
+    from leakbench.leaderboard.private_data import verification_data
+    from leakbench.protocol.attack import attack_code
+    from leakbench.registry import ATTACKS
+    from leakbench.runner import run
+
+    settings = verification_settings(track)
+    loaded = DefenseTrack.load(track_file(entry["track"], tracks_dir))
+    declared = entry["setting"]
+    setting = DefenseSetting(
+        declared["label"],
+        declared["defense"],
+        dict(declared["options"]),
+        declared["client_protocol"],
+        declared["model"],
+        declared["model_options"],
+    )
+    context = track_context(loaded, base / run_name)
+    prepared = prepare_setting(context, setting, loaded.utility.seeds[:1], echo=lambda _: None)
+    if prepared.reason is not None:
+        raise EntryError(f"the setting cannot run on its track: {prepared.reason}")
+    victim = prepared.victims[0].checkpoint.sha256
+    if victim != entry["victim"]["checkpoint"]:
+        raise EntryError(
+            f"the victim trained from the track's recipe with this defense is {victim[:16]}, "
+            f"not the {entry['victim']['checkpoint'][:16]} the entry attacked"
+        )
+    values = {**prepared.values, **verification_data(track).keys}
+    values.update(
+        trials=int(settings["trials"]),
+        seed=seeds["seed"],
+        private_transform={"seed": seeds["private_transform"], **settings["private_transform"]},
+        output_dir=str(base),
+        run_name=run_name,
+        logger="none",
+        threads=threads,
+        devices=1,
+        isolation="sandbox",
+        covariates=[],
+    )
+    config = RunConfig.from_mapping(values, source="verification")
+    attacks = list(config.attacks)
+    echo(
+        f"verifying {entry['name']}: the board's attacks {', '.join(attacks)} on "
+        f"{config.trials} unseen trials (secret seeds, in the sandbox)"
+    )
+    run(config, progress=False, echo=lambda _: None, secret_keys=SECRET_KEYS, collect=records)
+    records.sort(key=lambda r: (r["trial"], r["attack"]))
+    plan = sorted((t, a) for t in range(config.trials) for a in attacks)
+    if [(r["trial"], r["attack"]) for r in records] != plan:
+        raise EntryError("the verification run did not make one record per attack and trial")
+    ran = {
+        name: {"adaptive": name in prepared.adaptive, "code": attack_code(ATTACKS.get(name))}
+        for name in attacks
+    }
+    return (
+        config.trials,
+        None,
+        {
+            "defense_code": dict(entry["defense"]["code"]),
+            "attacks": ran,
+            "victim_checkpoint": victim,
+        },
+    )
