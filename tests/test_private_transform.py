@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import tests.components  # noqa: F401  (registers the test attacks)
+from leakbench.cli import main
 from leakbench.config import RunConfig
 from leakbench.datamodules.fixtures import write_lfw_fixture
 from leakbench.leaderboard.entry import TRACKS, EntryError, load_schema, load_track
@@ -208,30 +207,25 @@ def test_the_noise_floor_is_the_noise():
     assert measure(track, 3) == figures  # same seed, same figures
 
 
-def test_the_lookup_bound_command_prints_figures_and_writes_nothing(tmp_path):
-    command = [sys.executable, "-m", "leakbench.cli", "leaderboard", "lookup-bound"]
-    done = subprocess.run(
-        [*command, "lfw-subset-fcn-exan-b4", "--trials", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+def test_the_lookup_bound_command_prints_figures_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = ["leaderboard", "lookup-bound"]
+    assert main([*command, "lfw-subset-fcn-exan-b4", "--trials", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("lfw-subset-fcn-exan-b4: 2 samples of lfw-subset/test")
     assert "(a) nearest public image" in lines[1] and "(b) exact transform" in lines[2]
     bound = json.loads(lines[4].split("verification.lookup_bound: ")[1])
-    assert (
-        bound["measured_with"]
-        == "leakbench leaderboard lookup-bound lfw-subset-fcn-exan-b4 --trials 2"
+    assert bound["measured_with"] == (
+        "leakbench leaderboard lookup-bound lfw-subset-fcn-exan-b4 --trials 2"
     )
     assert list(tmp_path.iterdir()) == []
-    bad = subprocess.run(
-        [*command, "no-such-track"], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert bad.returncode == 2 and "unknown track 'no-such-track'" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    for bad, message in (
+        (["no-such-track"], "unknown track 'no-such-track'"),
+        (["lfw-subset-cnn6-b1", "--trials", "0"], "--trials must be at least 1, got 0"),
+    ):
+        assert main([*command, *bad]) == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", SHIPPED)
