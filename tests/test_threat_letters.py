@@ -18,7 +18,7 @@ from leakbench.capabilities import (
 )
 from leakbench.cli import main
 from leakbench.client import protocol_from_spec
-from leakbench.leaderboard import TRACKS, make_entry
+from leakbench.leaderboard import TRACKS, build_site, make_entry, render, write_entry
 from leakbench.leaderboard.entry import load_schema
 from leakbench.registry import ATTACKS, read_index
 
@@ -216,3 +216,14 @@ def test_the_entry_records_the_attacks_and_the_tracks_letter(tmp_path, letter, g
     entry = make_entry(tmp_path / "runs" / "r", "bias__none__b1", tracks_dir=tracks)
     assert entry["threat_model"] == {"attack": "A", "track": letter}
     assert entry["protocol"]["grants"] == grants
+    # The tables and the site show both letters; the site's filter offers every letter.
+    write_entry(tmp_path / "runs" / "r", "bias__none__b1", tmp_path / "entries", tracks_dir=tracks)
+    table = render(tmp_path / "entries", tracks)["tiny-letters.md"]
+    assert f"SoK threat model {letter} ({threat_model_of(letter).name})" in table
+    header, _, row = table.splitlines()[-3:]
+    assert header.startswith("| rank | name | attack | threat model | defense |")
+    assert row.startswith("| - | bias | bias | A | none |")
+    build_site(tmp_path / "entries", tmp_path / "site", tracks)
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert 'data-name="bias" data-threat-model="A"' in index
+    assert f'<option value="{letter}" data-admits="{" ".join(admitted_letters(letter))}">' in index
