@@ -5,7 +5,8 @@
 # repository), and the attack sandbox must be available.
 #   LEAKBENCH_BOARD_KEY_FILE=/path/board.pem leaderboards/regenerate.sh [GROUP...]
 # GROUP: original (the seed papers' tracks), new-attacks (Robbing the Fed, the cocktail party,
-# GradInversion); none: both. Runs go to runs/leaderboard/; the tables and site are re-rendered.
+# GradInversion) or one track of the new attacks; none: both groups. Runs go to
+# runs/leaderboard/; the tables and the site are re-rendered.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${LEAKBENCH_BOARD_KEY_FILE:?set it to the file of the board private key}"
@@ -59,35 +60,45 @@ original() {
 # The new attacks' tracks (issue 19). Besides each track's own attacks, the FC tracks run the
 # baselines their SoK letter admits that attack any batch size: the bias attack (A). (The
 # cocktail party cannot run on the digits tracks: it needs more pixels than the batch has
-# samples, and 8x8 digits have 64.) GradInversion and Inverting Gradients on ResNet-18 cost about 3 s (B = 8)
-# to 24 s (B = 48) per iteration on the shared 2-core CPU: the shipped entries are B = 8 and
-# 16 at 4 steps of a group of 2 (GradInversion) and 8 iterations (Inverting Gradients), the
+# samples, and 8x8 digits have 64.) GradInversion and Inverting Gradients on ResNet-18 cost about
+# 3 s (B = 8) to 24 s (B = 48) per iteration on the shared 2-core CPU: the shipped entries are
+# B = 8 at 4 steps of a group of 2 (GradInversion) and 8 iterations (Inverting Gradients), the
 # same 8 gradient evaluations each; rerun with the track's budget and every batch size on GPUs.
 NEW_ATTACKS=(digits-fcn-imprint digits-fcn-imprint-fedavg lfw-subset-fcn-cocktail-b64
   lfw-subset-resnet18-gradinversion)
-new_attacks() {
-  for track in "${NEW_ATTACKS[@]}"; do rm -rf "leaderboards/entries/$track"; done
-  local fc_baselines="attacks: [robbing-the-fed, exan, bias]"
-  run_track digits-fcn-imprint imprint "{$fc_baselines}"
-  verify_tracks digits-fcn-imprint
-  run_track digits-fcn-imprint-fedavg imprint-fedavg "{$fc_baselines}"
-  verify_tracks digits-fcn-imprint-fedavg
-  run_track lfw-subset-fcn-cocktail-b64 cocktail-b64 "{attacks: [cocktail-party, exan, bias]}"
-  verify_tracks lfw-subset-fcn-cocktail-b64
-  run_track lfw-subset-resnet18-gradinversion resnet18-gradinversion \
-    "{batch_sizes: [8, 16], attack_options: {gradinversion: {iterations: 4, group: 2,
-      group_every: 1}, inverting-gradients: {iterations: 8}}}"
-  verify_tracks lfw-subset-resnet18-gradinversion
+# new_attack_track TRACK: one of them, its entries made and verified afresh.
+new_attack_track() {
+  local track=$1 fc_baselines="attacks: [robbing-the-fed, exan, bias]"
+  rm -rf "leaderboards/entries/$track"
+  case $track in
+    digits-fcn-imprint) run_track "$track" imprint "{$fc_baselines}" ;;
+    digits-fcn-imprint-fedavg) run_track "$track" imprint-fedavg "{$fc_baselines}" ;;
+    lfw-subset-fcn-cocktail-b64)
+      run_track "$track" cocktail-b64 "{attacks: [cocktail-party, exan, bias]}" ;;
+    lfw-subset-resnet18-gradinversion)
+      run_track "$track" resnet18-gradinversion "{batch_sizes: [8], attack_options:
+        {gradinversion: {iterations: 4, group: 2, group_every: 1},
+        inverting-gradients: {iterations: 8}}}" ;;
+  esac
+  verify_tracks "$track"
 }
 
+# Arguments: groups (original, new-attacks) or single tracks of the new attacks; none: both groups.
 GROUPS_TO_RUN=(${*:-original new-attacks})
 for group in "${GROUPS_TO_RUN[@]}"; do
-  case $group in
-    original | new-attacks) ;;
-    *) echo "regenerate.sh: unknown group '$group'; expected original or new-attacks" >&2; exit 2 ;;
+  case " original new-attacks ${NEW_ATTACKS[*]} " in
+    *" $group "*) ;;
+    *) echo "regenerate.sh: unknown group '$group'; expected original, new-attacks or one of" \
+      "${NEW_ATTACKS[*]}" >&2; exit 2 ;;
   esac
 done
-for group in "${GROUPS_TO_RUN[@]}"; do "${group//-/_}"; done
+for group in "${GROUPS_TO_RUN[@]}"; do
+  case $group in
+    original) original ;;
+    new-attacks) for track in "${NEW_ATTACKS[@]}"; do new_attack_track "$track"; done ;;
+    *) new_attack_track "$group" ;;
+  esac
+done
 rm -rf leaderboards/tables
 "$LEAKBENCH" leaderboard render
 "$LEAKBENCH" leaderboard build
