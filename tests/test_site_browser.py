@@ -84,3 +84,45 @@ def test_the_site_loads_sorts_and_links_in_chromium(browser, tmp_path):
         assert browser.console_errors() == [], link
         widths = browser.evaluate("Array.from(document.images, i => i.naturalWidth)")
         assert widths and all(w > 0 for w in widths), link
+
+
+def choose_threat_model(browser: Browser, letter: str) -> list[str]:
+    """Choose ``letter`` in the site's threat-model filter ('' for every threat model); the
+    letters of the rows left visible, in page order."""
+    browser.evaluate(
+        "(() => { const s = document.getElementById('threat-model');"
+        f" s.value = {letter!r}; s.dispatchEvent(new Event('change')); return 0; }})()"
+    )
+    return browser.evaluate(
+        f"{ROWS}.filter(r => r.offsetParent !== null).map(r => r.dataset.threatModel)"
+    )
+
+
+def test_the_threat_model_filter_keeps_the_entries_a_letter_admits_in_chromium(browser, tmp_path):
+    from leakbench.capabilities import THREAT_MODELS, admitted_letters
+    from leakbench.leaderboard.board import attack_letter
+
+    entries = LEADERBOARDS / "entries"
+    letters = [attack_letter(row.entry) or "" for b in load_board(entries) for row in b.rows]
+    build_site(entries, tmp_path / "site")
+    browser.open((tmp_path / "site" / "index.html").as_uri())
+    assert browser.evaluate(f"{ROWS}.map(r => r.dataset.threatModel)") == letters
+    narrowed = 0
+    for letter in THREAT_MODELS:
+        admitted = admitted_letters(letter)
+        shown = choose_threat_model(browser, letter)
+        assert shown == [x for x in letters if x in admitted], letter
+        narrowed += 0 < len(shown) < len(letters)
+        # A table part whose every row is filtered out disappears with its heading.
+        empty = browser.evaluate(
+            "Array.from(document.querySelectorAll('div.part'), p => p.offsetParent === null"
+            " && Array.from(p.querySelectorAll('tbody tr')).every(r => r.offsetParent === null))"
+        )
+        visible_rows = browser.evaluate(
+            "Array.from(document.querySelectorAll('div.part'), p =>"
+            " Array.from(p.querySelectorAll('tbody tr')).some(r => r.offsetParent !== null))"
+        )
+        assert [not v for v in visible_rows] == empty, letter
+    assert narrowed, "the shipped entries hold a single letter: the filter was not exercised"
+    assert choose_threat_model(browser, "") == letters  # every threat model again
+    assert browser.console_errors() == []

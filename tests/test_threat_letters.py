@@ -18,7 +18,8 @@ from leakbench.capabilities import (
 )
 from leakbench.cli import main
 from leakbench.client import protocol_from_spec
-from leakbench.leaderboard import TRACKS, make_entry
+from leakbench.leaderboard import TRACKS, build_site, make_entry, render, write_entry
+from leakbench.leaderboard.entry import load_schema
 from leakbench.registry import ATTACKS, read_index
 
 # The letter the SoK gives each built-in attack's paper (or, for attacks it does not list, the
@@ -191,13 +192,38 @@ def test_a_track_that_grants_more_than_its_letter_knows_is_refused(tmp_path, cap
     assert "grants surrogate_data, which that threat model does not know" in err
 
 
-def test_the_entry_records_the_attacks_and_the_tracks_letter(tmp_path):
+def test_the_entry_schema_takes_every_capability_a_track_can_grant():
+    schema = load_schema()["properties"]["protocol"]["properties"]["grants"]["items"]["enum"]
+    assert sorted(schema) == sorted(c.value for c in Capability)
+
+
+@pytest.mark.parametrize(
+    ("letter", "grants"),
+    [
+        ("B", ["batch_size"]),
+        ("E", ["batch_size", "batchnorm_statistics"]),
+        ("G", ["surrogate_data", "server_model"]),
+    ],
+)
+def test_the_entry_records_the_attacks_and_the_tracks_letter(tmp_path, letter, grants):
     tracks = tmp_path / "tracks"
     tracks.mkdir()
-    track = tiny_track("B", ["batch_size"])
+    track = tiny_track(letter, grants)
     (tracks / "tiny-letters.yaml").write_text(yaml.safe_dump(track))
     run = {**track, "output_dir": str(tmp_path / "runs"), "run_name": "r", "threads": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     assert main(["run", "--config", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
     entry = make_entry(tmp_path / "runs" / "r", "bias__none__b1", tracks_dir=tracks)
-    assert entry["threat_model"] == {"attack": "A", "track": "B"}
+    assert entry["threat_model"] == {"attack": "A", "track": letter}
+    assert entry["protocol"]["grants"] == grants
+    # The tables and the site show both letters; the site's filter offers every letter.
+    write_entry(tmp_path / "runs" / "r", "bias__none__b1", tmp_path / "entries", tracks_dir=tracks)
+    table = render(tmp_path / "entries", tracks)["tiny-letters.md"]
+    assert f"SoK threat model {letter} ({threat_model_of(letter).name})" in table
+    header, _, row = table.splitlines()[-3:]
+    assert header.startswith("| rank | name | attack | threat model | defense |")
+    assert row.startswith("| - | bias | bias | A | none |")
+    build_site(tmp_path / "entries", tmp_path / "site", tracks)
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert 'data-name="bias" data-threat-model="A"' in index
+    assert f'<option value="{letter}" data-admits="{" ".join(admitted_letters(letter))}">' in index

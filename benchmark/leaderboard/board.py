@@ -29,6 +29,7 @@ COLUMNS = (
     "rank",
     "name",
     "attack",
+    "threat model",
     "defense",
     "B",
     "verified statistic",
@@ -96,6 +97,25 @@ class TrackBoard:
     def counts(self, rows: list[Row] | None = None) -> dict[str, int]:
         rows = self.rows if rows is None else rows
         return {status: sum(r.status == status for r in rows) for status in STATUSES}
+
+
+def attack_letter(entry: dict[str, Any]) -> str | None:
+    """The SoK letter of the threat model the entry's attack assumed (None: an entry made
+    before leakbench recorded letters)."""
+    return (entry.get("threat_model") or {}).get("attack")
+
+
+def track_letter_words(meta: dict[str, Any]) -> str:
+    """The track's SoK threat model and the letters it admits, in a sentence ('' if none)."""
+    letter = meta.get("threat_model")
+    if letter is None:
+        return ""
+    from leakbench.capabilities import admitted_letters, threat_model_of
+
+    return (
+        f"SoK threat model {threat_model_of(letter).describe()} (Carletti et al., USENIX "
+        f"Security 2025): it admits attacks of threat models {', '.join(admitted_letters(letter))}."
+    )
 
 
 def metric(entry: dict[str, Any], dotted: str) -> float | None:
@@ -172,6 +192,7 @@ def table_row(row: Row, board: TrackBoard) -> list[Any]:
         row.rank_text,
         e["name"],
         e["attack"]["name"],
+        attack_letter(e) or "-",
         e["defense"]["name"],
         e["protocol"]["batch_size"],
         _round(block.get("verified")),
@@ -200,13 +221,15 @@ def render(
         description = " ".join(board.meta.get("description", "").split())
         counts = board.counts()
         ceiling = "" if board.ceiling is None else f", capped at {board.ceiling:g}"
+        letter = track_letter_words(board.meta)
         title = (
-            f"# {board.name}\n\n{description}\n\nRanked within each batch size by the "
-            f"verification's own {board.ranking}{ceiling} (ties share a rank, shown =N; then by "
-            "verified success rate and worst case). Unverified and failed entries are listed "
-            f"apart, unranked. {counts['verified']} verified, {counts['unverified']} unverified, "
-            f"{counts['failed']} failed. Claimed columns are the submitter's run on the public "
-            "trials.\n\n"
+            f"# {board.name}\n\n{description}\n\n{letter + ' ' if letter else ''}Ranked within "
+            f"each batch size by the verification's own {board.ranking}{ceiling} (ties share a "
+            "rank, shown =N; then by verified success rate and worst case). Unverified and failed "
+            f"entries are listed apart, unranked. {counts['verified']} verified, "
+            f"{counts['unverified']} unverified, {counts['failed']} failed. Claimed columns are "
+            "the submitter's run on the public trials; the threat model column is the SoK letter "
+            "the entry's attack assumes.\n\n"
         )
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -2,13 +2,15 @@
 
 ``index.html`` has one section per track (its protocol, threat model and budget in words, and a
 sortable table per batch size, ranked by the track's statistic, failures counted, verification
-marked); each entry gets a page with its protocol, settings, environment, ground truth next to
-reconstruction, and the distribution of its per-sample metrics. Each defense track gets a page
-(``defense/<track>.html``): the privacy–utility scatter as inline SVG, and the table of its
-settings with the worst attack per setting, its budget and whether it adapts to the defense,
-failures listed apart. The templates are Jinja2 files
-shipped with the package (``leakbench/templates``); sorting is a few lines of plain JavaScript.
-Everything is a relative link and there is no fetch, so the site works from ``file://``.
+marked, each entry's SoK threat-model letter shown); a filter above the tracks keeps the entries
+an adversary of a chosen threat model could have run (the letters it admits, Carletti et al.,
+USENIX Security 2025); each entry gets a page with its protocol, settings, environment, ground
+truth next to reconstruction, and the distribution of its per-sample metrics. Each defense
+track gets a page (``defense/<track>.html``): the privacy–utility scatter as inline SVG, and the
+table of its settings with the worst attack per setting, its budget and whether it adapts to the
+defense, failures listed apart. The templates are Jinja2 files shipped with the package
+(``leakbench/templates``); sorting and filtering are a few lines of plain JavaScript. Everything
+is a relative link and there is no fetch, so the site works from ``file://``.
 
 The output is a pure function of the entries and tracks: no build time, sorted iteration, the
 images copied byte for byte. Building twice gives identical files.
@@ -29,6 +31,7 @@ from leakbench.leaderboard.board import (
     STATUSES,
     Row,
     TrackBoard,
+    attack_letter,
     load_board,
     metric,
     verification_text,
@@ -51,7 +54,7 @@ from leakbench.leaderboard.verify import VERIFICATION_GRID, higher_ranks_first
 from leakbench.results import atomic_write_bytes, atomic_write_text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-STATIC = ("site.css", "sort.js")
+STATIC = ("site.css", "sort.js", "filter.js")
 MARKER = ".leakbench-site"  # a folder holding it is a site this command may rebuild
 THUMBNAIL_SCALE = 4  # old 25 px strips shown 4x; the wide cell figures fit MAX_WIDTH at 1x
 MAX_WIDTH = 1000
@@ -227,6 +230,16 @@ def protocol_words(config: dict[str, Any]) -> list[tuple[str, str]]:
     return words
 
 
+def threat_model_choices() -> list[dict[str, Any]]:
+    """The filter's choices: every SoK threat model with its name and the letters it admits."""
+    from leakbench.capabilities import THREAT_MODELS, admitted_letters
+
+    return [
+        {"letter": letter, "name": model.name, "admits": admitted_letters(letter)}
+        for letter, model in THREAT_MODELS.items()
+    ]
+
+
 def _histogram(values: list[float], edges: list[float]) -> list[dict[str, Any]]:
     """Counts per bin ``[edges[i], edges[i+1])``; the first and last bins are open-ended."""
     counts = [0] * (len(edges) - 1)
@@ -290,6 +303,11 @@ def column_words(board: TrackBoard) -> list[tuple[str, str]]:
         ("verified success", "share of verification images at or above the success PSNR"),
         ("verified worst", f"the worst image of the verification{ceiling}"),
         ("claimed", "the same statistic on the submitter's public trials, uncapped"),
+        (
+            "threat model",
+            "the SoK letter of the threat model the entry's attack assumes under the track's "
+            "client protocol (Carletti et al., USENIX Security 2025)",
+        ),
         ("PSNR, SSIM", "claimed, over the public trials: median and worst image (dB; SSIM 0–1)"),
         ("failed trials", "trials whose attack raised, died or timed out, of all trials"),
         ("time", "median attack time per trial on the submitter's machine (s)"),
@@ -312,6 +330,7 @@ def _entry_page(row: Row, board: TrackBoard, out: Path) -> dict[str, Any]:
         "row": row,
         "verification_text": verification_text(row),
         "claimed": metric(row.entry, board.ranking),
+        "letter": attack_letter(row.entry),
     }
     html = (
         _environment()
@@ -475,7 +494,11 @@ def build_site(
     html = (
         _environment()
         .get_template("index.html.j2")
-        .render(sections=sections, defense_pages=defense_pages)
+        .render(
+            sections=sections,
+            defense_pages=defense_pages,
+            threat_models=threat_model_choices(),
+        )
     )
     atomic_write_text(out_dir / "index.html", html)
     for name in STATIC:
