@@ -64,6 +64,7 @@ def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path,
     and the attacks' hyperparameters and code, ``trials.jsonl``, ``summary.json`` by the
     canonical aggregate, the cells' grids) for every entry whose cell the run has.
     """
+    from leakbench.client import protocol_from_spec
     from leakbench.metrics import aggregate
     from leakbench.protocol.attack import attack_code
     from leakbench.registry import ATTACKS
@@ -115,10 +116,15 @@ def board_runs(folder: Path, entries_dir: Path, tracks_dir: Path) -> tuple[Path,
         run_dir = RunDirectory(run.path)
         first = next(iter(by_cell.values()))[1]
         ran = {}
+        protocol = protocol_from_spec(config.client_protocol).names()
         for name in config.attacks:
             cls = ATTACKS.get(name)
             options = config.attack_options.get(name, {})
-            ran[name] = {"hparams": dict(cls(**options).hparams), "code": attack_code(cls)}
+            ran[name] = {
+                "hparams": dict(cls(**options).hparams),
+                "code": attack_code(cls),
+                "threat_letter": cls.sok_threat_model(protocol).letter,
+            }
         run_dir.write_config(
             {
                 **config.to_dict(),

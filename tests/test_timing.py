@@ -50,7 +50,7 @@ def board(tmp_path_factory) -> dict[str, Path]:
 
 def test_rebuilt_runs_are_finished_runs_that_sweep_and_submit_accept(board, capsys):
     assert main(["sweep", "status", str(board["grid"])]) == 0
-    assert "1 done, 0 running, 0 failed, 0 missing" in capsys.readouterr().out
+    assert "1 done, 0 running, 0 queued, 0 failed, 0 missing" in capsys.readouterr().out
     written = sorted(p.name for p in (board["submitted"] / TRACK).glob("*.json"))
     shipped = sorted(p.name for p in (ENTRIES / TRACK).glob("*.json"))
     assert written == shipped
