@@ -300,7 +300,7 @@ def test_collect_feeds_the_leaderboard_commands(killed_and_relaunched, capsys, m
     (row,) = [
         r for r in leaderboard.render(entries, tracks)["tiny-track.md"].splitlines() if "dlg" in r
     ]
-    assert row.startswith("| - | dlg | dlg | none | 1 |") and row.endswith("| unverified |")
+    assert row.startswith("| - | dlg | dlg | A | none | 1 |") and row.endswith("| unverified |")
 
 
 def test_a_relaunch_of_a_finished_grid_launches_nothing(killed_and_relaunched, capsys):
