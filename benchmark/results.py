@@ -25,6 +25,15 @@ from typing import Any
 
 import yaml
 
+# libyaml's parser where PyYAML was built with it: the same safe constructor, about ten times
+# faster on the board's track files, which every leaderboard command reads.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, through libyaml where it is available."""
+    return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
+
 
 def _umask() -> int:
     mask = os.umask(0)

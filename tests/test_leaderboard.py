@@ -472,3 +472,23 @@ def test_shipped_entries_tables_and_site_are_what_the_commands_make(tmp_path):
     shipped = LEADERBOARDS / "site"
     for path in built:
         assert (shipped / path.relative_to(tmp_path / "site")).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("trials,samples", [(1, 5), (2, 1), (3, 7), (10, 4), (10, 256)])
+def test_bootstrap_medians_are_numpys_bit_for_bit(trials: int, samples: int) -> None:
+    """The verification's bootstrap finds each resample's median without building it; the
+    figures signed into every block must stay exactly what np.median gives (ties, capped
+    values, odd and even sizes)."""
+    import numpy as np
+
+    from leakbench.leaderboard.verify import _resampled_medians
+
+    rng = np.random.default_rng(samples)
+    for values in (
+        rng.normal(20, 5, (trials, samples)),
+        np.round(rng.normal(20, 5, (trials, samples))),  # ties
+        np.minimum(rng.normal(55, 10, (trials, samples)), 60.0),  # capped at the ceiling
+    ):
+        picks = rng.integers(0, trials, (500, trials))
+        expected = np.median(values[picks].reshape(len(picks), -1), axis=1)
+        assert np.array_equal(_resampled_medians(values, picks), expected)

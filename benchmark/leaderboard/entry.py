@@ -40,9 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
-from leakbench.results import RunDirectory, atomic_write_bytes, atomic_write_text, cell_key
+from leakbench.results import (
+    RunDirectory,
+    atomic_write_bytes,
+    atomic_write_text,
+    cell_key,
+    read_yaml,
+)
 
 SCHEMA_VERSION = 3
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -141,7 +146,7 @@ def track_file(name: str, tracks_dir: Path = TRACKS) -> Path:
 
 def load_track(name: str, tracks_dir: Path = TRACKS) -> dict[str, Any]:
     """The track's run configuration, its ``track`` block included."""
-    return yaml.safe_load(track_file(name, tracks_dir).read_text())
+    return read_yaml(track_file(name, tracks_dir).read_text())
 
 
 def sha256_file(path: Path) -> str:
@@ -261,7 +266,7 @@ def make_entry(
     for required in ("config.yaml", "summary.json"):
         if not (run_dir / required).is_file():
             raise EntryError(f"{run_dir} is not a finished run: {required} is missing")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = read_yaml((run_dir / "config.yaml").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     if cell not in summary["cells"]:
         raise EntryError(f"no cell {cell!r} in {run_dir}; cells: {', '.join(summary['cells'])}")
@@ -270,7 +275,7 @@ def make_entry(
     if config.get("private_transform") is not None:
         raise EntryError(f"{run_dir} is a verification run, not a submission")
     track_path = track_file(config["track"]["name"], tracks_dir)
-    track_config = yaml.safe_load(track_path.read_text())
+    track_config = read_yaml(track_path.read_text())
     check_protocol(config, track_config)
 
     result = summary["cells"][cell]
@@ -404,14 +409,13 @@ def _check_entry(
 ) -> None:
     validate_entry(entry)
     track = track_file(entry["track"], tracks_dir)
-    if sha256_file(track) != entry["track_sha256"]:
+    track_sha256 = sha256_file(track)
+    if track_sha256 != entry["track_sha256"]:
         raise EntryError(
             f"it was made under another version of track {entry['track']!r} "
             "(track_sha256 differs from the track file); run the track again"
         )
-    from leakbench.config import RunConfig
-
-    expected = RunConfig.from_mapping(yaml.safe_load(track.read_text())).to_dict()
+    expected = _track_protocol(str(track), track_sha256)
     differing = [k for k in PROTOCOL_KEYS if entry["protocol"][k] != expected[k]]
     if entry["protocol"]["batch_size"] not in expected["batch_sizes"]:
         differing.append("batch_size")
@@ -437,6 +441,15 @@ def _check_entry(
         from leakbench.leaderboard.verify import check_block
 
         check_block(entry, path, keys_dir)
+
+
+@functools.lru_cache(maxsize=64)
+def _track_protocol(track: str, sha256: str) -> dict[str, Any]:
+    """The run configuration of track file ``track`` with its defaults, once per version of the
+    file (``sha256``): a board holds many entries of each track. Callers only read it."""
+    from leakbench.config import RunConfig
+
+    return RunConfig.from_mapping(read_yaml(Path(track).read_text())).to_dict()
 
 
 def shipped_records(entry: Mapping[str, Any], path: Path) -> tuple[Path, list[dict[str, Any]]]:

@@ -49,12 +49,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported where a sample is changed: the leaderboard's pages describe the transform
+# (``describe``) and must not pay for importing torch.
 
 # The options and their defaults, in the order ``from_options`` names them.
 DEFAULTS: dict[str, Any] = {
@@ -140,6 +143,8 @@ class PrivateTransform:
 
     def draw(self, trial: int, count: int, shape: Sequence[int]) -> list[SampleChange]:
         """The parameters of the ``count`` samples of ``trial``, images of ``shape`` (C, H, W)."""
+        import torch
+
         state = np.random.SeedSequence([self.seed, trial]).generate_state(2, dtype=np.uint32)
         generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -180,6 +185,8 @@ class PrivateTransform:
     def pixels(self, pixels: Tensor, trial: int, noise: bool = True) -> Tensor:
         """``pixels`` (N, C, H, W, in [0, 1]) changed as the module says, in float64;
         ``noise=False`` leaves out step 4's noise (the same parameters otherwise)."""
+        import torch
+
         pixels = pixels.to(torch.float64)
         changes = self.draw(trial, pixels.shape[0], pixels.shape[1:])
         return torch.stack([apply(p, c, noise) for p, c in zip(pixels, changes, strict=True)])
@@ -188,6 +195,8 @@ class PrivateTransform:
         self, images: Tensor, trial: int, mean: Sequence[float], std: Sequence[float]
     ) -> Tensor:
         """Normalised ``images`` of ``trial`` -> their changed versions, normalised."""
+        import torch
+
         m = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
         s = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
         changed = self.pixels(images.to(torch.float64) * s + m, trial)
@@ -211,6 +220,8 @@ def describe(options: Mapping[str, Any]) -> str:
 
 def apply(image: Tensor, change: SampleChange, noise: bool = True) -> Tensor:
     """One float64 image (C, H, W, in [0, 1]) with ``change`` applied."""
+    import torch
+    from torch.nn import functional as F
     from torchvision.transforms.v2.functional import gaussian_blur
 
     # 1. Output coordinates (x, y) in [-1, 1] -> input coordinates: crop box, turn, mirror.
