@@ -293,7 +293,7 @@ def figures_command(
     from leakbench.leaderboard.entry_figures import track_report
 
     entries, folder = _folders(entries_dir, tracks_dir)
-    if tracks is None:
+    if not tracks:
         tracks = sorted(p.name for p in entries.iterdir() if p.is_dir()) if entries.is_dir() else []
     for name in tracks:
         load_track(name, folder)  # an unknown name fails before any work
