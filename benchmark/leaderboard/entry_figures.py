@@ -314,6 +314,12 @@ def paper_report(attacks: Sequence[str]) -> list[str]:
     return lines
 
 
+def _by_name_and_batch_size(path: Path) -> tuple[str, int]:
+    """``<name>-b<B>.json`` in order of name, then of B as a number."""
+    name, _, batch = path.stem.rpartition("-b")
+    return (name, int(batch)) if batch.isdigit() else (path.stem, 0)
+
+
 def track_report(
     track: str,
     entries_dir: Path,
@@ -335,7 +341,7 @@ def track_report(
     ]
     refused: list[str] = []
     attacks: list[str] = []
-    paths = sorted(Path(entries_dir, track).glob("*.json"))
+    paths = sorted(Path(entries_dir, track).glob("*.json"), key=_by_name_and_batch_size)
     if not paths:
         lines.append("  no entries")
     for path in paths:
