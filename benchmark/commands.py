@@ -7,7 +7,8 @@ come from its signature, read by jsonargparse:
 * a parameter whose type is a dataclass (``config: RunConfig``) contributes every field as a
   config-file key and a ``--field value`` option (nested ``--budget.max_seconds 5``, lists
   ``--attacks [bias,idlg]``), with ``--config FILE.yaml`` and ``--print_config``;
-* a positional parameter (before ``*``, without a default) is a positional argument;
+* a positional parameter (before ``*``, without a default) is a positional argument; one typed
+  ``list[X] | None = None`` takes zero or more words (none: None);
 * a keyword-only parameter is ``--name value`` (a ``bool`` one is ``--name`` / ``--no_name``);
 * a parameter typed :data:`Given` receives the keys the user gave (file and command line).
 
@@ -110,6 +111,15 @@ def _parameter_docs(function: Callable[..., Any]) -> dict[str, str]:
     return {p.arg_name: (p.description or "").replace("\n", " ") for p in parsed.params}
 
 
+def _optional_list_item(hint: Any) -> Any:
+    """``X`` for ``list[X] | None``, else None."""
+    args = typing.get_args(hint)
+    if type(None) not in args:
+        return None
+    lists = [a for a in args if typing.get_origin(a) is list]
+    return typing.get_args(lists[0])[0] if len(lists) == 1 and len(args) == 2 else None
+
+
 def _is_dataclass_type(hint: Any) -> bool:
     return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
@@ -159,6 +169,11 @@ def build(cmd: Command) -> _Plan:
                 )
             else:
                 parser.add_argument(name, type=hint, help=docs.get(name))
+        elif parameter.kind is not parameter.KEYWORD_ONLY and _optional_list_item(hint):
+            plan.plain.append(name)  # zero or more words; none gives the default None
+            parser.add_argument(
+                name, type=_optional_list_item(hint), nargs="*", default=None, help=docs.get(name)
+            )
         else:
             plan.plain.append(name)
             default = None if parameter.default is parameter.empty else parameter.default

@@ -56,6 +56,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -688,3 +689,30 @@ def _privacy_rates(records: list[dict[str, Any]], samples: list[dict[str, Any]])
         if key.startswith("iip_"):
             summary[key]["chance"] = float(np.mean([1.0 / n for _, n in scored]))
     return summary
+
+
+def psnr_rate(records: Iterable[dict[str, Any]], threshold: float) -> float | None:
+    """The fraction of the records' ground-truth images scored at a PSNR of at least
+    ``threshold`` dB (success@τ for any τ; failed trials count through their null scores, as in
+    :func:`aggregate`); None without images."""
+    values = [s["psnr"] for r in records for s in r["metrics"]["samples"]]
+    return float(np.mean([v >= threshold for v in values])) if values else None
+
+
+def label_multisets(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Labels restored as a multiset, the way GradInversion restores a batch's labels (which
+    labels, how often; not which image has which). Counts over the records: ``trials``,
+    ``reported`` (trials whose attack restored labels), ``exact`` (trials whose restored label
+    multiset equals the batch's), ``labels`` (ground-truth labels) and ``restored`` (per trial,
+    the restored labels the batch's multiset holds: the size of the multisets' intersection).
+    A trial without restored labels (an attack that infers none, or a failed trial) counts as
+    none restored."""
+    counts = {"trials": 0, "reported": 0, "exact": 0, "labels": 0, "restored": 0}
+    for r in records:
+        truth, restored = Counter(r["labels"]), Counter(r.get("inferred_labels") or [])
+        counts["trials"] += 1
+        counts["reported"] += r.get("inferred_labels") is not None
+        counts["labels"] += len(r["labels"])
+        counts["restored"] += sum((truth & restored).values())
+        counts["exact"] += truth == restored
+    return counts

@@ -64,10 +64,13 @@ original() {
 # The new attacks' tracks (issue 19). Besides each track's own attacks, the FC tracks run the
 # baselines their SoK letter admits that attack any batch size: the bias attack (A). (The
 # cocktail party cannot run on the digits tracks: it needs more pixels than the batch has
-# samples, and 8x8 digits have 64.) GradInversion and Inverting Gradients on ResNet-18 cost about
-# 3 s (B = 8) to 24 s (B = 48) per iteration on the shared 2-core CPU: the shipped entries are
-# B = 8 at 4 steps of a group of 2 (GradInversion) and 8 iterations (Inverting Gradients), the
-# same 8 gradient evaluations each; rerun with the track's budget and every batch size on GPUs.
+# samples, and 8x8 digits have 64.) One gradient evaluation of GradInversion on ResNet-18 costs
+# 2.0, 3.9, 7.5 and 11.7 CPU-seconds at B = 8, 16, 32, 48 (`leakbench timing attacks --attacks
+# [gradinversion]`, one thread), Inverting Gradients' about as much: the shipped entries are
+# B = 8 and 16 at 4 steps of a group of 2 (GradInversion) and 8 iterations (Inverting Gradients),
+# the same 8 gradient evaluations each, 13 trials per entry with verification (B = 32 would add
+# about 30 CPU-minutes, B = 48 about 45); rerun with the track's budget and every batch size on
+# GPUs.
 NEW_ATTACKS=(digits-fcn-imprint digits-fcn-imprint-fedavg lfw-subset-fcn-cocktail-b64
   lfw-subset-resnet18-gradinversion)
 # new_attack_track TRACK: one of them, its entries made and verified afresh.
@@ -80,7 +83,7 @@ new_attack_track() {
     lfw-subset-fcn-cocktail-b64)
       run_track "$track" cocktail-b64 "{attacks: [cocktail-party, exan, bias]}" ;;
     lfw-subset-resnet18-gradinversion)
-      run_track "$track" resnet18-gradinversion "{batch_sizes: [8], attack_options:
+      run_track "$track" resnet18-gradinversion "{batch_sizes: [8, 16], attack_options:
         {gradinversion: {iterations: 4, group: 2, group_every: 1},
         inverting-gradients: {iterations: 8}}}" ;;
   esac

@@ -199,3 +199,23 @@ def test_the_batchnorm_prior_pulls_the_group_towards_the_granted_statistics_with
         statistics = batchnorm_statistics(model, answer.images)["1"]
         distances[bn_weight] = statistics_distance(statistics, granted)
     assert distances[1.0] < 0.5 * distances[0.0]
+
+
+def test_timing_attacks_times_gradinversion_at_its_tracks_batch_sizes_with_the_statistics():
+    """``leakbench timing attacks --attacks [gradinversion]``: the track's victim and batch sizes
+    (train split: it holds 48 images), a group of one, the batch's statistics granted."""
+    from leakbench.analysis.attack_timing import build_case, settings
+
+    chosen = settings(["gradinversion"], restarts=1)
+    assert [(s.model, s.batch_size, s.split, s.eval_mode) for s in chosen] == [
+        ("resnet18", b, "train", False) for b in (8, 16, 32, 48)
+    ]
+    assert all(s.options == {"group": 1} for s in chosen)
+    case = build_case(dataclasses.replace(chosen[-1], batch_size=2))
+    observation = case.observe()
+    assert observation.batch_size == 2 and observation.labels is None
+    expected = batchnorm_statistics(case.model, case.images)
+    assert observation.batchnorm_statistics.keys() == expected.keys()
+    for name, moments in expected.items():
+        for key in ("mean", "var"):
+            assert torch.equal(observation.batchnorm_statistics[name][key], moments[key])

@@ -2,8 +2,12 @@
 victims and gradients, so that every change to them can be compared.
 
 Each setting is an attack, a victim of the zoo at its seeded initialisation and the FedSGD
-gradient of fixed lfw-subset test images (the first ``batch_size`` of the split), the attack
-told the batch size (and the labels, for Inverting Gradients). Per setting:
+gradient of fixed lfw-subset images (the first ``batch_size`` of the test split, or of the train
+split where the setting says so), the attack told the batch size (and the labels, for Inverting
+Gradients; the batch's BatchNorm statistics, for GradInversion). GradInversion is timed on its
+track's victim, ResNet-18 in train mode, at the track's batch sizes 8 to 48 (train split: the test
+split holds 40 images), with a group of one, so that a step is one gradient evaluation of one
+member (a group of G costs G times as much). Per setting:
 
 1. time per step: the attack run for ``2`` and for ``2 + steps`` steps (``iterations``; one
    L-BFGS step of DLG evaluates its objective up to ``max_iter`` times), the difference over
@@ -36,6 +40,7 @@ from leakbench.timing import load_text
 
 WARMUP_STEPS = 2
 DEFAULT_ATTACKS = ("dlg", "idlg", "inverting-gradients")
+GRADINVERSION_BATCH_SIZES = (8, 16, 32, 48)  # lfw-subset-resnet18-gradinversion's
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Setting:
     batch_size: int = 1
     options: dict[str, Any] = field(default_factory=dict)
     eval_mode: bool = False  # BatchNorm victims are attacked at B = 1 in eval mode
+    split: str = "test"
 
     @property
     def label(self) -> str:
@@ -68,6 +74,10 @@ def settings(attacks: Sequence[str], restarts: int) -> list[Setting]:
                 options={"restarts": restarts, "batch_restarts": False},
             ),
             Setting("inverting-gradients", "resnet18", eval_mode=True),
+        ],
+        "gradinversion": [
+            Setting("gradinversion", "resnet18", b, options={"group": 1}, split="train")
+            for b in GRADINVERSION_BATCH_SIZES
         ],
     }
     unknown = sorted(set(attacks) - set(table))
@@ -96,6 +106,8 @@ class Case:
         granted = {Capability.BATCH_SIZE}
         if self.setting.attack == "inverting-gradients":
             granted.add(Capability.LABELS)
+        if self.setting.attack == "gradinversion":
+            granted.add(Capability.BATCHNORM_STATISTICS)
         return make_observation(
             self.model,
             self.update,
@@ -107,12 +119,13 @@ class Case:
             std=self.std,
             budget=Budget(),
             seed=0,
+            images=self.images if Capability.BATCHNORM_STATISTICS in granted else None,
         )
 
 
 def build_case(setting: Setting) -> Case:
-    datamodule = DATAMODULES.get("lfw-subset")(batch_size=1, split="test")
-    samples = datamodule.samples("test")
+    datamodule = DATAMODULES.get("lfw-subset")(batch_size=1, split=setting.split)
+    samples = datamodule.samples(setting.split)
     items = [samples[i] for i in range(setting.batch_size)]
     images = torch.stack([x for x, _, _ in items])
     labels = torch.tensor([y for _, y, _ in items])

@@ -265,3 +265,44 @@ def lookup_bound_command(
         bound = figures.bound(trials, seed)
         print(f"  verification.lookup_bound: {json.dumps(bound)}", flush=True)
     return 0
+
+
+@command("leaderboard figures")
+def figures_command(
+    tracks: list[str] | None = None,
+    *,
+    exact_psnr: float = 100.0,
+    entries_dir: str | None = None,
+    tracks_dir: str | None = None,
+    keys_dir: str | None = None,
+) -> int:
+    """Print each committed entry's figures from its records, the run's next to the
+    verification's, with the figure its method expects and the figures its paper reports.
+
+    Exit 0 when every entry was read, 2 when one was refused (it is named; the others are
+    still shown).
+
+    Args:
+        tracks: Track name(s) (default: every track that has entries).
+        exact_psnr: The PSNR (dB) at which an image counts as exactly recovered.
+        entries_dir: Folder of the entries (default: the leaderboard's).
+        tracks_dir: Folder of the track files (default: the package's).
+        keys_dir: Folder of the public keys the board trusts (default: the package's).
+    """
+    from leakbench.leaderboard.entry import load_track
+    from leakbench.leaderboard.entry_figures import track_report
+
+    entries, folder = _folders(entries_dir, tracks_dir)
+    if not tracks:
+        tracks = sorted(p.name for p in entries.iterdir() if p.is_dir()) if entries.is_dir() else []
+    for name in tracks:
+        load_track(name, folder)  # an unknown name fails before any work
+    keys = Path(keys_dir) if keys_dir else None
+    refused = 0
+    for name in tracks:
+        lines, refusals = track_report(name, entries, folder, keys, exact_psnr=exact_psnr)
+        print("\n".join(lines), flush=True)
+        for refusal in refusals:
+            print(f"leakbench: error: {refusal}", file=sys.stderr)
+        refused += len(refusals)
+    return 2 if refused else 0
