@@ -766,5 +766,6 @@ def restate_entry(
     validate_defense_entry(verified)
     atomic_write_text(path, json.dumps(verified, indent=2) + "\n")
     load_defense_entry(path, tracks_dir, keys_dir)  # the new block passes every later load
-    echo(("PASSED: " if restated["passed"] else "FAILED: ") + restated["reason"] + " (restated)")
+    verdict = "PASSED: " if restated["passed"] else "FAILED: "
+    echo(f"{entry['track']} / {entry['name']}: {verdict}{restated['reason']} (restated)")
     return restated
