@@ -429,6 +429,14 @@ def verification_config(
     return RunConfig.from_mapping(values, source="verification")
 
 
+def _document(path: Path) -> dict[str, Any]:
+    """The JSON of the entry at ``path``, unchecked; refused in one line when unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EntryError(f"{path}: not a readable entry: {exc}") from None
+
+
 def verify_entry(
     path: str | Path,
     *,
@@ -458,10 +466,7 @@ def verify_entry(
     from leakbench.runner import environment
 
     path = Path(path)
-    try:
-        defense = is_defense_entry(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EntryError(f"{path}: not a readable entry: {exc}") from None
+    defense = is_defense_entry(_document(path))
     if defense:
         tracks_dir = Path(defense_tracks_dir or DEFENSE_TRACKS)
         entry = load_defense_entry(path, tracks_dir, keys_dir)  # tampered: refused before running
@@ -706,29 +711,19 @@ def restate_entry(
     block again; nothing is re-run. The block must be one the board signed for this entry, its
     records the ones it names, and its data this machine's; its seeds, revealed, give the
     verification's ground truth again. Returns the new block (``restated`` says when and why)."""
-    from leakbench.leaderboard.defense_entry import (
-        DEFENSE_TRACKS,
-        defense_claims,
-        defense_figures,
-        is_defense_entry,
-        load_defense_entry,
-        validate_defense_entry,
-    )
+    from leakbench.leaderboard import defense_entry as defense
     from leakbench.leaderboard.private_data import verification_data
     from leakbench.leaderboard.signing import sign
     from leakbench.runner import environment
 
     path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EntryError(f"{path}: not a readable entry: {exc}") from None
-    if not is_defense_entry(document):
+    document = _document(path)
+    if not defense.is_defense_entry(document):
         raise EntryError(f"{path}: only defense entries are restated (attack entries' rule holds)")
     if "verification" not in document:
         raise EntryError(f"{path}: it has no verification to restate; verify it instead")
-    tracks_dir = Path(defense_tracks_dir or DEFENSE_TRACKS)
-    entry = load_defense_entry(path, tracks_dir, keys_dir, figures_too=False)
+    tracks_dir = Path(defense_tracks_dir or defense.DEFENSE_TRACKS)
+    entry = defense.load_defense_entry(path, tracks_dir, keys_dir, figures_too=False)
     private_key = board_key(key, keys_dir)
     block = entry["verification"]
     track = load_track(entry["track"], tracks_dir)
@@ -739,8 +734,8 @@ def restate_entry(
             f"{data.description!r}: restate it where that data is"
         )
     baselines = defense_baselines(entry, track, block["seeds"], block["trials"])
-    claimed, claimed_success = defense_claims(entry, block["statistic"])
-    result = defense_figures(
+    claimed, claimed_success = defense.defense_claims(entry, block["statistic"])
+    result = defense.defense_figures(
         read_records(sibling(path, VERIFICATION_RECORDS)),
         shipped_records(entry, path)[1],
         baselines,
@@ -763,9 +758,9 @@ def restate_entry(
     )
     restated["signature"] = sign(restated, private_key)
     verified = {**entry, "verification": restated}
-    validate_defense_entry(verified)
+    defense.validate_defense_entry(verified)
     atomic_write_text(path, json.dumps(verified, indent=2) + "\n")
-    load_defense_entry(path, tracks_dir, keys_dir)  # the new block passes every later load
+    defense.load_defense_entry(path, tracks_dir, keys_dir)  # the new block passes every later load
     verdict = "PASSED: " if restated["passed"] else "FAILED: "
     echo(f"{entry['track']} / {entry['name']}: {verdict}{restated['reason']} (restated)")
     return restated
