@@ -114,6 +114,17 @@ def psnr_from_mse(mse: float) -> float:
     return min(PSNR_CAP, 10.0 * math.log10(1.0 / max(mse, MSE_FLOOR)))
 
 
+def null_psnr(truth_pixels: Tensor) -> list[float]:
+    """Per image of ``truth_pixels`` (N, C, H, W in [0, 1]): the PSNR of the null
+    reconstruction (item 2: uniform ``NULL_PIXEL`` grey), what a reconstruction that carries no
+    information about the image scores; the chance level a leakage figure can be measured from."""
+    import torch
+
+    truths = truth_pixels.to(torch.float64).flatten(1)
+    mse = ((truths - NULL_PIXEL) ** 2).mean(-1)
+    return [psnr_from_mse(float(m)) for m in mse]
+
+
 def ssim(a: Tensor, b: Tensor) -> Tensor:
     """Per-image SSIM of two (N, C, H, W) pixel batches in [0, 1].
 

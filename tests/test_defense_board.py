@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -319,3 +321,187 @@ def test_shipped_defense_tracks_declare_verification_and_their_entries_load(tmp_
         assert page.count('<circle class="point') == sum(
             r.privacy is not None and r.accuracy is not None for r in board.rows
         )
+
+
+def _worst_case(psnr_by_trial: dict[int, list[float]]) -> list[dict]:
+    """Records of one attack whose samples ``s<trial>-<k>`` score the given PSNRs."""
+    return [
+        {
+            "trial": trial,
+            "attack": "bias",
+            "status": "ok",
+            "metrics": {
+                "samples": [
+                    {"sample_id": f"s{trial}-{k}", "psnr": p, "ssim": 0.0, "success": p >= 30}
+                    for k, p in enumerate(values)
+                ]
+            },
+        }
+        for trial, values in psnr_by_trial.items()
+    ]
+
+
+def _nulls(level: float, offsets: dict[int, list[float]]) -> dict[str, dict[str, float]]:
+    return {
+        str(t): {f"s{t}-{k}": level + o for k, o in enumerate(values)}
+        for t, values in offsets.items()
+    }
+
+
+def test_near_chance_defenses_are_judged_over_the_null_reconstruction():
+    """The transform lifts every uninformative reconstruction's PSNR (here by 3.4 dB, as it
+    lifted the shipped digits board's): raw, an honest near-chance claim fails; over the null
+    reconstruction it passes, and a claim 4 dB below what the records held still fails."""
+    from leakbench.leaderboard.defense_entry import defense_figures
+    from leakbench.leaderboard.verify import figures
+
+    tolerance = {"confidence": 0.95, "resamples": 500, "margin": 3.0, "ceiling": 60.0}
+    spread = {0: [-1.0, -0.2, 0.4, 1.1], 1: [-0.6, 0.0, 0.3, 0.9]}
+    gains = {t: [0.5 + 0.1 * k for k in range(4)] for t in spread}  # a little above chance
+    nulls = {"claimed": _nulls(7.5, spread), "verified": _nulls(10.9, spread)}
+
+    def attacked(level: float, lowered: float = 0.0) -> list[dict]:
+        return _worst_case(
+            {
+                t: [level + o + g - lowered for o, g in zip(spread[t], gains[t], strict=True)]
+                for t in spread
+            }
+        )
+
+    public, verification = attacked(7.5), attacked(10.9)
+    claimed = float(np.median([s["psnr"] for r in public for s in r["metrics"]["samples"]]))
+    raw = figures(
+        worst_case_records(verification), claimed, 0.0, "psnr.median", tolerance, "defense", 1
+    )
+    assert not raw["passed"]  # what the board said before: 3.4 dB "more leakage"
+    honest = defense_figures(verification, public, nulls, claimed, 0.0, "psnr.median", tolerance, 1)
+    assert honest["passed"], honest["reason"]
+    assert honest["verified"] == pytest.approx(raw["verified"], abs=1e-12)  # shown as measured
+    assert honest["over_null"]["claimed"] == pytest.approx(honest["over_null"]["verified"])
+
+    forged = attacked(7.5, lowered=4.0)
+    verdict = defense_figures(
+        verification, forged, nulls, claimed - 4.0, 0.0, "psnr.median", tolerance, 1
+    )
+    assert not verdict["passed"] and "\n" not in verdict["reason"]
+    assert verdict["reason"].startswith(
+        "claimed psnr.median over the null reconstruction -3.35 is below the lower end 0.65 - "
+        "margin 3 of the 95% bootstrap interval"
+    ), verdict["reason"]
+    assert "as measured (dB): claimed 4.30, verified 11.70" in verdict["reason"]
+
+
+def test_records_of_other_samples_than_the_draw_are_refused():
+    from leakbench.leaderboard.defense_entry import over_null
+
+    with pytest.raises(EntryError, match="sample s1-0 of trial 1 is not one the track's draw"):
+        over_null(worst_case_records(_worst_case({1: [9.0]})), {"1": {"s9-9": 7.0}}, 60.0)
+
+
+def _forge_lower(path: Path, by: float) -> None:
+    """Lower every PSNR of the entry's records by ``by`` dB and make the entry agree with them
+    (records hashes, privacy): a submission whose claim is lower than what its run measured."""
+    from leakbench.analysis.defense_track import setting_privacy
+    from leakbench.leaderboard.entry import outcome_sha256, records_text
+
+    records = [json.loads(line) for line in sibling(path, RECORDS_SUFFIX).read_text().splitlines()]
+    for record in records:
+        for sample in record["metrics"]["samples"]:
+            sample["psnr"] -= by
+    text = records_text(records)
+    sibling(path, RECORDS_SUFFIX).write_text(text)
+    entry = json.loads(path.read_text())
+    adaptive = [name for name, a in entry["attacks"].items() if a["adaptive"]]
+    entry["records"].update(
+        sha256=hashlib.sha256(text.encode()).hexdigest(), outcome_sha256=outcome_sha256(records)
+    )
+    entry["privacy"] = json.loads(
+        json.dumps(setting_privacy(records, entry["protocol"]["success_psnr"], adaptive))
+    )
+    path.write_text(json.dumps(entry, indent=2))
+
+
+def test_a_forged_lower_defense_claim_fails_verification_in_one_line(board, capsys):
+    tracks, _, paths = board
+    _forge_lower(paths["noise-s-0-1"], by=20.0)
+    load_defense_entry(paths["noise-s-0-1"], tracks)  # intact as a submission
+    code = main(
+        [
+            "leaderboard",
+            "verify",
+            str(paths["noise-s-0-1"]),
+            "--defense-tracks-dir",
+            str(tracks),
+            "--threads",
+            "1",
+        ]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert lines[-1].startswith("FAILED: claimed psnr.median over the null reconstruction -")
+    assert "is below the lower end" in lines[-1] and "as measured (dB)" in lines[-1]
+    assert not load_defense_entry(paths["noise-s-0-1"], tracks)["verification"]["passed"]
+
+
+def test_the_chance_level_is_the_null_reconstruction_of_what_the_client_held(board):
+    """The verification's null PSNRs follow from its revealed seeds: each sample of the track's
+    split, changed by the private transform, against uniform grey, computed here by hand."""
+    import torch
+
+    from leakbench.protocol.private_transform import PrivateTransform
+    from leakbench.registry import DATAMODULES
+
+    tracks, _, paths = board
+    block = verify_entry(paths["noise-s-0-1"], defense_tracks_dir=tracks, threads=1)
+    samples = DATAMODULES.get("synthetic-uniform")(**TRACK["dataset_options"]).samples("test")
+    position = {sid: i for i, sid in enumerate(samples.sample_ids)}
+    transform = PrivateTransform.from_options(
+        {
+            "seed": block["seeds"]["private_transform"],
+            **TRACK["track"]["verification"]["private_transform"],
+        }
+    )
+    verified = block["null_psnr"]["verified"]
+    assert sorted(verified) == ["0", "1"]
+    for trial, nulls in verified.items():
+        (sample_id,) = nulls  # B = 1
+        pixels = samples.pixels[position[sample_id]][None].to(torch.float64)
+        held = transform.pixels(pixels.to(torch.float32).to(torch.float64), int(trial))
+        expected = 10 * np.log10(1 / float(((held - 0.5) ** 2).mean()))
+        assert nulls[sample_id] == pytest.approx(expected, abs=1e-4)
+    claimed = block["null_psnr"]["claimed"]
+    records = sibling(paths["noise-s-0-1"], RECORDS_SUFFIX).read_text().splitlines()
+    assert {(str(r["trial"]), *r["sample_ids"]) for r in map(json.loads, records)} == {
+        (t, *ids) for t, ids in claimed.items()
+    }
+
+
+def test_a_verification_made_before_the_rule_is_restated_from_its_records(board):
+    """An old block (no null PSNRs) is refused with what to do; ``--restate`` recomputes it
+    from the shipped verification records (the seeds give the ground truth again), re-running
+    nothing, and signs it."""
+    from leakbench.leaderboard.signing import load_private_key, sign
+    from leakbench.leaderboard.verify import restate_entry
+
+    tracks, _, paths = board
+    path = paths["noise-s-0-1"]
+    fresh = verify_entry(path, defense_tracks_dir=tracks, threads=1)
+    entry = json.loads(path.read_text())
+    old = {
+        k: v
+        for k, v in entry["verification"].items()
+        if k not in ("null_psnr", "over_null", "signature")
+    }
+    old["signature"] = sign(old, load_private_key(os.environ["LEAKBENCH_BOARD_KEY_FILE"]))
+    entry["verification"] = old
+    path.write_text(json.dumps(entry, indent=2))
+    with pytest.raises(EntryError, match="predates the verdict over the null reconstruction"):
+        load_defense_entry(path, tracks)
+    restated = restate_entry(path, defense_tracks_dir=tracks, echo=lambda _: None)
+    assert restated["restated"]["why"].startswith("verdict over the null reconstruction")
+    for key in ("null_psnr", "over_null", "passed", "reason", "verified", "records_sha256"):
+        assert restated[key] == fresh[key], key
+    assert load_defense_entry(path, tracks)["verification"] == restated
+    path.write_text(json.dumps({**entry, "kind": "attack"}))
+    with pytest.raises(EntryError, match="only defense entries are restated"):
+        restate_entry(path, defense_tracks_dir=tracks)

@@ -251,14 +251,20 @@ def bootstrap_median(
         return median, None
     rng = np.random.default_rng(seed)
     arrays = [np.asarray(g, dtype=np.float64) for g in groups]
-    medians = [
-        float(
-            np.median(
-                np.concatenate([arrays[i] for i in rng.integers(len(arrays), size=len(arrays))])
+    if len({len(a) for a in arrays}) == 1:
+        # Every resample at once (the same draws as one after the other): loading a board
+        # recomputes every entry's intervals.
+        picks = rng.integers(len(arrays), size=(BOOTSTRAP_RESAMPLES, len(arrays)))
+        medians = np.median(np.stack(arrays)[picks].reshape(len(picks), -1), axis=1).tolist()
+    else:
+        medians = [
+            float(
+                np.median(
+                    np.concatenate([arrays[i] for i in rng.integers(len(arrays), size=len(arrays))])
+                )
             )
-        )
-        for _ in range(BOOTSTRAP_RESAMPLES)
-    ]
+            for _ in range(BOOTSTRAP_RESAMPLES)
+        ]
     tail = (1 - confidence) / 2
     return median, [float(np.quantile(medians, tail)), float(np.quantile(medians, 1 - tail))]
 

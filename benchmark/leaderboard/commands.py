@@ -108,10 +108,13 @@ def verify_command(
     keys_dir: str | None = None,
     runs_dir: str | None = None,
     threads: int | None = None,
+    restate: bool = False,
 ) -> int:
     """Re-run entries in the sandbox on unseen, secretly transformed trials and sign the result
     with the board's key (a maintainer's command). An attack entry's attack runs as it ran; a
     defense entry's setting is attacked by the board's attacks on its re-trained victim.
+    ``--restate`` re-runs nothing: it recomputes verified defense entries' figures and verdicts
+    from their verification records under the current rules and signs them again.
 
     Exit 0 when every entry passed, 1 when one failed, 2 when one was refused.
 
@@ -124,14 +127,25 @@ def verify_command(
         keys_dir: Folder of the public keys the board trusts (default: the package's).
         runs_dir: Keep the verification runs here (default: discarded).
         threads: Intra-op threads per process.
+        restate: Recompute verified defense entries from their verification records and sign
+            them again (no run).
     """
     from leakbench.leaderboard.entry import EntryError
-    from leakbench.leaderboard.verify import verify_entry
+    from leakbench.leaderboard.verify import restate_entry, verify_entry
 
     _, tracks = _folders(None, tracks_dir)
     failed = refused = 0
     for path in entries:
         try:
+            if restate:
+                block = restate_entry(
+                    path,
+                    key=key,
+                    defense_tracks_dir=Path(defense_tracks_dir) if defense_tracks_dir else None,
+                    keys_dir=Path(keys_dir) if keys_dir else None,
+                )
+                failed += not block["passed"]
+                continue
             block = verify_entry(
                 path,
                 key=key,

@@ -26,8 +26,12 @@ recomputed) gives a ``confidence`` interval of the ranking statistic and of the 
 The check is one-sided, in the direction that would lift the entry's rank: an attack entry fails
 when its claim (capped) lies above the statistic's upper end plus ``margin``, or its claimed
 success rate above the success rate's upper end plus ``success_margin``; a defense entry in the
-mirrored way. Claiming less than one achieves only costs the submitter. The board ranks a
-verified entry by the verification's own figure, never by the claim.
+mirrored way, on its per-sample worst case taken over the null reconstruction on both sides
+(:func:`leakbench.leaderboard.defense_entry.defense_figures`: the transform lifts the PSNR of
+uninformative reconstructions, which a raw comparison read as leakage). Claiming less than one
+achieves only costs the submitter. The board ranks a verified entry by the verification's own
+figure, never by the claim. ``--restate`` recomputes a verified defense entry's figures from its
+shipped verification records under these rules and signs them again, re-running nothing.
 
 **The block** (date, versions, the seeds and their commitments, the data and transform, the
 sandbox, the figures, the verdict, the hashes of the entry and of the verification's records,
@@ -64,6 +68,7 @@ from leakbench.leaderboard.entry import (
     read_records,
     records_text,
     sha256_file,
+    shipped_records,
     sibling,
     validate_entry,
 )
@@ -183,9 +188,11 @@ def figures(
     tolerance: Mapping[str, Any],
     kind: str,
     seed: int,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """The verified statistic, success rate and worst case, their bootstrap intervals, and
-    whether the claim passes (see the module docstring)."""
+    whether the claim passes (see the module docstring); ``label`` names the statistic in the
+    reason (default: ``statistic``)."""
     metric, stat = statistic.split(".")
     ceiling = tolerance.get("ceiling")
     per_trial = [
@@ -235,7 +242,7 @@ def figures(
         success_ok = claimed_success is None or claimed_success >= success_low - success_margin
     note = "" if claim == claimed else f" (capped at {ceiling:g})"
     reason = (
-        f"claimed {statistic} {claimed:.2f}{note} is {relation} {bound} of the "
+        f"claimed {label or statistic} {claimed:.2f}{note} is {relation} {bound} of the "
         f"{confidence:.0%} bootstrap interval [{low:.2f}, {high:.2f}] of {len(records)} "
         f"unseen trials (verified {point:.2f})"
     )
@@ -271,14 +278,16 @@ def _claims(entry: Mapping[str, Any], statistic: str) -> tuple[float, float | No
     return float(value), None if success is None else float(success)
 
 
-def check_block(entry: Mapping[str, Any], path: Path, keys_dir: Path | None = None) -> None:
+def check_block(
+    entry: Mapping[str, Any], path: Path, keys_dir: Path | None = None, *, figures_too: bool = True
+) -> None:
     """Refuse a verification block that the board did not sign, that does not belong to this
-    entry, or whose figures do not follow from its shipped records (an attack entry's, or a
-    defense entry's per-sample worst case)."""
+    entry, or (``figures_too``) whose figures do not follow from its shipped records (an attack
+    entry's; a defense entry's per-sample worst case and the claim's from the entry's records)."""
     from leakbench.leaderboard.defense_entry import (
         defense_claims,
+        defense_figures,
         is_defense_entry,
-        worst_case_records,
     )
     from leakbench.leaderboard.signing import KEYS, check_signature
 
@@ -300,19 +309,37 @@ def check_block(entry: Mapping[str, Any], path: Path, keys_dir: Path | None = No
     records_path = sibling(path, VERIFICATION_RECORDS)
     if not records_path.is_file() or sha256_file(records_path) != block["records_sha256"]:
         raise EntryError(f"its verification records ({records_path.name}) are missing or changed")
+    if not figures_too:
+        return
     records = read_records(records_path)
-    claimed, claimed_success = (
-        defense_claims(entry, block["statistic"]) if defense else _claims(entry, block["statistic"])
-    )
-    recomputed = figures(
-        worst_case_records(records) if defense else records,
-        claimed,
-        claimed_success,
-        block["statistic"],
-        block["tolerance"],
-        "defense" if defense else entry["kind"],
-        block["seeds"]["seed"],
-    )
+    if defense:
+        if "null_psnr" not in block:
+            raise EntryError(
+                "its verification predates the verdict over the null reconstruction: restate "
+                "it (leakbench leaderboard verify --restate)"
+            )
+        claimed, claimed_success = defense_claims(entry, block["statistic"])
+        recomputed = defense_figures(
+            records,
+            shipped_records(entry, path)[1],
+            block["null_psnr"],
+            claimed,
+            claimed_success,
+            block["statistic"],
+            block["tolerance"],
+            block["seeds"]["seed"],
+        )
+    else:
+        claimed, claimed_success = _claims(entry, block["statistic"])
+        recomputed = figures(
+            records,
+            claimed,
+            claimed_success,
+            block["statistic"],
+            block["tolerance"],
+            entry["kind"],
+            block["seeds"]["seed"],
+        )
     stored = {key: block[key] for key in recomputed}
     if json.loads(json.dumps(recomputed)) != stored:
         raise EntryError("its verification figures do not follow from its verification records")
@@ -385,6 +412,20 @@ def _refuse_intrusive_distribution(name: str) -> None:
             )
 
 
+def board_key(key: str | Path | None, keys_dir: Path | None) -> Any:
+    """The board's private key (``key``, default ``$LEAKBENCH_BOARD_KEY_FILE``), refused unless
+    the board trusts its public half."""
+    from leakbench.leaderboard.signing import KEYS, key_id, load_private_key, trusted_keys
+
+    private_key = load_private_key(key)
+    if key_id(private_key.public_key()) not in trusted_keys(keys_dir or KEYS):
+        raise EntryError(
+            f"key {key_id(private_key.public_key())} is not one the board trusts: add its public "
+            f"half to {keys_dir or KEYS} (leakbench leaderboard keygen writes it there)"
+        )
+    return private_key
+
+
 def verification_config(
     entry: Mapping[str, Any],
     track: Mapping[str, Any],
@@ -422,6 +463,14 @@ def verification_config(
     return RunConfig.from_mapping(values, source="verification")
 
 
+def _document(path: Path) -> dict[str, Any]:
+    """The JSON of the entry at ``path``, unchecked; refused in one line when unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EntryError(f"{path}: not a readable entry: {exc}") from None
+
+
 def verify_entry(
     path: str | Path,
     *,
@@ -440,34 +489,24 @@ def verify_entry(
     from leakbench.leaderboard.defense_entry import (
         DEFENSE_TRACKS,
         defense_claims,
+        defense_figures,
         is_defense_entry,
         load_defense_entry,
         validate_defense_entry,
-        worst_case_records,
     )
     from leakbench.leaderboard.private_data import verification_data
-    from leakbench.leaderboard.signing import KEYS, key_id, load_private_key, sign, trusted_keys
+    from leakbench.leaderboard.signing import sign
     from leakbench.protocol.sandbox import close_sandboxes, sandbox_unavailable
     from leakbench.runner import environment
 
     path = Path(path)
-    try:
-        defense = is_defense_entry(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EntryError(f"{path}: not a readable entry: {exc}") from None
+    defense = is_defense_entry(_document(path))
     if defense:
         tracks_dir = Path(defense_tracks_dir or DEFENSE_TRACKS)
         entry = load_defense_entry(path, tracks_dir, keys_dir)  # tampered: refused before running
     else:
         entry = load_entry(path, tracks_dir, keys_dir)
-    private_key = None if check_only else load_private_key(key)
-    if private_key is not None and key_id(private_key.public_key()) not in trusted_keys(
-        keys_dir or KEYS
-    ):
-        raise EntryError(
-            f"key {key_id(private_key.public_key())} is not one the board trusts: add its public "
-            f"half to {keys_dir or KEYS} (leakbench leaderboard keygen writes it there)"
-        )
+    private_key = None if check_only else board_key(key, keys_dir)
     (require_defense if defense else require_attack)(entry)
     reason = sandbox_unavailable()
     if reason is not None:
@@ -495,15 +534,21 @@ def verify_entry(
         if runs_dir is None:
             shutil.rmtree(base, ignore_errors=True)
     text = records_text(records)
-    result = figures(
-        worst_case_records(records) if defense else records,
-        claimed,
-        claimed_success,
-        statistic,
-        tolerance,
-        "defense" if defense else entry["kind"],
-        seeds["seed"],
-    )
+    if defense:
+        result = defense_figures(
+            records,
+            shipped_records(entry, path)[1],
+            specific["null_psnr"],
+            claimed,
+            claimed_success,
+            statistic,
+            tolerance,
+            seeds["seed"],
+        )
+    else:
+        result = figures(
+            records, claimed, claimed_success, statistic, tolerance, entry["kind"], seeds["seed"]
+        )
     transform = {"seed": seeds["private_transform"], **settings["private_transform"]}
     sandbox = {r["isolation"] for r in records}
     if sandbox != {"sandbox"}:
@@ -660,5 +705,96 @@ def _measure_defense(
             "defense_code": dict(entry["defense"]["code"]),
             "attacks": ran,
             "victim_checkpoint": victim,
+            "null_psnr": defense_baselines(entry, track, seeds, config.trials),
         },
     )
+
+
+def defense_baselines(
+    entry: Mapping[str, Any], track: Mapping[str, Any], seeds: Mapping[str, int], trials: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The null reconstruction's PSNR per sample of the entry's public trials (``claimed``) and
+    of the verification's (``verified``: its data, secret seeds and transform)."""
+    from leakbench.leaderboard.defense_entry import null_baselines
+    from leakbench.leaderboard.private_data import verification_data
+
+    protocol = entry["protocol"]
+    transform = verification_settings(track)["private_transform"]
+    return {
+        "claimed": null_baselines(protocol, seed=protocol["seed"], trials=protocol["trials"]),
+        "verified": null_baselines(
+            protocol,
+            seed=seeds["seed"],
+            trials=trials,
+            data=verification_data(track).keys,
+            transform={"seed": seeds["private_transform"], **transform},
+        ),
+    }
+
+
+def restate_entry(
+    path: str | Path,
+    *,
+    key: str | Path | None = None,
+    defense_tracks_dir: Path | None = None,
+    keys_dir: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Recompute a verified defense entry's figures and verdict from the verification records
+    it ships, under the current rules (the verdict over the null reconstruction), and sign the
+    block again; nothing is re-run. The block must be one the board signed for this entry, its
+    records the ones it names, and its data this machine's; its seeds, revealed, give the
+    verification's ground truth again. Returns the new block (``restated`` says when and why)."""
+    from leakbench.leaderboard import defense_entry as defense
+    from leakbench.leaderboard.private_data import verification_data
+    from leakbench.leaderboard.signing import sign
+    from leakbench.runner import environment
+
+    path = Path(path)
+    document = _document(path)
+    if not defense.is_defense_entry(document):
+        raise EntryError(f"{path}: only defense entries are restated (attack entries' rule holds)")
+    if "verification" not in document:
+        raise EntryError(f"{path}: it has no verification to restate; verify it instead")
+    tracks_dir = Path(defense_tracks_dir or defense.DEFENSE_TRACKS)
+    entry = defense.load_defense_entry(path, tracks_dir, keys_dir, figures_too=False)
+    private_key = board_key(key, keys_dir)
+    block = entry["verification"]
+    track = load_track(entry["track"], tracks_dir)
+    data = verification_data(track)
+    if data.description != block["data"]:
+        raise EntryError(
+            f"{path}: its verification ran on {block['data']!r}, this machine has "
+            f"{data.description!r}: restate it where that data is"
+        )
+    baselines = defense_baselines(entry, track, block["seeds"], block["trials"])
+    claimed, claimed_success = defense.defense_claims(entry, block["statistic"])
+    result = defense.defense_figures(
+        read_records(sibling(path, VERIFICATION_RECORDS)),
+        shipped_records(entry, path)[1],
+        baselines,
+        claimed,
+        claimed_success,
+        block["statistic"],
+        block["tolerance"],
+        block["seeds"]["seed"],
+    )
+    restated = {k: v for k, v in block.items() if k != "signature"}
+    restated.update(
+        result,
+        null_psnr=baselines,
+        restated={
+            "date": date.today().isoformat(),
+            "leakbench": leakbench.__version__,
+            "git_commit": environment(1, 1).get("git_commit"),
+            "why": "verdict over the null reconstruction, from the verification's own records",
+        },
+    )
+    restated["signature"] = sign(restated, private_key)
+    verified = {**entry, "verification": restated}
+    defense.validate_defense_entry(verified)
+    atomic_write_text(path, json.dumps(verified, indent=2) + "\n")
+    defense.load_defense_entry(path, tracks_dir, keys_dir)  # the new block passes every later load
+    verdict = "PASSED: " if restated["passed"] else "FAILED: "
+    echo(f"{entry['track']} / {entry['name']}: {verdict}{restated['reason']} (restated)")
+    return restated
