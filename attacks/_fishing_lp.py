@@ -28,7 +28,7 @@ arrays; they reach the solver as arrays and only as far as they bind:
 Assignment rules (step 2 of :mod:`leakbench.attacks.fishing`), per constrained layer with
 pre-activations a (B × n) and the layer's Jacobian rows g_j in pixel space:
 
-* ``min_cost``: unit j given to sample m costs what the perturbations pay for it in the
+* ``min_cost`` (default): unit j given to sample m costs what the perturbations pay for it in the
   squared-L2 proxy Σ_{m' ≠ m} max(0, a_{m'}[j] + ε)² + max(0, ε − a_m[j])² (all other samples
   switch j off, its owner switches it on), each term over ‖g_j‖² (the squared L2 distance a
   unit of pre-activation costs: a sample's perturbation is then about the root of the sum of
@@ -36,13 +36,14 @@ pre-activations a (B × n) and the layer's Jacobian rows g_j in pixel space:
   the total: a rectangular assignment problem (``scipy.optimize.linear_sum_assignment`` on k
   copies of each sample). It minimises the batch's summed squared perturbation, i.e. its mean
   MSE, which the samples that are hardest to perturb dominate.
-* ``max_psnr`` (default): the assignment that maximises the samples' mean PSNR in the same
+* ``max_psnr``: the assignment that maximises the samples' mean PSNR in the same
   proxy, Σ_m log(e_m + floor) over the samples' proxy squared perturbations e_m (the floor:
   the squared L2 of PSNR_CEILING dB). Concave in e, it is minimised by majorisation: each
   round solves the ``min_cost`` problem with sample m's terms weighted by 1/(e_m + floor) of
   the previous round, which can only lower the objective; MAX_PSNR_ROUNDS rounds or until the
-  assignment repeats. It spends on a few hard samples what it saves on the typical ones:
-  their PSNR falls, the median rises.
+  assignment repeats. It spends on a few hard samples what it saves on the others: on
+  lfw-subset at B = 64 the mean PSNR (capped at 60 dB) rises by about 4 dB, the median by
+  less than 0.5 dB, and the lowest falls by about 9 dB.
 * ``margin``: greedily the (sample, unit) pairs with the largest exclusivity margin.
 * ``seeded``: k consecutive units of a permutation drawn from the trial's public seed.
 """

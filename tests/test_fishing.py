@@ -46,8 +46,8 @@ SHAPE = (1, 10, 10)
 MEAN, STD = (0.5,), (0.25,)
 CLASSES = 4
 BATCH = 8
-# The defaults before the L2 objective: one L∞ LP per sample, two units each, min_cost.
-OLD = {"objective": "linf", "k": 2, "assignment": "min_cost"}
+# The defaults before the L2 objective: one L∞ LP per sample, two units each.
+OLD = {"objective": "linf", "k": 2}
 LP_KEYS = {
     "solver",
     "solver_version",
@@ -200,7 +200,7 @@ def test_the_l2_objective_is_the_least_distance_optimum():
     pixels = inputs * STD[0] + MEAN[0]
     pre = pre_activations(layers, inputs)
     jacobian = layers[0].weight / STD[0]
-    assignment = [assign_max_psnr(pre[0], jacobian, 1, 1e-3)]
+    assignment = [assign_min_cost(pre[0], jacobian, 1, 1e-3)]
     checked = 0
     for m in range(BATCH):
         problem = sample_lp(m, layers, pre, assignment, jacobian, pixels, 1e-3)
@@ -426,7 +426,7 @@ def test_client_state_carries_the_assignment_only():
     assert set(report) == {"lp"} and set(report["lp"]) == LP_KEYS
     lp = report["lp"]
     assert lp["solver"] == "nnls" and lp["solver_version"].startswith("NNLS (SciPy ")
-    assert lp["objective"] == "l2" and lp["assignment"] == "max_psnr"
+    assert lp["objective"] == "l2" and lp["assignment"] == "min_cost"
     old = fished(**OLD)[5]["lp"]
     assert old["solver"] == "highs" and old["solver_version"].startswith("HiGHS (highspy ")
     assert lp["unprotected"] == []
@@ -493,7 +493,7 @@ def test_time_limits_come_from_the_budget_and_stop_the_lps():
         ({"objective": "l3"}, "objective must be one of l2, linf, l1"),
         ({"solver": "gurobi"}, "solver must be one of highs, cbc"),
         ({"solver": "cbc"}, "solver 'cbc' solves the LP objectives .linf, l1.; objective 'l2'"),
-        ({"assignment": "random"}, "assignment must be one of max_psnr, min_cost, margin, seeded"),
+        ({"assignment": "random"}, "assignment must be one of min_cost, max_psnr, margin, seeded"),
         ({"tau_max": 0.0}, "tau_max must be positive"),
         ({"epsilon": -1.0}, "epsilon must be positive"),
     ],

@@ -16,10 +16,10 @@ each, it runs through the trial protocol (:func:`leakbench.protocol.run_trial`, 
   issue (the perturbation's cost per objective, k and assignment rule) is::
 
       leakbench fishing-study --batch-sizes [16,64,128] --train-epochs [0] --ig-trials 0 \
-        --settings "{linf-k2-min_cost: {objective: linf, k: 2, assignment: min_cost},
-          l2-k2-min_cost: {objective: l2, k: 2, assignment: min_cost},
-          l2-k1-min_cost: {objective: l2, k: 1, assignment: min_cost},
-          l2-k1-max_psnr: {}}"
+        --settings "{old-linf-k2: {objective: linf, k: 2}, l2-k2: {k: 2}, new-l2-k1: {},
+          linf-k1: {objective: linf}, l1-k1: {objective: l1},
+          l2-k1-max_psnr: {assignment: max_psnr}, l2-k1-margin: {assignment: margin},
+          l2-k1-seeded: {assignment: seeded}}"
 
 * on the same original batches, ``exan`` without fishing, and ``inverting-gradients`` at its
   default budget granted the batch size (on the first ``--ig-trials`` batches: it is the slow
