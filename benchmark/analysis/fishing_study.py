@@ -16,7 +16,9 @@ each, it runs through the trial protocol (:func:`leakbench.protocol.run_trial`, 
   issue (the perturbation's cost per objective, k and assignment rule) is::
 
       leakbench fishing-study --batch-sizes [16,64,128] --train-epochs [0] --ig-trials 0 \
-        --settings "{old-linf-k2: {objective: linf, k: 2}, l2-k2: {k: 2}, new-l2-k1: {},
+        --fishing-options "{workers: 1}" --isolation in-process \
+        --settings "{old-linf-k2: {objective: linf, k: 2, epsilon: 0.001}, l2-k2: {k: 2},
+          new-l2-k1: {}, l2-k1-eps1e-3: {epsilon: 0.001},
           linf-k1: {objective: linf}, l1-k1: {objective: l1},
           l2-k1-max_psnr: {assignment: max_psnr}, l2-k1-margin: {assignment: margin},
           l2-k1-seeded: {assignment: seeded}}"
