@@ -1,5 +1,15 @@
-"""The linear programs of the fishing attack (:mod:`leakbench.attacks.fishing`): the assignment
-of units to samples, each sample's LP as arrays, and its solution with PuLP.
+"""The programs of the fishing attack (:mod:`leakbench.attacks.fishing`): the assignment of
+units to samples, each sample's constraints as arrays, and their solution: the L2 objective's
+least-distance QP with SciPy's NNLS, the L∞ and L1 LPs with PuLP.
+
+The L2 objective (default) is a least-distance program (Lawson & Hanson, *Solving Least
+Squares Problems*, 1974, ch. 23): minimise ‖Δ‖₂ subject to G Δ ≥ c (the activation rows and
+the box as rows ±Δ_i ≥ ...). Its dual is a non-negative least-squares problem: with
+E = [Gᵀ; cᵀ] and f = (0, …, 0, 1), u = argmin_{u ≥ 0} ‖E u − f‖ and r = E u − f, the optimum is
+Δ = −r_{1..d} / r_{d+1}, and r_{d+1} = 0 means the rows are infeasible. SciPy's
+``optimize.nnls`` (the Lawson–Hanson active-set method) solves it exactly in a few hundred
+small steps; HiGHS' QP solver gives the same optimum about 60× slower on these problems (its
+active set walks the 625 pixel bounds). The rows reach NNLS as they bind, as for HiGHS below.
 
 PuLP is the modelling layer: variables, their bounds and the objective are PuLP's. The
 activation and box constraints are dense blocks of rows that :func:`sample_lp` computes as
@@ -18,11 +28,22 @@ arrays; they reach the solver as arrays and only as far as they bind:
 Assignment rules (step 2 of :mod:`leakbench.attacks.fishing`), per constrained layer with
 pre-activations a (B × n) and the layer's Jacobian rows g_j in pixel space:
 
-* ``min_cost`` (default): unit j given to sample m costs what the perturbations pay for it in
-  the squared-L2 proxy Σ_{m' ≠ m} max(0, a_{m'}[j] + ε)² + max(0, ε − a_m[j])² (all other
-  samples switch j off, its owner switches it on), over ‖g_j‖² (the squared L2 distance a unit
-  of pre-activation costs); k units per sample, distinct, minimising the total: a rectangular
-  assignment problem (``scipy.optimize.linear_sum_assignment`` on k copies of each sample).
+* ``min_cost`` (default): unit j given to sample m costs what the perturbations pay for it in the
+  squared-L2 proxy Σ_{m' ≠ m} max(0, a_{m'}[j] + ε)² + max(0, ε − a_m[j])² (all other samples
+  switch j off, its owner switches it on), each term over ‖g_j‖² (the squared L2 distance a
+  unit of pre-activation costs: a sample's perturbation is then about the root of the sum of
+  its terms, the rows g_j being nearly orthogonal); k units per sample, distinct, minimising
+  the total: a rectangular assignment problem (``scipy.optimize.linear_sum_assignment`` on k
+  copies of each sample). It minimises the batch's summed squared perturbation, i.e. its mean
+  MSE, which the samples that are hardest to perturb dominate.
+* ``max_psnr``: the assignment that maximises the samples' mean PSNR in the same
+  proxy, Σ_m log(e_m + floor) over the samples' proxy squared perturbations e_m (the floor:
+  the squared L2 of PSNR_CEILING dB). Concave in e, it is minimised by majorisation: each
+  round solves the ``min_cost`` problem with sample m's terms weighted by 1/(e_m + floor) of
+  the previous round, which can only lower the objective; MAX_PSNR_ROUNDS rounds or until the
+  assignment repeats. It spends on a few hard samples what it saves on the others: on
+  lfw-subset at B = 64 the mean PSNR (capped at 60 dB) rises by about 4 dB, the median by
+  less than 0.5 dB, and the lowest falls by about 9 dB.
 * ``margin``: greedily the (sample, unit) pairs with the largest exclusivity margin.
 * ``seeded``: k consecutive units of a permutation drawn from the trial's public seed.
 """
@@ -43,12 +64,18 @@ from typing import Any
 import numpy as np
 import pulp
 from scipy import sparse
-from scipy.optimize import linear_sum_assignment
+from scipy.optimize import linear_sum_assignment, nnls
 from torch import nn
 
 from leakbench.attacks.exan import fcn_layers
 
 LP_SOLVERS = ("highs", "cbc")
+MAX_PSNR_ROUNDS = 10
+PSNR_CEILING = 60.0  # dB: above it a sample's perturbation no longer counts in ``max_psnr``
+# Rows of the least-distance program count as met within this (pre-activation or pixel units;
+# the attack checks its margin ε/2 on the result, far above it).
+ROW_TOLERANCE = 1e-10
+NNLS_ITERATIONS = 10  # per row: a guard (SciPy's default is 3 per row)
 
 
 @dataclass(frozen=True)
@@ -175,22 +202,73 @@ def assign_margin(pre: np.ndarray, scale: np.ndarray, k: int, epsilon: float) ->
     return _complete(chosen, k)
 
 
+def unit_costs(pre: np.ndarray, jacobian: np.ndarray, epsilon: float) -> tuple[np.ndarray, ...]:
+    """The proxy's terms, (B, n) each: the squared L2 distance over which sample m switches
+    unit j off (to −ε) and on (to ε); ``jacobian`` (n, d) holds each unit's pre-activation
+    gradient. Moving a unit that no input moves costs the largest finite amount."""
+    squared = (jacobian**2).sum(axis=1)
+    movable = squared > 0
+    huge = np.finfo(np.float64).max / (16 * pre.size)
+
+    def distance(need: np.ndarray) -> np.ndarray:
+        moved = np.where(movable, need / np.where(movable, squared, 1.0), huge)
+        return np.where(need > 0, moved, 0.0)
+
+    return distance(np.maximum(pre + epsilon, 0.0) ** 2), distance(
+        np.maximum(epsilon - pre, 0.0) ** 2
+    )
+
+
+def _cheapest(off: np.ndarray, on: np.ndarray, weights: np.ndarray, k: int) -> list[list[int]]:
+    """k distinct units per sample minimising Σ_m weights[m] · (m's proxy terms)."""
+    weighted = weights[:, None] * off
+    cost = weighted.sum(axis=0) - weighted + weights[:, None] * on
+    slots, units = linear_sum_assignment(np.repeat(cost, k, axis=0))
+    chosen: list[list[int]] = [[] for _ in range(off.shape[0])]
+    for slot, unit in zip(slots.tolist(), units.tolist(), strict=True):
+        chosen[slot // k].append(unit)
+    return _complete(chosen, k)
+
+
+def proxy_squared(off: np.ndarray, on: np.ndarray, chosen: list[list[int]]) -> np.ndarray:
+    """Each sample's proxy squared perturbation under ``chosen``: the others' units off, its
+    own on (an unassigned sample: 0, it stays as it is)."""
+    owned = np.zeros(off.shape[1], dtype=bool)
+    owned[[u for units in chosen for u in units]] = True
+    return np.array(
+        [
+            off[m, owned].sum() - off[m, units].sum() + on[m, units].sum() if units else 0.0
+            for m, units in enumerate(chosen)
+        ]
+    )
+
+
 def assign_min_cost(
     pre: np.ndarray, jacobian: np.ndarray, k: int, epsilon: float
 ) -> list[list[int]]:
     """k distinct units per sample minimising the summed squared-L2 proxy of the perturbations
     (module docstring); ``jacobian`` (n, d) holds each unit's pre-activation gradient."""
-    batch = pre.shape[0]
-    squared = (jacobian**2).sum(axis=1)
-    switch_off = np.maximum(pre + epsilon, 0.0) ** 2
-    cost = switch_off.sum(axis=0) - switch_off + np.maximum(epsilon - pre, 0.0) ** 2
-    cost = cost / np.where(squared > 0, squared, np.inf)
-    cost = np.where(np.isfinite(cost), cost, np.finfo(np.float64).max / (4 * k * batch))
-    slots, units = linear_sum_assignment(np.repeat(cost, k, axis=0))
-    chosen: list[list[int]] = [[] for _ in range(batch)]
-    for slot, unit in zip(slots.tolist(), units.tolist(), strict=True):
-        chosen[slot // k].append(unit)
-    return _complete(chosen, k)
+    off, on = unit_costs(pre, jacobian, epsilon)
+    return _cheapest(off, on, np.ones(pre.shape[0]), k)
+
+
+def assign_max_psnr(
+    pre: np.ndarray, jacobian: np.ndarray, k: int, epsilon: float
+) -> list[list[int]]:
+    """k distinct units per sample maximising the samples' mean proxy PSNR (module docstring),
+    by up to MAX_PSNR_ROUNDS reweighted ``min_cost`` problems (each lowers the objective)."""
+    off, on = unit_costs(pre, jacobian, epsilon)
+    floor = jacobian.shape[1] * 10 ** (-PSNR_CEILING / 10)
+    chosen = _cheapest(off, on, np.ones(pre.shape[0]), k)
+    for _ in range(MAX_PSNR_ROUNDS):
+        # An unassigned sample is not perturbed: its terms cost nothing.
+        weights = np.array([1.0 if units else 0.0 for units in chosen])
+        weights /= proxy_squared(off, on, chosen) + floor
+        following = _cheapest(off, on, weights / weights.mean(), k)
+        if following == chosen:
+            break
+        chosen = following
+    return chosen
 
 
 def assign_seeded(batch: int, units: int, k: int, seed: int, layer: int) -> list[list[int]]:
@@ -323,6 +401,58 @@ def build_l1(problem: SampleLP, tau_max: float | None) -> BuiltLP:
     return BuiltLP(lp, [activation], read)
 
 
+def least_distance(rows: np.ndarray, rhs: np.ndarray) -> np.ndarray | None:
+    """The least-distance program min ‖Δ‖₂ s.t. rows Δ ≥ rhs through its NNLS dual (module
+    docstring); None when its optimum has ‖Δ‖² ≥ 2d or does not exist.
+
+    At the dual optimum r_{d+1} = −1 / (1 + ‖Δ‖²) (from rᵀ E u = 0), so the test on r_{d+1}
+    is a test on the optimum's norm: a Δ in the box [−1, 1]^d has ‖Δ‖² ≤ d, and a relaxation
+    whose optimum exceeds 2d leaves the full program infeasible in the box."""
+    d = rows.shape[1]
+    if not len(rhs):
+        return np.zeros(d)
+    dual = np.vstack([rows.T, rhs[None, :]])
+    target = np.zeros(d + 1)
+    target[-1] = 1.0
+    # SciPy's nnls aborts the process on a matrix without columns: the case above.
+    weights, _ = nnls(dual, target, maxiter=NNLS_ITERATIONS * len(rhs))
+    residual = dual @ weights - target
+    if not residual[-1] < -1.0 / (1.0 + 2.0 * d):
+        return None
+    return -residual[:d] / residual[-1]
+
+
+def solve_least_distance(problem: SampleLP, tau_max: float | None, time_limit: float) -> LPResult:
+    """The L2 objective: min ‖Δ‖₂ over the sample's rows and box (and ``tau_max``), the rows
+    given as they bind: those Δ = 0 violates first, then those each optimum violates."""
+    d = problem.rows.shape[1]
+    lower, upper = problem.lower, problem.upper
+    if tau_max is not None:
+        lower, upper = np.maximum(lower, -tau_max), np.minimum(upper, tau_max)
+    # Every row as G Δ ≥ h: the activation rows, then Δ_i ≥ lower_i, then −Δ_i ≥ −upper_i.
+    rows = np.vstack([problem.rows, np.eye(d), -np.eye(d)])
+    rhs = np.concatenate([problem.rhs, lower, -upper])
+    given = np.zeros(len(rhs), dtype=bool)
+    adding = rhs > 0  # violated by Δ = 0
+    started = time.monotonic()
+    while True:
+        given |= adding
+        delta = least_distance(rows[given], rhs[given])
+        if delta is None:
+            return LPResult("infeasible", rows_given=int(given.sum()), rows_total=len(rhs))
+        adding = ~given & (rows @ delta < rhs - ROW_TOLERANCE)
+        if not adding.any():
+            return LPResult(
+                "optimal",
+                delta,
+                float(np.linalg.norm(delta)),
+                rows_given=int(given.sum()),
+                rows_total=len(rhs),
+            )
+        if time.monotonic() - started > time_limit:
+            return LPResult("time_limit", rows_given=int(given.sum()), rows_total=len(rhs))
+
+
 _BANNER_LOCK = threading.Lock()
 _banner_shown = False
 
@@ -448,47 +578,58 @@ def solver_version(solver: str) -> str:
     """The solver's name and version, as recorded with the trial."""
     if solver == "highs":
         return f"HiGHS (highspy {metadata.version('highspy')}, in-process)"
+    if solver == "nnls":
+        return f"NNLS (SciPy {metadata.version('scipy')}, least-distance QP, in-process)"
     return f"CBC (PuLP {pulp.__version__}, one process per LP)"
 
 
 def solve_sample(
     problem: SampleLP, objective: str, tau_max: float | None, solver: str, time_limit: float
 ) -> LPResult:
-    """Build and solve one sample's LP; never raises."""
+    """Build and solve one sample's program (``objective`` l2: the least-distance QP, whatever
+    ``solver`` says; linf or l1: the LP with ``solver``); never raises."""
     start, cpu = time.perf_counter(), time.thread_time()
     total = len(problem.rhs)
     if bool((problem.rhs <= 0).all()):  # Δ = 0 already satisfies every constraint
         return LPResult("optimal", np.zeros(problem.rows.shape[1]), 0.0, rows_total=total)
     built: BuiltLP | None = None
     try:
-        built = (build_linf if objective == "linf" else build_l1)(problem, tau_max)
-        total = sum(len(b.lower) for b in built.blocks)
-        if solver == "highs":
-            command: pulp.LpSolver = LazyRowsHiGHS(
-                built.blocks, built.rows_given, timeLimit=time_limit, threads=1
-            )
+        if objective == "l2":
+            result = solve_least_distance(problem, tau_max, time_limit)
         else:
-            _all_rows(built)
-            command = _cbc(time_limit)
-        lp = built.problem
-        lp.solve(command)
-        point = built.read() if lp.status != pulp.LpStatusInfeasible else None
-        if lp.status == pulp.LpStatusInfeasible:
-            result = LPResult("infeasible")
-        elif lp.sol_status == pulp.LpSolutionOptimal and point is not None:
-            result = LPResult("optimal", *point)
-        elif lp.sol_status == pulp.LpSolutionIntegerFeasible:  # stopped by the time limit
-            result = LPResult("time_limit") if point is None else LPResult("feasible", *point)
-        elif lp.status == pulp.LpStatusNotSolved:
-            result = LPResult("time_limit")
-        else:
-            result = LPResult(f"error: {pulp.LpStatus[lp.status]} without a solution")
+            built = (build_linf if objective == "linf" else build_l1)(problem, tau_max)
+            total = sum(len(b.lower) for b in built.blocks)
+            result = _solve_lp(built, solver, time_limit)
     except Exception as exc:  # a solver crash leaves the sample unperturbed, never the trial
         result = LPResult(f"error: {type(exc).__name__}: {exc}")
     if result.delta is not None and not np.isfinite(result.delta).all():
         result = LPResult("error: non-finite solution")
     result.seconds = time.perf_counter() - start
     result.cpu_seconds = time.thread_time() - cpu
-    result.rows_given = built.rows_given[0] if built is not None else 0
-    result.rows_total = total
+    if built is not None:
+        result.rows_given, result.rows_total = built.rows_given[0], total
+    elif not result.rows_total:  # the least-distance program counts its own rows
+        result.rows_total = total
     return result
+
+
+def _solve_lp(built: BuiltLP, solver: str, time_limit: float) -> LPResult:
+    if solver == "highs":
+        command: pulp.LpSolver = LazyRowsHiGHS(
+            built.blocks, built.rows_given, timeLimit=time_limit, threads=1
+        )
+    else:
+        _all_rows(built)
+        command = _cbc(time_limit)
+    lp = built.problem
+    lp.solve(command)
+    point = built.read() if lp.status != pulp.LpStatusInfeasible else None
+    if lp.status == pulp.LpStatusInfeasible:
+        return LPResult("infeasible")
+    if lp.sol_status == pulp.LpSolutionOptimal and point is not None:
+        return LPResult("optimal", *point)
+    if lp.sol_status == pulp.LpSolutionIntegerFeasible:  # stopped by the time limit
+        return LPResult("time_limit") if point is None else LPResult("feasible", *point)
+    if lp.status == pulp.LpStatusNotSolved:
+        return LPResult("time_limit")
+    return LPResult(f"error: {pulp.LpStatus[lp.status]} without a solution")

@@ -13,7 +13,7 @@ neurons to samples and nothing else: ``{"assignment": [layer][sample] → unit i
 pixels, activations or other statistics of the batch. The facts of its linear programs are the
 client's report (``ClientContext.report``), recorded with the trial and never sent to the
 server: ``{"lp": {"solver", "solver_version", "objective" (the kind), "assignment" (the
-rule), "status", "value" (the LP optimum: the perturbation's L∞ or L1 size in pixel units),
+rule), "status", "value" (the optimum: the perturbation's L2, L∞ or L1 size in pixel units),
 "seconds" (one per sample), "cpu_seconds" (the solving thread's CPU time, per sample: what
 the LP costs without the machine's load), "rows" ([given to the solver, in the LP] per sample),
 "unprotected" (the samples left unperturbed, each with its status: a time limit, say, names
@@ -25,24 +25,45 @@ The paper's own LP is not reproduced here (only its abstract could be read); thi
 formulation of the idea it describes, of which the paper gives the objective (a small
 perturbation that makes the batch exclusive) but not the constraints. Notation: pixels p_m ∈ [0,
 1]^d of sample m (the model input is x_m = (p_m − μ)/σ per channel), perturbation Δ_m, ReLU
-layers l = 1..L with pre-activations a_m^l. Every sample m owns a set J_m^l of k ≥ 2 units of
+layers l = 1..L with pre-activations a_m^l. Every sample m owns a set J_m^l of k ≥ 1 units of
 each constrained layer, disjoint across samples; O_m^l = ∪_{m' ≠ m} J_{m'}^l are the units the
-other samples own. With margin ε > 0, the LP of sample m is
+other samples own. With margin ε > 0, the program of sample m is
 
-    minimise   ‖Δ_m‖_∞ (or ‖Δ_m‖_1)
+    minimise   ‖Δ_m‖_2 (default; or ‖Δ_m‖_∞, ‖Δ_m‖_1)
     subject to a_m^l[j](p_m + Δ_m) ≥ ε     for j ∈ J_m^l        (owner active)
                a_m^l[j](p_m + Δ_m) ≤ −ε    for j ∈ O_m^l        (exclusivity)
                0 ≤ p_m + Δ_m ≤ 1                                (a valid image)
                ‖Δ_m‖_∞ ≤ τ_max                                  (optional budget)
 
-On the first layer a^1(p + Δ) = a^1(p) + (W_1 diag(1/σ)) Δ is affine, so this is an LP. After
-it every sample activates its own units and none of the others', so each owns ≥ k ExANs. The
-LPs of different samples share no variable: M independent LPs. With ``layers="all"`` (multi-
-layer FCNs) every ReLU layer is constrained: the target pattern T_m^l of sample m is its
-current one with its own units switched on and the others' switched off; inside the region
-where the layers below l follow their targets the network is affine in Δ_m,
+On the first layer a^1(p + Δ) = a^1(p) + (W_1 diag(1/σ)) Δ is affine, so this is a convex QP
+(L2: a least-distance program) or an LP (L∞, L1). After it every sample activates its own units
+and none of the others', so each owns ≥ k ExANs. The programs of different samples share no
+variable: M independent programs (called "LPs" below for all three objectives). With
+``layers="all"`` (multi-layer FCNs) every ReLU layer is constrained: the target pattern T_m^l
+of sample m is its current one with its own units switched on and the others' switched off;
+inside the region where the layers below l follow their targets the network is affine in Δ_m,
 a^{l+1} = W_{l+1} diag(T_m^l) a^l + b_{l+1}, so keeping every unit of layers 1..L−1 on its
-target side (margin ε) and imposing the constraints above on layer L stays an LP.
+target side (margin ε) and imposing the constraints above on layer L keeps the program's kind.
+
+How many ExANs exclusivity needs. The ExAN attack's condition (≥ 2 ExANs per sample in the
+last ReLU layer, ≥ 1 in the others; :mod:`leakbench.attacks.exan`) serves its blind grouping:
+a lone unit cannot be told from a shared one by agreement. Here the server knows the
+assignment, and one ExAN j of sample m per layer gives everything: column j of Ḡ_H is
+(1/M) h_m[j] g_m (the label, and with the bias the exact loss vector through the gradient-scale
+test, which also drops a group whose unit an unprotected sample shares), and the bias ratio of
+row j gives the layer's input exactly. So k = 1 (default) is the minimum; each further unit
+per sample adds B − 1 constraints to every other sample's program.
+
+The objective. PSNR(perturbed, original) is a function of ‖Δ_m‖_2 alone (−10 log10(‖Δ‖²/d)),
+so the L2 objective gives every sample its largest PSNR under its constraints: its optimum is at
+most the L2 norm of any point the L∞ or L1 LP can return. The L∞ optimum spreads Δ over all
+pixels at ±τ (PSNR ≈ −20 log10 τ, about 2 dB below the L2 optimum on lfw-subset); the L1 one
+moves few pixels far (about 10 dB below). The margin ε (pre-activation units, against |a| of
+order 1) costs little: 1e-5 and 1e-3 give the same PSNR to 0.1 dB, 1e-2 0.3 dB less at B = 64.
+It is 1e-2 for float32 exactness with one unit per sample: the L2 optimum leaves the owner's
+unit at exactly ε when it had to be switched on, and at ε = 1e-3 the gradient-scale test
+could not resolve that lone unit's activation from a float32 update (one sample of 64 dropped
+in 4 of 40 lfw-subset batches); at 1e-2 none was.
 
 The L∞ LP is solved in its homogeneous form: with s = Δ/τ and t = 1/τ it becomes
 
@@ -56,32 +77,43 @@ are arrays and reach HiGHS only as they bind (:mod:`leakbench.attacks._fishing_l
 far inactive for the sample, or a pixel far from 0 and 1, costs the solver nothing.
 
 What bounds the perturbation: every unit another sample owns must be off for sample m, so m
-switches off about half of the k(B − 1) units the others own (on the ExAN paper's
-lfw-subset FCN every unit is active for 40-60 % of any batch), and the smallest perturbation
-that does grows with B. The ``min_cost`` assignment chooses the k·B units and their owners
-that this costs least (in a squared-L2 proxy); the L∞ objective spreads Δ over all pixels at
-±τ, so PSNR(perturbed, original) ≈ −20 log10 τ, a few dB below what the minimal-L2
-perturbation (a QP, an order of magnitude slower to solve) would give.
+switches off those of the k(B − 1) units the others own that it activates (on the ExAN
+paper's lfw-subset FCN every unit is active for 40-60 % of any batch), and the smallest
+perturbation that does grows with B. With the L2 objective the program's optimum is that
+smallest perturbation for the given units, so the assignment alone is left: it chooses the
+k·B units and their owners in a squared-L2 proxy (each switch's squared distance
+(a + ε)²/‖g_j‖², summed; the rows g_j are nearly orthogonal and the proxy is within 0.2 dB of
+the programs' optima). ``min_cost`` (default) minimises the batch's summed squared
+perturbation exactly in the proxy (an assignment problem), i.e. its mean MSE. Weighting the
+samples differently moves the median little: ``max_psnr`` (the sum of the samples' log squared
+perturbations, i.e. their mean PSNR) and the powers between them change the median by less
+than 0.5 dB at B = 64 and lower the worst samples' PSNR by up to 9 dB. What is left is the
+condition itself: one exclusive unit per sample, so every sample switches off each of the
+other B − 1 samples' units that it activates.
 
 Steps, as :meth:`Fishing.client_hook` runs them (float64):
 
 1. Pixels and pre-activations: p_m = x_m σ + μ; a_m^l of every constrained layer at p_m.
 2. Assignment, per constrained layer (:mod:`leakbench.attacks._fishing_lp`; in deeper layers
    the weight rows stand in for the pixel Jacobian). ``"min_cost"`` (default): the k·B units
-   and their owners that cost the perturbations least, a rectangular assignment problem.
+   and their owners that cost the perturbations least in total in the proxy, a rectangular
+   assignment problem. ``"max_psnr"``: those that maximise the samples' mean PSNR in the
+   proxy, by reweighted assignment problems.
    ``"margin"``: greedily, the (sample, unit) pairs with the largest exclusivity margin
    min(a_m[j] − ε, −ε − max_{m' ≠ m} a_{m'}[j]) over the unit's L1 weight norm in pixel space,
    until each sample owns k units. Both read the batch, so they run on the client and only
    their result travels. ``"seeded"``: a permutation of the units drawn from the trial's
    public seed, k consecutive units per sample, which the server could recompute. Samples that
    find no k free units are ``unassigned``.
-3. One LP per assigned sample, its rows as arrays; a sample whose unperturbed pixels satisfy
-   every constraint needs no solver (objective 0).
-4. The LPs are solved in ``workers`` threads (default: the usable cores; HiGHS releases the
-   GIL and CBC runs as a subprocess, so the solves overlap), with HiGHS in-process (default,
-   rows added as they bind) or CBC (every row, one process per LP), each LP
-   single-threaded and under a time limit: ``time_limit`` if set, else half the
-   trial's ``max_seconds`` spread over the LPs (``BUDGET_SHARE``), else ``DEFAULT_LP_SECONDS``.
+3. One program per assigned sample, its rows as arrays; a sample whose unperturbed pixels
+   satisfy every constraint needs no solver (objective 0).
+4. The programs are solved in ``workers`` threads (default: the usable cores; NNLS and HiGHS
+   release the GIL and CBC runs as a subprocess, so the solves overlap): the L2 objective's
+   least-distance program by SciPy's NNLS (its dual), the LPs by HiGHS in-process (default)
+   or CBC (every row, one process per LP); rows are added as they bind except for CBC; each
+   single-threaded and under a time limit (NNLS: checked between its rounds of rows):
+   ``time_limit`` if set, else half the trial's ``max_seconds`` spread over the LPs
+   (``BUDGET_SHARE``), else ``DEFAULT_LP_SECONDS``.
    A limit is a guard, not a budget to spend: an LP that hits it makes the trial depend on the
    machine's load, so tracks set ``max_seconds`` well above what the LPs need. The solver's
    status is kept per sample: ``optimal``; ``feasible`` (time limit hit, the point found so
@@ -98,16 +130,19 @@ Steps, as :meth:`Fishing.client_hook` runs them (float64):
 7. The groups of the last ReLU layer are the samples' assigned units (those with a non-zero
    gradient column and row), instead of ExAN's blind grouping; a group whose units do not
    agree (its sample stayed unperturbed and shares them) is dropped, the others are validated
-   as loss-vector directions (:func:`leakbench.attacks.exan.validated_grouping`).
+   as loss-vector directions (:func:`leakbench.attacks.exan.validated_grouping`); with k = 1
+   a group is one unit and the scale test of step 8 alone tells a sample from a shared unit.
 8. The rest of the ExAN attack unchanged (:func:`leakbench.attacks.exan.recover_fcn`): the
    gradient-scale test keeps the groups that are samples and infers the batch size M (so M
    does not come from the assignment), the top-down bias ratios give the inputs exactly, and
    the labels come from the loss-vector directions.
 
-Hyperparameters (documented defaults): ``k`` (2) units per sample and constrained layer;
-``epsilon`` (1e-3) the activation margin, in pre-activation units; ``objective`` (``"linf"``
-or ``"l1"``); ``tau_max`` (None) an L∞ budget in pixel units for either objective; ``solver``
-(``"highs"`` or ``"cbc"``); ``assignment`` (``"min_cost"``, ``"margin"`` or ``"seeded"``);
+Hyperparameters (documented defaults; until issue 22 they were k 2, ``linf``, epsilon 1e-3):
+``k`` (1) units per sample and constrained layer; ``epsilon`` (1e-2) the activation margin, in
+pre-activation units; ``objective`` (``"l2"``, ``"linf"`` or ``"l1"``); ``tau_max`` (None)
+an L∞ budget in pixel units for every objective; ``solver`` (``"highs"`` or ``"cbc"``) the
+LP solver of ``linf`` and ``l1`` (``l2`` takes the default and is solved by NNLS);
+``assignment`` (``"min_cost"``, ``"max_psnr"``, ``"margin"`` or ``"seeded"``);
 ``layers``
 (``"all"``: every ReLU layer, or ``"first"``: the paper's first-layer LP, which equals
 ``"all"`` on one hidden layer; the reconstruction needs the last ReLU layer's units, so
@@ -134,6 +169,7 @@ from leakbench.attacks._fishing_lp import (
     LPResult,
     ReluLayer,
     assign_margin,
+    assign_max_psnr,
     assign_min_cost,
     assign_seeded,
     per_pixel,
@@ -160,15 +196,16 @@ from leakbench.interfaces import Attack, TrialFailure, UnsupportedModelError, po
 from leakbench.registry import register_attack
 from leakbench.threat_model import Capability, ClientContext, Observation, Reconstruction
 
-OBJECTIVES = ("linf", "l1")
-ASSIGNMENTS = ("min_cost", "margin", "seeded")
+OBJECTIVES = ("l2", "linf", "l1")
+ASSIGNMENTS = ("min_cost", "max_psnr", "margin", "seeded")
 LAYERS = ("all", "first")
 DEFAULT_LP_SECONDS = 60.0  # per LP when the trial sets no time budget: nothing hangs
 BUDGET_SHARE = 0.5  # of the trial's max_seconds that all LPs together may take
 MIN_LP_SECONDS = 0.05
 SOLVED = ("optimal", "feasible")  # statuses of a sample the client trains on perturbed
 # Exactness of the reconstruction: the rest of the ExAN attack's hyperparameters, at its defaults.
-MIN_GROUP_SIZE = 2
+# Units per group the reconstruction checks for agreement: ExAN's 2, or k where groups are smaller.
+GROUP_SIZE = 2
 SUPPORT_TOLERANCE = 0.0
 RANK_TOLERANCE = 1e-10
 ASSUMED_LABEL_PROBABILITY = 1 / 3
@@ -222,9 +259,9 @@ class Fishing(Attack):
 
     def __init__(
         self,
-        k: int = 2,
-        epsilon: float = 1e-3,
-        objective: str = "linf",
+        k: int = 1,
+        epsilon: float = 1e-2,
+        objective: str = "l2",
         tau_max: float | None = None,
         solver: str = "highs",
         assignment: str = "min_cost",
@@ -246,8 +283,6 @@ class Fishing(Attack):
             tolerance=tolerance,
         )
         self.k = positive_int("k", k)
-        if k < 2:
-            raise ValueError(f"k must be at least 2 (the ExAN attack groups ≥ 2 units), got {k}")
         if not (isinstance(epsilon, int | float) and epsilon > 0):
             raise ValueError(f"epsilon must be positive, got {epsilon!r}")
         if tau_max is not None and not tau_max > 0:
@@ -260,6 +295,11 @@ class Fishing(Attack):
         self.objective = check_choice("objective", objective, OBJECTIVES)
         self.tau_max = None if tau_max is None else float(tau_max)
         self.solver = check_choice("solver", solver, LP_SOLVERS)
+        if self.objective == "l2" and self.solver != "highs":
+            raise ValueError(
+                f"solver {solver!r} solves the LP objectives (linf, l1); objective 'l2' is a "
+                f"least-distance QP, solved by SciPy's NNLS"
+            )
         self.assignment = check_choice("assignment", assignment, ASSIGNMENTS)
         self.layers = check_choice("layers", layers, LAYERS)
         self.workers = usable_cores() if workers is None else positive_int("workers", workers)
@@ -293,6 +333,8 @@ class Fishing(Attack):
             return assign_seeded(pre.shape[0], pre.shape[1], self.k, seed, layer)
         if self.assignment == "margin":
             return assign_margin(pre, np.abs(jacobian).sum(axis=1), self.k, self.epsilon)
+        if self.assignment == "max_psnr":
+            return assign_max_psnr(pre, jacobian, self.k, self.epsilon)
         return assign_min_cost(pre, jacobian, self.k, self.epsilon)
 
     def client_hook(
@@ -357,9 +399,10 @@ class Fishing(Attack):
         # Step 6: unperturbed samples stay bit-identical to the private ones.
         # Only the assignment travels; the LPs' facts are the client's report, recorded with
         # the trial for the benchmark and never sent to the server.
+        solver = "nnls" if self.objective == "l2" else self.solver
         context.report["lp"] = {
-            "solver": self.solver,
-            "solver_version": solver_version(self.solver),
+            "solver": solver,
+            "solver_version": solver_version(solver),
             "objective": self.objective,
             "assignment": self.assignment,
             "status": [r.status for r in results],
@@ -391,11 +434,14 @@ class Fishing(Attack):
         groups = assigned_groups(observation.client_state, len(layers) - 1)
         tolerance = resolve_tolerance(self.tolerance, observation.dtype)
         precision = update_precision(observation.dtype)
-        grouping, disagreeing = assignment_grouping(layers, groups, tolerance, precision)
+        min_group_size = min(self.k, GROUP_SIZE)
+        grouping, disagreeing = assignment_grouping(
+            layers, groups, tolerance, precision, min_group_size
+        )
         recovery = recover_fcn(
             layers,
             tolerance=tolerance,
-            min_group_size=MIN_GROUP_SIZE,
+            min_group_size=min_group_size,
             assumed_label_probability=ASSUMED_LABEL_PROBABILITY,
             support_tolerance=SUPPORT_TOLERANCE,
             rank_tolerance=RANK_TOLERANCE,
@@ -436,9 +482,14 @@ def assigned_groups(state: Any, relu_count: int) -> list[list[int]]:
 
 
 def assignment_grouping(
-    layers: list[LayerTensors], groups: list[list[int]], tolerance: float, precision: float
+    layers: list[LayerTensors],
+    groups: list[list[int]],
+    tolerance: float,
+    precision: float,
+    min_group_size: int,
 ) -> tuple[Any, int]:
-    """Step 7: the assigned units as ExAN groups; returns the grouping and the dropped count.
+    """Step 7: the assigned units as ExAN groups (those with ``min_group_size`` live units);
+    returns the grouping and the dropped count.
 
     Agreement is judged as ExAN's grouping judges it (:func:`units_agree`, exactly within
     :func:`link_tolerance`); the direction's sum is left to the scale test where it runs.
@@ -453,7 +504,7 @@ def assignment_grouping(
             raise TrialFailure(f"assigned unit index out of range for {units_total} units")
         units = torch.tensor(owned, dtype=torch.long)
         live = units[(columns[units].norm(dim=1) > 0) & (last.weight_grad[units].norm(dim=1) > 0)]
-        if live.numel() < MIN_GROUP_SIZE:
+        if live.numel() < min_group_size:
             continue
         if not units_agree(columns[live], last.weight_grad[live], tolerance, link):
             disagreeing += 1
@@ -461,10 +512,10 @@ def assignment_grouping(
         candidates.append(live)
     if not candidates:
         raise TrialFailure(
-            f"no assigned group of {len(groups)} has {MIN_GROUP_SIZE} agreeing units with a "
+            f"no assigned group of {len(groups)} has {min_group_size} agreeing units with a "
             f"non-zero gradient"
         )
     grouping = validated_grouping(
-        columns, candidates, tolerance, MIN_GROUP_SIZE, check_sum=last.bias_grad is None
+        columns, candidates, tolerance, min_group_size, check_sum=last.bias_grad is None
     )
     return grouping, disagreeing

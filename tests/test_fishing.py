@@ -1,5 +1,6 @@
 """The fishing attack: the client-side LP makes every sample exclusive, ExAN told the
-assignment recovers the perturbed batch exactly; budgets, solvers, failures, what travels."""
+assignment recovers the perturbed batch exactly; objectives, budgets, solvers, failures, what
+travels."""
 
 import functools
 import itertools
@@ -7,11 +8,23 @@ import json
 import subprocess
 import sys
 
+import highspy
+import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from leakbench.analysis.exclusivity import analyse_exclusivity
-from leakbench.attacks._fishing_lp import assign_min_cost
+from leakbench.attacks._fishing_lp import (
+    assign_max_psnr,
+    assign_min_cost,
+    pre_activations,
+    proxy_squared,
+    relu_layers,
+    sample_lp,
+    solve_sample,
+    unit_costs,
+)
 from leakbench.attacks.fishing import Fishing
 from leakbench.cli import main
 from leakbench.client import build_victim, fedsgd_update
@@ -33,6 +46,8 @@ SHAPE = (1, 10, 10)
 MEAN, STD = (0.5,), (0.25,)
 CLASSES = 4
 BATCH = 8
+# The defaults before the L2 objective: one L∞ LP per sample, two units each, margin 1e-3.
+OLD = {"objective": "linf", "k": 2, "epsilon": 1e-3}
 LP_KEYS = {
     "solver",
     "solver_version",
@@ -104,27 +119,37 @@ def test_not_every_sample_is_exclusive_before_the_hook():
     assert not analyse_exclusivity(model, images).holds
 
 
-def test_after_the_hook_every_sample_owns_its_k_units_as_exans():
-    model, images, _, perturbed, state, report = fished()
+def l2(perturbed, images):
+    """Per-sample L2 norm of the perturbation in pixel units."""
+    return ((perturbed - images) * STD[0]).flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize(("options", "norm"), [({}, l2), (OLD, linf)])
+def test_after_the_hook_every_sample_owns_its_k_units_as_exans(options, norm):
+    model, images, _, perturbed, state, report = fished(**options)
+    k = options.get("k", 1)
     assert report["lp"]["status"] == ["optimal"] * BATCH
+    # k ExANs per sample: the paper's condition (two in the last ReLU layer, for the blind
+    # grouping) holds from k = 2; told the assignment, the attack needs one.
     exclusivity = analyse_exclusivity(model, perturbed)
-    assert exclusivity.holds and int(exclusivity.counts.min()) >= 2
+    assert int(exclusivity.counts.min()) >= k and exclusivity.holds == (k >= 2)
     active = model[1](perturbed.flatten(1)) > 0
     for m, units in enumerate(state["assignment"][0]):
-        assert len(units) == 2
-        assert bool(active[m, units].all()) and int(active[:, units].sum()) == 2
+        assert len(units) == k
+        assert bool(active[m, units].all()) and int(active[:, units].sum()) == k
     pixels = perturbed * STD[0] + MEAN[0]
     assert float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0
-    # The LP's objective is the perturbation's L∞, and the perturbation is small.
+    # The objective's value is the perturbation's size in its norm, and it is small.
     torch.testing.assert_close(
-        linf(perturbed, images), torch.tensor(report["lp"]["value"], dtype=torch.float64)
+        norm(perturbed, images), torch.tensor(report["lp"]["value"], dtype=torch.float64)
     )
     assert float(linf(perturbed, images).max()) < 0.1
 
 
-def test_the_perturbed_batch_is_recovered_exactly_with_batch_size_and_labels():
-    model, _, labels, perturbed, state, report = fished()
-    reconstruction = Fishing().reconstruct(observe(model, perturbed, labels, state))
+@pytest.mark.parametrize("options", [{}, OLD])
+def test_the_perturbed_batch_is_recovered_exactly_with_batch_size_and_labels(options):
+    model, _, labels, perturbed, state, report = fished(**options)
+    reconstruction = Fishing(**options).reconstruct(observe(model, perturbed, labels, state))
     assert reconstruction.batch_size == BATCH
     assert reconstruction.info["groups_assigned"] == BATCH
     pairs = match(reconstruction.images, perturbed)  # {truth: reconstruction}
@@ -135,32 +160,116 @@ def test_the_perturbed_batch_is_recovered_exactly_with_batch_size_and_labels():
     assert reconstruction.info["gradient_residual"] < 1e-12
 
 
-@pytest.mark.parametrize("objective", ["linf", "l1"])
+@pytest.mark.parametrize("objective", ["l2", "linf", "l1"])
 def test_tau_max_bounds_every_perturbation(objective):
-    free = fished(objective=objective)[5]["lp"]["value"]
     model, images, _, perturbed, state, report = fished(objective=objective, tau_max=0.02)
     statuses = report["lp"]["status"]
     assert "optimal" in statuses
     assert set(statuses) <= {"optimal", "infeasible"}
     assert float(linf(perturbed, images).max()) <= 0.02 + 1e-12
-    if objective == "linf":  # exactly the samples whose free optimum exceeds the budget fail
-        assert statuses == ["infeasible" if v > 0.02 else "optimal" for v in free]
-    else:  # the budget binds: L1 solutions move few pixels far
+    # The budget leaves the same feasible set to every objective: exactly the samples whose
+    # free L∞ optimum (same units) exceeds it are infeasible.
+    free = fished(objective="linf")[5]["lp"]["value"]
+    assert statuses == ["infeasible" if v > 0.02 else "optimal" for v in free]
+    if objective == "l1":  # the budget binds: L1 solutions move few pixels far
         assert max(linf(fished(objective="l1")[3], images)) > 0.02
     for m, status in enumerate(statuses):
         if status == "infeasible":
             assert torch.equal(perturbed[m], images[m])
 
 
-def test_an_impossible_budget_gives_infeasible_samples_not_a_crash():
-    model, images, labels, perturbed, state, report = fished(tau_max=1e-6)
-    assert report["lp"]["status"] == ["infeasible"] * BATCH
-    assert report["lp"]["value"] == [None] * BATCH
+def test_with_one_unit_each_unprotected_samples_cost_only_recovery_never_exactness():
+    # k = 1 leaves the reconstruction no second unit to check a group's agreement with: the
+    # gradient-scale test alone must drop the groups the unprotected samples share.
+    model, images, labels, perturbed, state, report = fished(tau_max=0.005)
+    assert report["lp"]["status"].count("infeasible") >= 2
+    reconstruction = Fishing().reconstruct(observe(model, perturbed, labels, state))
+    assert reconstruction.batch_size == BATCH
+    assert 0 < len(reconstruction.images) < BATCH
+    assert reconstruction.info["groups_dropped_by_scale_test"] >= 1
+    for recon in reconstruction.images:
+        errors = ((perturbed - recon) ** 2).flatten(1).mean(dim=1)
+        assert float(errors.min()) < 1e-20  # every sample returned is one the client trained on
+
+
+def test_the_l2_objective_is_the_least_distance_optimum():
+    # HiGHS' QP solver, given every row at once, on each sample's program.
+    model, images, *_ = fished()
+    layers = relu_layers(model)
+    inputs = images.flatten(1).numpy()
+    pixels = inputs * STD[0] + MEAN[0]
+    pre = pre_activations(layers, inputs)
+    jacobian = layers[0].weight / STD[0]
+    assignment = [assign_min_cost(pre[0], jacobian, 1, 1e-3)]
+    checked = 0
+    for m in range(BATCH):
+        problem = sample_lp(m, layers, pre, assignment, jacobian, pixels, 1e-3)
+        ours = solve_sample(problem, "l2", None, "highs", 60.0)
+        assert ours.status == "optimal"
+        if not (problem.rhs > 0).any():
+            assert ours.objective == 0.0
+            continue
+        qp = highspy.Highs()
+        qp.setOptionValue("output_flag", False)
+        d = problem.rows.shape[1]
+        qp.addVars(d, problem.lower, problem.upper)
+        qp.passHessian(d, d, 1, np.arange(d + 1), np.arange(d), np.ones(d))  # ½‖Δ‖²
+        rows = sparse.csr_matrix(problem.rows)
+        qp.addRows(
+            len(problem.rhs),
+            problem.rhs,
+            np.full(len(problem.rhs), highspy.kHighsInf),
+            rows.nnz,
+            rows.indptr[:-1],
+            rows.indices,
+            rows.data,
+        )
+        qp.run()
+        assert qp.getModelStatus() == highspy.HighsModelStatus.kOptimal
+        best = np.asarray(qp.getSolution().col_value)
+        assert ours.objective == pytest.approx(float(np.linalg.norm(best)), rel=1e-5)
+        assert float(np.abs(ours.delta - best).max()) < 1e-4
+        assert bool((problem.rows @ ours.delta >= problem.rhs - 1e-9).all())
+        checked += 1
+    assert checked >= 3
+
+
+def test_the_l2_objective_perturbs_less_than_the_lps_and_the_new_default_than_the_old():
+    images = fished()[1]
+    # The same units (k and assignment): the least-distance optimum is the smallest in L2,
+    # hence in MSE, of every point of the feasible set the LPs also optimise over.
+    least = l2(fished()[3], images)
+    for objective in ("linf", "l1"):
+        other = l2(fished(objective=objective)[3], images)
+        assert bool((least <= other + 1e-12).all())
+        assert float(least.sum()) < 0.9 * float(other.sum())
+    # The defaults against the old ones (L∞, k = 2, min_cost) on this batch: median PSNR of
+    # the perturbed batch against the original 48.1 dB against 36.0 dB.
+    new, old = psnr_of(fished()[3], images), psnr_of(fished(**OLD)[3], images)
+    assert float(new.median()) >= float(old.median()) + 10.0
+    assert float(new.min()) >= float(old.min())
+
+
+def psnr_of(perturbed, images):
+    """Per-sample PSNR (dB) of the perturbed pixels against the original ones."""
+    mse = ((perturbed - images) * STD[0]).flatten(1).pow(2).mean(dim=1)
+    return 10 * torch.log10(1 / mse)
+
+
+@pytest.mark.parametrize("options", [{}, OLD])
+def test_an_impossible_budget_gives_infeasible_samples_not_a_crash(options):
+    model, images, labels, perturbed, state, report = fished(**options, tau_max=1e-6)
+    # Every sample that needs a perturbation is infeasible (with k = 1 some need none).
+    free = fished(**options)[5]["lp"]["value"]
+    lp = report["lp"]
+    assert lp["status"] == ["optimal" if v == 0 else "infeasible" for v in free]
+    assert lp["value"] == [0.0 if v == 0 else None for v in free]
+    assert lp["status"].count("infeasible") >= BATCH // 2
     assert torch.equal(perturbed, images)  # every sample stays unperturbed
 
 
 def test_cbc_and_highs_agree_on_feasibility_and_objective():
-    for options in ({}, {"objective": "l1"}, {"tau_max": 0.02}):
+    for options in (OLD, {"objective": "l1"}, {**OLD, "tau_max": 0.02}):
         cbc = fished(solver="cbc", **options)[5]["lp"]
         highs = fished(solver="highs", **options)[5]["lp"]
         assert (cbc["solver"], highs["solver"]) == ("cbc", "highs")
@@ -172,7 +281,7 @@ def test_cbc_and_highs_agree_on_feasibility_and_objective():
 
 
 def test_highs_is_given_only_the_rows_that_bind_and_finds_the_full_optimum():
-    lp = fished()[5]["lp"]
+    lp = fished(**OLD)[5]["lp"]
     given = [g for g, _ in lp["rows"]]
     total = [t for _, t in lp["rows"]]
     # The homogeneous L∞ LP has one row per constrained unit and two per pixel (the box).
@@ -180,8 +289,13 @@ def test_highs_is_given_only_the_rows_that_bind_and_finds_the_full_optimum():
     assert all(0 < g < t for g, t in zip(given, total, strict=True))
     assert sum(given) < 0.5 * sum(total)
     # CBC is given every row: the same optima (see the agreement test) from the full LP.
-    cbc = fished(solver="cbc")[5]["lp"]
+    cbc = fished(**OLD, solver="cbc")[5]["lp"]
     assert [g for g, _ in cbc["rows"]] == total
+    # The least-distance program too: one row per constrained unit, two per pixel (k = 1).
+    lp = fished()[5]["lp"]
+    perturbed = [rows for rows, value in zip(lp["rows"], lp["value"], strict=True) if value]
+    assert len(perturbed) >= BATCH // 2
+    assert all(t == (BATCH - 1) + 1 + 2 * 100 and 0 < g < 0.5 * t for g, t in perturbed)
 
 
 def test_the_lps_run_in_parallel_with_the_same_answers():
@@ -219,6 +333,27 @@ def test_the_min_cost_assignment_is_the_cheapest_of_all():
     assert sum(not units for units in assign_min_cost(pre[:, :5], jacobian[:5], k, epsilon)) == 1
 
 
+def test_the_max_psnr_assignment_trades_the_summed_cost_for_the_mean_psnr():
+    g = torch.Generator().manual_seed(1)
+    # 16 samples, 64 units of different activation rates (as in a network), 30 pixels.
+    pre = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    pre = (pre + 0.5 * torch.randn(1, 64, generator=g, dtype=torch.float64)).numpy()
+    jacobian = torch.randn(64, 30, generator=g, dtype=torch.float64).numpy()
+    off, on = unit_costs(pre, jacobian, 1e-3)
+    floor = 30 * 1e-6  # PSNR_CEILING = 60 dB over 30 pixels
+    chosen = {k: (assign_min_cost(pre, jacobian, k, 1e-3), assign_max_psnr(pre, jacobian, k, 1e-3))
+              for k in (1, 2)}  # fmt: skip
+    for k, (cheapest, best) in chosen.items():
+        assert all(len(units) == k for units in best)
+        assert len({u for units in best for u in units}) == 16 * k
+        cost_cheapest, cost_best = proxy_squared(off, on, cheapest), proxy_squared(off, on, best)
+        # min_cost has the least total, max_psnr the least Σ log (the largest mean PSNR) ...
+        assert cost_cheapest.sum() <= cost_best.sum() + 1e-12
+        assert np.log(cost_best + floor).sum() < np.log(cost_cheapest + floor).sum() - 1.0
+        # ... of the assignments on this case, whose Σ log differ.
+        assert best != cheapest
+
+
 def test_highs_prints_nothing_on_the_clients_output():
     # HiGHS prints a banner when a process makes its first solver: a fresh process shows it.
     script = (
@@ -230,7 +365,7 @@ def test_highs_prints_nothing_on_the_clients_output():
         "images = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0),"
         " dtype=torch.float64)\n"
         "context = ClientContext((1, 4, 4), 2, (0.0,), (1.0,), Budget(), seed=0)\n"
-        "Fishing().client_hook(model, images, context)\n"
+        "Fishing(objective='linf').client_hook(model, images, context)\n"
         "print(context.report['lp']['status'])\n"
     )
     done = subprocess.run(
@@ -239,21 +374,19 @@ def test_highs_prints_nothing_on_the_clients_output():
     assert done.stdout.strip() == "['optimal', 'optimal']"
 
 
-@pytest.mark.slow
-def test_fishing_is_exact_at_64_on_the_tracks_victim():
-    """The fishing track's victim and data at B = 64: every sample's LP solved, the perturbed
-    batch recovered exactly (float64), with its batch size and labels."""
-    datamodule = DATAMODULES.get("lfw-subset")(batch_size=64, num_trials=1, seed=0, split="train")
-    (trial,) = list(datamodule.trials())
-    images, labels = trial["images"].to(torch.float64), torch.as_tensor(trial["labels"])
+def fish_the_tracks_victim(batch, trial=0, dtype=torch.float64, mirrored=False, **options):
+    """The fishing track's victim and data: (labels, perturbed batch, LP facts, reconstruction)."""
+    datamodule = DATAMODULES.get("lfw-subset")(
+        batch_size=batch, num_trials=trial + 1, seed=0, split="train", mirrored=mirrored
+    )
+    chosen = list(datamodule.trials())[trial]
+    images, labels = chosen["images"].to(dtype), torch.as_tensor(chosen["labels"])
     shape = tuple(datamodule.input_shape)
-    model = build_victim("fcn-exan", shape, datamodule.num_classes, seed=0, dtype=torch.float64)
+    model = build_victim("fcn-exan", shape, datamodule.num_classes, seed=0, dtype=dtype)
     context = ClientContext(
         shape, datamodule.num_classes, datamodule.mean, datamodule.std, Budget(), seed=0
     )
-    perturbed, state = Fishing().client_hook(model, images.clone(), context)
-    lp = context.report["lp"]
-    assert lp["status"] == ["optimal"] * 64 and lp["unprotected"] == []
+    perturbed, state = Fishing(**options).client_hook(model, images.clone(), context)
     observation = make_observation(
         model,
         fedsgd_update(model, perturbed, labels),
@@ -267,13 +400,39 @@ def test_fishing_is_exact_at_64_on_the_tracks_victim():
         seed=0,
         client_state=state,
     )
-    reconstruction = Fishing().reconstruct(observation)
-    assert reconstruction.batch_size == 64
+    return labels, perturbed, context.report["lp"], Fishing(**options).reconstruct(observation)
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_fishing_is_exact_on_the_tracks_victim(batch):
+    """The fishing track's victim and data at B = 16 and 64 (about 5 s under load: no longer
+    slow since the least-distance programs): every sample's program solved, the perturbed batch
+    recovered exactly (float64), with its batch size and labels."""
+    labels, perturbed, lp, reconstruction = fish_the_tracks_victim(batch)
+    assert lp["status"] == ["optimal"] * batch and lp["unprotected"] == []
+    assert reconstruction.batch_size == batch
     pairs = match(reconstruction.images, perturbed)
-    assert sorted(pairs) == list(range(64))
+    assert sorted(pairs) == list(range(batch))
     for truth, recon in pairs.items():
         assert float((reconstruction.images[recon] - perturbed[truth]).abs().max()) < 1e-10
         assert int(reconstruction.labels[recon]) == int(labels[truth])
+
+
+@pytest.mark.parametrize(("epsilon", "recovered"), [(1e-2, 64), (1e-3, 63)])
+def test_the_margin_keeps_a_lone_unit_exact_in_float32(epsilon, recovered):
+    """The track's float32 batch (mirrored lfw-subset, B = 64, trial 4) on which a margin of
+    1e-3 left one sample's lone unit at an activation the gradient-scale test could not
+    resolve from the float32 update: that sample was dropped. The default margin recovers all."""
+    _, perturbed, lp, reconstruction = fish_the_tracks_victim(
+        64, trial=4, dtype=torch.float32, mirrored=True, epsilon=epsilon
+    )
+    assert lp["status"] == ["optimal"] * 64
+    assert reconstruction.batch_size == 64
+    assert reconstruction.info["groups_dropped_by_scale_test"] == 64 - recovered
+    pairs = match(reconstruction.images, perturbed)
+    assert len(pairs) == recovered
+    for truth, recon in pairs.items():  # float32 rounding of the pixels, about 150 dB
+        assert float((reconstruction.images[recon] - perturbed[truth]).abs().max()) < 1e-5
 
 
 def test_client_state_carries_the_assignment_only():
@@ -283,12 +442,14 @@ def test_client_state_carries_the_assignment_only():
     (layer,) = state["assignment"]  # one ReLU layer
     assert len(layer) == BATCH
     units = [u for owned in layer for u in owned]
-    assert all(isinstance(u, int) for u in units) and len(set(units)) == 2 * BATCH
+    assert all(isinstance(u, int) for u in units) and len(set(units)) == BATCH
     # The LPs' facts are the client's report: recorded, never sent to the server.
     assert set(report) == {"lp"} and set(report["lp"]) == LP_KEYS
     lp = report["lp"]
-    assert lp["solver"] == "highs" and lp["solver_version"].startswith("HiGHS (highspy ")
-    assert lp["objective"] == "linf" and lp["assignment"] == "min_cost"
+    assert lp["solver"] == "nnls" and lp["solver_version"].startswith("NNLS (SciPy ")
+    assert lp["objective"] == "l2" and lp["assignment"] == "min_cost"
+    old = fished(**OLD)[5]["lp"]
+    assert old["solver"] == "highs" and old["solver_version"].startswith("HiGHS (highspy ")
     assert lp["unprotected"] == []
     for key in ("status", "value", "seconds", "cpu_seconds", "rows"):
         assert len(lp[key]) == BATCH
@@ -303,7 +464,7 @@ def test_the_seeded_rule_assigns_from_public_information_only():
     a = fished(assignment="seeded")
     b = fished(assignment="seeded", seed=1)  # another private batch, same seed
     assert a[4]["assignment"] == b[4]["assignment"]
-    assert analyse_exclusivity(a[0], a[3]).holds
+    assert int(analyse_exclusivity(a[0], a[3]).counts.min()) >= 1
     assert fished()[4]["assignment"] != fished(seed=1)[4]["assignment"]  # margin reads the batch
 
 
@@ -312,8 +473,7 @@ def test_all_layers_make_every_relu_layer_exclusive_and_exact():
     model, _, labels, perturbed, state, report = fished(widths=widths)
     assert len(state["assignment"]) == 2
     assert report["lp"]["status"] == ["optimal"] * BATCH
-    exclusivity = analyse_exclusivity(model, perturbed)
-    assert exclusivity.holds and int(exclusivity.counts.min()) >= 2
+    assert int(analyse_exclusivity(model, perturbed).counts.min()) >= 1  # in every layer
     reconstruction = Fishing().reconstruct(observe(model, perturbed, labels, state))
     assert reconstruction.batch_size == BATCH
     pairs = match(reconstruction.images, perturbed)
@@ -335,7 +495,7 @@ def test_time_limits_come_from_the_budget_and_stop_the_lps():
     )  # no budget: a cap, so nothing hangs
     assert Fishing(time_limit=3.0).lp_seconds(context, 8) == 3.0
     # A limit far below one LP's solve time: the LPs stop, every sample is recorded.
-    model, images, _, perturbed, state, report = fished(solver="highs", time_limit=1e-6)
+    model, images, _, perturbed, state, report = fished(**OLD, time_limit=1e-6)
     statuses = report["lp"]["status"]
     assert "time_limit" in statuses and set(statuses) <= {"optimal", "feasible", "time_limit"}
     for m, status in enumerate(statuses):
@@ -350,10 +510,11 @@ def test_time_limits_come_from_the_budget_and_stop_the_lps():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"k": 1}, "k must be at least 2"),
-        ({"objective": "l2"}, "objective must be one of linf, l1"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"objective": "l3"}, "objective must be one of l2, linf, l1"),
         ({"solver": "gurobi"}, "solver must be one of highs, cbc"),
-        ({"assignment": "random"}, "assignment must be one of min_cost, margin, seeded"),
+        ({"solver": "cbc"}, "solver 'cbc' solves the LP objectives .linf, l1.; objective 'l2'"),
+        ({"assignment": "random"}, "assignment must be one of min_cost, max_psnr, margin, seeded"),
         ({"tau_max": 0.0}, "tau_max must be positive"),
         ({"epsilon": -1.0}, "epsilon must be positive"),
     ],
@@ -416,7 +577,7 @@ def test_a_protocol_trial_scores_the_original_and_the_perturbed_batch():
     assert record["status"] == "ok", record["error"]
     assert record["client_report"]["lp"]["status"] == ["optimal"] * BATCH
     assert set(record["client_state"]) == {"assignment"}
-    assert record["covariates"]["exclusivity"]["condition"]
+    assert min(record["covariates"]["exclusivity"]["min_exans_per_layer"]) >= 1
     perturbed = [s["psnr"] for s in record["metrics_vs_trained"]["samples"]]
     original = [s["psnr"] for s in record["metrics"]["samples"]]
     assert min(perturbed) >= 250.0  # exact (PSNR is capped at 300 dB)
@@ -439,6 +600,8 @@ def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys)
             "{iterations: 2}",
             "--train-epochs",
             "[0,1]",
+            "--settings",
+            "{old: {objective: linf, k: 2, assignment: min_cost}, new: {}}",
             "--solvers",
             "[cbc,highs]",
             "--isolation",
@@ -453,8 +616,10 @@ def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     out = captured.out
-    for column in ("lp_feasible", "lp_s_cbc", "lp_s_highs", "pert_psnr_median", "ig_s"):
+    for column in ("fishing", "lp_feasible", "lp_s", "lp_cpu_s", "pert_psnr_median", "ig_s"):
         assert column in out
+    for label in ("old-cbc", "old-highs", "new"):  # the LP setting once per solver
+        assert f" {label} " in out
     for column in ("unprotected", "time_limited", "rows_given", "load"):
         assert column in out
     result = json.loads((tmp_path / "study" / "fishing_study.json").read_text())
@@ -462,13 +627,21 @@ def test_the_study_command_prints_and_writes_the_issue_figures(tmp_path, capsys)
     config = result["config"]
     assert config["batch_sizes"] == [4] and config["train_epochs"] == [0, 1]
     assert config["solvers"] == ["cbc", "highs"] and config["ig_options"] == {"iterations": 2}
+    assert config["settings"] == {
+        "old": {"objective": "linf", "k": 2, "assignment": "min_cost"},
+        "new": {},
+    }
     assert config["dataset_options"] == {"mirrored": True}
     random, trained = result["states"]
     assert random["state"] == random["model_state"] == "random(0)"
     assert trained["state"] == f"trained-1ep {trained['model_state'][:16]}"
     assert result["test_accuracy"] == {s["state"]: s["test_accuracy"] for s in (random, trained)}
-    summary = {line["state"]: line for line in result["summary"]}
-    assert set(summary) == {random["state"], trained["state"]}
+    summary = {(line["state"], line["fishing"]): line for line in result["summary"]}
+    assert set(summary) == {
+        (state["state"], label)
+        for state in (random, trained)
+        for label in ("old-cbc", "old-highs", "new")
+    }
     for line in summary.values():
         assert line["batches"] == 2 and line["ig_batches"] == 1 and line["exan_batches"] == 2
         assert line["lp_feasible"] == 1.0 and line["B_correct"] == 1.0

@@ -192,8 +192,12 @@ class FishingStudyOptions:
         train_epochs: Training states: 0 is the victim of model_state, N is that victim after N
             epochs of FedSGD (a checkpoint, trained once and cached).
         train_lr: Learning rate of the victim's training.
-        solvers: Fishing's LP solvers to compare.
+        solvers: Fishing's LP solvers to compare (the LP objectives linf and l1; the l2
+            objective takes highs, the default, and is solved by SciPy's NNLS).
         fishing_options: Fishing hyperparameters.
+        settings: Named sets of fishing hyperparameters compared on the same batches, each
+            over fishing_options (e.g. {old: {objective: linf, k: 2, assignment: min_cost},
+            new: {}}); none: fishing_options alone.
         ig_options: Inverting Gradients hyperparameters.
     """
 
@@ -202,12 +206,19 @@ class FishingStudyOptions:
     train_lr: float = 0.05
     solvers: list[Literal["highs", "cbc"]] = field(default_factory=lambda: ["highs"])
     fishing_options: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     ig_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         check_train_epochs(self.train_epochs)
         if not self.solvers:
             raise ValueError("solvers: got [], expected highs and/or cbc")
+        for name, values in self.settings.items():
+            if not name or name in ("exan", "inverting-gradients") or not isinstance(values, dict):
+                raise ValueError(
+                    f"settings: got {name!r}: {values!r}, expected a name (not exan or "
+                    "inverting-gradients) with a mapping of fishing options"
+                )
 
 
 @command(

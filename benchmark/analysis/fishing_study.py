@@ -9,22 +9,34 @@ every batch size (``--batch-sizes [8,16,32,64,128,256]``) and the first ``--tria
 each, it runs through the trial protocol (:func:`leakbench.protocol.run_trial`, via
 :func:`leakbench.analysis.boundary.run_trial`):
 
-* ``fishing`` with each of ``--solvers`` (default HiGHS; ``[highs,cbc]`` compares them on the
-  same batches, the client code's LPs differing only by solver), ``--fishing-options`` for the
-  rest (objective, assignment, k, epsilon), granted ``client_code``;
+* ``fishing`` with each of ``--settings`` (named sets of its hyperparameters: objective,
+  assignment, k, epsilon, ...; each over ``--fishing-options``; none: ``--fishing-options``
+  alone) and each of ``--solvers`` (default HiGHS; ``[highs,cbc]`` compares the LP solvers of
+  the LP objectives on the same batches), granted ``client_code``. The comparison of the
+  issue (the perturbation's cost per objective, k and assignment rule) is::
+
+      leakbench fishing-study --batch-sizes [16,64,128] --train-epochs [0] --ig-trials 0 \
+        --fishing-options "{workers: 1}" --isolation in-process \
+        --settings "{old-linf-k2: {objective: linf, k: 2, epsilon: 0.001}, l2-k2: {k: 2},
+          new-l2-k1: {}, l2-k1-eps1e-3: {epsilon: 0.001},
+          linf-k1: {objective: linf}, l1-k1: {objective: l1},
+          l2-k1-max_psnr: {assignment: max_psnr}, l2-k1-margin: {assignment: margin},
+          l2-k1-seeded: {assignment: seeded}}"
+
 * on the same original batches, ``exan`` without fishing, and ``inverting-gradients`` at its
   default budget granted the batch size (on the first ``--ig-trials`` batches: it is the slow
   one).
 
-It prints, per training state and batch size: the LP feasibility rate (samples whose LP gave a
-checked solution, and batches where all did), the samples left unprotected (and how many of them
-by a time limit), the LP wall time per batch for each solver (and the LPs' CPU time over the
-workers, the wall time a quiet machine would take) and the share of the LPs' rows the solver was
-given, the perturbation's L∞ and PSNR(perturbed, original), the reconstruction PSNR against the
-perturbed batch (what the client trained on) and against the original private batch, the
-inferred batch size's accuracy, the total attack time (the client code plus the reconstruction),
-and ExAN's and Inverting Gradients' PSNR and time on the original batches, with the speed-up of
-fishing over Inverting Gradients. Every image figure is read from the trial records
+It prints, per training state, batch size and fishing setting: the LP feasibility rate
+(samples whose LP gave a checked solution, and batches where all did), the samples left
+unprotected (and how many of them by a time limit), the LP wall time per batch (and the LPs'
+CPU time over the workers, the wall time a quiet machine would take) and the share of the LPs'
+rows the solver was given, the perturbation's L∞ and PSNR(perturbed, original) (median and
+minimum over the samples), the reconstruction PSNR against the perturbed batch (what the
+client trained on) and against the original private batch, the inferred batch size's accuracy,
+the total attack time (the client code plus the reconstruction), and ExAN's and Inverting
+Gradients' PSNR and time on the original batches, with the speed-up of fishing over Inverting
+Gradients. Every image figure is read from the trial records
 (``metrics``, ``metrics_vs_trained``, ``perturbation``), scored by the canonical metrics module;
 the LP facts come from the recorded client state. Results: ``fishing_study.json`` (every
 record's figures), ``summary.csv`` and ``batches.csv`` in the run folder.
@@ -36,6 +48,7 @@ images, fewer than 64 (a federated client's batch is its training data anyway).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -47,7 +60,7 @@ from torch import nn
 
 from leakbench.analysis.boundary import Study, format_table, run_trial, to_csv
 from leakbench.analysis.commands import STUDY_RUN_KEYS, FishingStudyOptions
-from leakbench.attacks.fishing import SOLVED
+from leakbench.attacks.fishing import SOLVED, Fishing
 from leakbench.config import RunConfig
 from leakbench.progress import track
 from leakbench.protocol import PreparedAttack, prepare_attack
@@ -158,59 +171,60 @@ def brief(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def summarize(rows: list[dict[str, Any]], solvers: dict[str, str]) -> list[dict[str, Any]]:
-    """One line per (state, batch size): the figures the issue asks for."""
+def summarize(rows: list[dict[str, Any]], fishing: Sequence[str]) -> list[dict[str, Any]]:
+    """One line per (state, batch size, fishing setting): the figures the issue asks for;
+    the baselines (ExAN, Inverting Gradients) repeat on every line of their batches."""
     table = []
-    cbc, highs = solvers.get("cbc"), solvers.get("highs")
-    main = cbc or highs
     for state in dict.fromkeys(r["state"] for r in rows):
         for b in dict.fromkeys(r["batch_size"] for r in rows if r["state"] == state):
             cell = [r for r in rows if r["state"] == state and r["batch_size"] == b]
-            fish = [r[main] for r in cell]
-            line: dict[str, Any] = {"state": state, "B": b, "batches": len(cell)}
-            solved = sum(f["solved"] for f in fish)
-            line["lp_feasible"] = solved / max(sum(f["samples"] for f in fish), 1)
-            line["batches_all_feasible"] = float(
-                np.mean([f["solved"] == f["samples"] for f in fish])
-            )
-            unprotected = [u for f in fish for u in f["unprotected"]]
-            line["unprotected"] = len(unprotected)
-            line["time_limited"] = sum(u["status"] == "time_limit" for u in unprotected)
-            line["rows_given"] = sum(f["rows_given"] for f in fish) / max(
-                sum(f["rows_total"] for f in fish), 1
-            )
-            for label, name in (("cbc", cbc), ("highs", highs)):
-                if name is not None:
-                    line[f"lp_s_{label}"] = _median([r[name]["lp_seconds"] for r in cell])
-                    line[f"lp_cpu_s_{label}"] = _median([r[name]["lp_cpu_seconds"] for r in cell])
-            line["linf_median"] = _median([v for f in fish for v in f["linf"]])
-            line["linf_max"] = _max([v for f in fish for v in f["linf"]])
-            line["pert_psnr_median"] = _median([v for f in fish for v in f["perturbation_psnr"]])
-            vs_trained = [v for f in fish for v in f["psnr_vs_trained"]]
-            vs_original = [v for f in fish for v in f["psnr_vs_original"]]
-            line["psnr_trained_median"] = _median(vs_trained)
-            line["psnr_trained_min"] = _min(vs_trained)
-            line["psnr_original_median"] = _median(vs_original)
-            line["psnr_original_min"] = _min(vs_original)
-            line["B_correct"] = float(np.mean([bool(f["batch_size_correct"]) for f in fish]))
-            line["failed"] = sum(f["status"] != "ok" for f in fish)
-            for label, name in (("cbc", cbc), ("highs", highs)):
-                if name is not None:
-                    line[f"total_s_{label}"] = _median([r[name]["total_seconds"] for r in cell])
+            baselines: dict[str, Any] = {}
             for name, label in (("exan", "exan"), ("inverting-gradients", "ig")):
                 runs = [r[name] for r in cell if name in r]
                 if not runs:
                     continue
-                line[f"{label}_psnr_median"] = _median([v for f in runs for v in f["psnr"]])
-                line[f"{label}_failed"] = sum(f["status"] != "ok" for f in runs)
-                line[f"{label}_s"] = _median([f["seconds"] for f in runs])
-                line[f"{label}_batches"] = len(runs)
-            if "ig_s" in line:
-                for label in ("cbc", "highs"):
-                    if f"total_s_{label}" in line and line[f"total_s_{label}"]:
-                        line[f"ig_over_fishing_{label}"] = line["ig_s"] / line[f"total_s_{label}"]
-            table.append(line)
+                baselines[f"{label}_psnr_median"] = _median([v for f in runs for v in f["psnr"]])
+                baselines[f"{label}_failed"] = sum(f["status"] != "ok" for f in runs)
+                baselines[f"{label}_s"] = _median([f["seconds"] for f in runs])
+                baselines[f"{label}_batches"] = len(runs)
+            for label in fishing:
+                line = {"state": state, "B": b, "fishing": label, "batches": len(cell)}
+                line.update(fishing_line([r[label] for r in cell]))
+                line.update(baselines)
+                if "ig_s" in line and line["total_s"]:
+                    line["ig_over_fishing"] = line["ig_s"] / line["total_s"]
+                table.append(line)
     return table
+
+
+def fishing_line(fish: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of one fishing setting over the batches of one cell."""
+    line: dict[str, Any] = {}
+    line["lp_feasible"] = sum(f["solved"] for f in fish) / max(sum(f["samples"] for f in fish), 1)
+    line["batches_all_feasible"] = float(np.mean([f["solved"] == f["samples"] for f in fish]))
+    unprotected = [u for f in fish for u in f["unprotected"]]
+    line["unprotected"] = len(unprotected)
+    line["time_limited"] = sum(u["status"] == "time_limit" for u in unprotected)
+    line["rows_given"] = sum(f["rows_given"] for f in fish) / max(
+        sum(f["rows_total"] for f in fish), 1
+    )
+    line["lp_s"] = _median([f["lp_seconds"] for f in fish])
+    line["lp_cpu_s"] = _median([f["lp_cpu_seconds"] for f in fish])
+    line["linf_median"] = _median([v for f in fish for v in f["linf"]])
+    line["linf_max"] = _max([v for f in fish for v in f["linf"]])
+    cost = [v for f in fish for v in f["perturbation_psnr"]]
+    line["pert_psnr_median"] = _median(cost)
+    line["pert_psnr_min"] = _min(cost)
+    vs_trained = [v for f in fish for v in f["psnr_vs_trained"]]
+    vs_original = [v for f in fish for v in f["psnr_vs_original"]]
+    line["psnr_trained_median"] = _median(vs_trained)
+    line["psnr_trained_min"] = _min(vs_trained)
+    line["psnr_original_median"] = _median(vs_original)
+    line["psnr_original_min"] = _min(vs_original)
+    line["B_correct"] = float(np.mean([bool(f["batch_size_correct"]) for f in fish]))
+    line["failed"] = sum(f["status"] != "ok" for f in fish)
+    line["total_s"] = _median([f["total_seconds"] for f in fish])
+    return line
 
 
 def _values(values: Sequence[Any]) -> list[float]:
@@ -236,6 +250,25 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def fishing_settings(options: FishingStudyOptions) -> dict[str, dict[str, Any]]:
+    """The fishing attacks to compare, by label: every setting (or ``fishing_options`` alone),
+    one per solver where its objective is an LP; a label names the setting, then the solver
+    where several are compared (the l2 objective has its own solver: one attack)."""
+    settings = {
+        name: {**options.fishing_options, **values} for name, values in options.settings.items()
+    } or {"fishing": dict(options.fishing_options)}
+    default_objective = inspect.signature(Fishing).parameters["objective"].default
+    attacks = {}
+    for name, values in settings.items():
+        if values.get("objective", default_objective) == "l2":
+            attacks[name] = dict(values)
+        elif len(options.solvers) == 1:
+            attacks[name] = {**values, "solver": options.solvers[0]}
+        else:
+            attacks.update({f"{name}-{s}": {**values, "solver": s} for s in options.solvers})
+    return attacks
+
+
 def fishing_study_command(
     config: RunConfig, options: FishingStudyOptions, progress: bool = True, echo: Any = print
 ) -> int:
@@ -244,15 +277,15 @@ def fishing_study_command(
     study = Study.from_config(config)
     batch_sizes = [int(b) for b in config.batch_sizes]
     states = options.train_epochs
-    solvers = {s: f"fishing-{s}" for s in options.solvers}
     attacks = {
-        label: prepared("fishing", {**options.fishing_options, "solver": solver})
-        for solver, label in solvers.items()
+        label: prepared("fishing", fishing_options)
+        for label, fishing_options in fishing_settings(options).items()
     }
+    fishing = list(attacks)
     if options.ig_trials > 0:
         attacks["inverting-gradients"] = prepared("inverting-gradients", options.ig_options)
     attacks["exan"] = prepared("exan", {})
-    if Capability.CLIENT_CODE not in attacks[next(iter(solvers.values()))].requires:
+    if Capability.CLIENT_CODE not in attacks[fishing[0]].requires:
         raise AssertionError("fishing must require client code")
     probe = study.victim()
     for attack in attacks.values():
@@ -280,7 +313,7 @@ def fishing_study_command(
             echo,
             progress=progress,
         )
-    summary = summarize(rows, solvers)
+    summary = summarize(rows, fishing)
     run_keys = config.to_dict()
     # What was measured, lists as lists: the run keys the study uses and its own keys.
     settings = {**{key: run_keys[key] for key in STUDY_RUN_KEYS}, **dataclasses.asdict(options)}
@@ -311,19 +344,19 @@ def fishing_study_command(
     )
     groups = {
         "LP and perturbation (fishing; LP wall time per batch, and the LPs' CPU time over the "
-        "workers: a quiet machine's wall time; L∞ in pixel units)": (
-            "state", "B", "batches", "lp_feasible", "batches_all_feasible", "unprotected",
-            "time_limited", "lp_s_cbc", "lp_s_highs", "lp_cpu_s_highs", "rows_given",
-            "linf_median", "linf_max", "pert_psnr_median",
+        "workers: a quiet machine's wall time; L∞ in pixel units; PSNR of the perturbed batch "
+        "against the original, dB)": (
+            "state", "B", "fishing", "batches", "lp_feasible", "batches_all_feasible",
+            "unprotected", "time_limited", "lp_s", "lp_cpu_s", "rows_given", "linf_median",
+            "linf_max", "pert_psnr_median", "pert_psnr_min",
         ),
         "reconstruction (PSNR dB vs the perturbed and vs the original batch)": (
-            "state", "B", "psnr_trained_median", "psnr_trained_min", "psnr_original_median",
-            "psnr_original_min", "B_correct", "failed",
+            "state", "B", "fishing", "psnr_trained_median", "psnr_trained_min",
+            "psnr_original_median", "psnr_original_min", "B_correct", "failed",
         ),
         "time (s; fishing = client code + reconstruction) and baselines on the original batches": (
-            "state", "B", "total_s_cbc", "total_s_highs", "exan_psnr_median", "exan_failed",
-            "exan_s", "ig_psnr_median", "ig_s", "ig_batches", "ig_over_fishing_cbc",
-            "ig_over_fishing_highs",
+            "state", "B", "fishing", "total_s", "exan_psnr_median", "exan_failed", "exan_s",
+            "ig_psnr_median", "ig_s", "ig_batches", "ig_over_fishing",
         ),
     }  # fmt: skip
     for title, columns in groups.items():
