@@ -21,10 +21,12 @@ import yaml
 
 from leakbench import interruption
 from leakbench.interruption import RunInterrupted, interruptible
+from tests.processes import freeze_the_attack_in_flight, process_table, process_tree, still_there
 from tests.test_sweep import BASE, records
 
 CONFIG = {
     **BASE,
+    "attack_options": {"dlg": {"iterations": 300}},  # long enough to be caught mid-trial
     "trials": 4,
     "isolation": "sandbox",
     "privacy_metrics": False,
@@ -44,70 +46,6 @@ def leakbench_run(*argv: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def process_table() -> dict[int, tuple[int, str, str]]:
-    """Every process of this machine: pid -> (parent pid, start time, state), from /proc."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # it ended meanwhile
-        table[int(stat.parent.name)] = (int(fields[1]), fields[19], fields[0])
-    return table
-
-
-def process_tree(root: int) -> dict[int, str]:
-    """The processes below ``root`` with their start times, found by parent pid: in any
-    session, process group or PID namespace (a sandbox is all three)."""
-    table = process_table()
-    below, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, started, _) in table.items():
-            if ppid == parent and pid not in below:
-                below[pid] = started
-                frontier.append(pid)
-    return below
-
-
-def still_there(processes: dict[int, str]) -> list[int]:
-    """Those of ``processes`` still alive: the same pid with the same start time, no zombie."""
-    table = process_table()
-    return sorted(
-        pid
-        for pid, started in processes.items()
-        if pid in table and table[pid][1] == started and table[pid][2] != "Z"
-    )
-
-
-def command_name(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return None  # it ended meanwhile
-
-
-def freeze_the_attack_in_flight(harness: int) -> dict[int, str]:
-    """Wait for an attack job in the harness's sandbox (a child of its zygote, the child of
-    bubblewrap), stop it with SIGSTOP, so that it cannot end by itself, and return every
-    process of the run then (the harness's descendants)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        table = process_table()
-        below = process_tree(harness)
-        sandboxes = [pid for pid in below if command_name(pid) == "bwrap"]
-        zygotes = [pid for pid in below if table.get(pid, (0,))[0] in sandboxes]
-        jobs = [pid for pid in below if table.get(pid, (0,))[0] in zygotes]
-        for job in jobs:
-            try:
-                os.kill(job, signal.SIGSTOP)
-            except ProcessLookupError:
-                continue  # it had just answered
-            return process_tree(harness)
-        time.sleep(0.01)
-    raise AssertionError("no attack job ran in the run's sandbox")
 
 
 def wait_for_records(process: subprocess.Popen, run_dir: Path, more_than: int) -> None:
@@ -159,30 +97,54 @@ def assert_resumes_every_trial_once(run_dir: Path) -> None:
     assert (run_dir / "summary.json").is_file()
 
 
-def test_killed_or_terminated_mid_trial_a_run_leaves_no_process_and_resumes(tmp_path):
-    """SIGKILL, then SIGTERM, to the pid of ``leakbench run`` (not its group: a sandbox has a
-    session of its own) while its attack runs in the sandbox, frozen so that it cannot end by
-    itself: nothing of the run (bubblewrap, the zygote, the attack's process) is left 2 s after
-    the harness ended; the records resume, every trial exactly once."""
+def sandbox_needed() -> None:
     from leakbench.protocol.sandbox import sandbox_unavailable
 
     if sandbox_unavailable() is not None:
         pytest.skip(f"no attack sandbox on this machine: {sandbox_unavailable()}")
+
+
+def test_terminated_mid_trial_a_run_leaves_no_process_and_resumes(tmp_path):
+    """SIGTERM to the pid of ``leakbench run`` (not its group: a sandbox has a session of its
+    own) while its attack runs in the sandbox, frozen so that it cannot end by itself: nothing
+    of the run (bubblewrap, the zygote, the attack's process) is left 2 s after the harness
+    ended; the records resume, every trial exactly once."""
+    sandbox_needed()
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "output_dir": str(tmp_path)}))
     run_dir = tmp_path / "run"
-
-    killed = leakbench_run("--config", str(config))
-    wait_for_records(killed, run_dir, more_than=0)
-    run = freeze_the_attack_in_flight(killed.pid)
-    assert stop_run(killed, run, signal.SIGKILL, group=False) == -signal.SIGKILL
-
-    terminated = leakbench_run("--resume", str(run_dir))
-    wait_for_records(terminated, run_dir, more_than=len(records(run_dir)))
-    run = freeze_the_attack_in_flight(terminated.pid)
-    assert stop_run(terminated, run, signal.SIGTERM, group=False) == 128 + signal.SIGTERM
-    assert_interrupted(terminated, run_dir, signal.SIGTERM)
+    process = leakbench_run("--config", str(config))
+    wait_for_records(process, run_dir, more_than=0)
+    run = freeze_the_attack_in_flight(process.pid)
+    assert stop_run(process, run, signal.SIGTERM, group=False) == 128 + signal.SIGTERM
+    assert_interrupted(process, run_dir, signal.SIGTERM)
     assert_resumes_every_trial_once(run_dir)
+
+
+# A harness with a warm sandbox, and nothing else (no torch: the sandbox imports its own).
+SANDBOX_HARNESS = """
+import time
+from leakbench.protocol.sandbox import SandboxView, warm_sandbox
+warm_sandbox(SandboxView.build(forbidden=[]))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_harness_killed_outright_leaves_no_sandbox_behind():
+    """SIGKILL to a harness, which can clean up nothing: its bubblewrap dies with it (parent
+    death signal), and the sandbox's zygote with bubblewrap, also when it cannot end by itself
+    (stopped here: it would otherwise end when it reads the end of its job channel)."""
+    sandbox_needed()
+    harness = subprocess.Popen(
+        [sys.executable, "-c", SANDBOX_HARNESS], stdout=subprocess.PIPE, text=True
+    )
+    assert harness.stdout.readline() == "ready\n"
+    run = process_tree(harness.pid)
+    table = process_table()
+    (zygote,) = [pid for pid in run if table[pid][0] != harness.pid]  # bubblewrap's child
+    os.kill(zygote, signal.SIGSTOP)
+    assert stop_run(harness, run, signal.SIGKILL, group=False) == -signal.SIGKILL
 
 
 @pytest.mark.slow
@@ -190,17 +152,21 @@ def test_killed_or_terminated_mid_trial_a_run_leaves_no_process_and_resumes(tmp_
     "signum, group, isolation",
     [
         pytest.param(signal.SIGINT, True, "sandbox", id="ctrl-c to the job (sandbox)"),
+        pytest.param(signal.SIGKILL, False, "sandbox", id="kill -KILL of the pid (sandbox)"),
         pytest.param(signal.SIGTERM, False, "process", id="kill -TERM of the pid (worker)"),
     ],
 )
 def test_a_signal_ends_the_run_and_its_processes_and_the_records_resume(
     tmp_path, signum, group, isolation
 ):
-    """Ctrl-C to a shell's job, or ``kill -TERM`` of a run whose attacks run in worker
-    processes, with the attack running as it does (not frozen). Fast sibling:
-    ``test_killed_or_terminated_mid_trial_a_run_leaves_no_process_and_resumes`` (SIGTERM and
-    SIGKILL to the harness, sandbox); the other isolation layer's ending is also checked in
-    the harness's process by ``test_an_interruption_passing_through_the_isolation_layer_...``."""
+    """Ctrl-C to a shell's job, ``kill -KILL`` of a run, or ``kill -TERM`` of a run whose attacks
+    run in worker processes, with the attack running as it does (not frozen). Fast siblings:
+    ``test_terminated_mid_trial_a_run_leaves_no_process_and_resumes`` (SIGTERM to the harness,
+    sandbox, resumed), ``test_a_harness_killed_outright_leaves_no_sandbox_behind`` (SIGKILL),
+    ``test_a_worker_ends_with_its_fork_server`` and, in the harness's process,
+    ``test_an_interruption_passing_through_the_isolation_layer_ends_the_attack_code``."""
+    if isolation == "sandbox":
+        sandbox_needed()
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump({**CONFIG, "isolation": isolation, "output_dir": str(tmp_path)})
@@ -210,8 +176,14 @@ def test_a_signal_ends_the_run_and_its_processes_and_the_records_resume(
     wait_for_records(process, run_dir, more_than=0)
     time.sleep(0.1)  # into the next trial: its attack code is running
     run = process_tree(process.pid)
-    assert stop_run(process, run, signum, group) == 128 + signum
-    assert_interrupted(process, run_dir, signum)
+    code = stop_run(process, run, signum, group)
+    if signum == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+        kept = records(run_dir)
+        assert {r["status"] for r in kept} == {"ok"} and len(kept) < CONFIG["trials"]
+    else:
+        assert code == 128 + signum
+        assert_interrupted(process, run_dir, signum)
     assert_resumes_every_trial_once(run_dir)
 
 
@@ -256,11 +228,10 @@ def test_an_interruption_passing_through_the_isolation_layer_ends_the_attack_cod
     interruption), the attack's worker or sandbox ends with it, and every process it started
     (found by parent pid: a sandbox is a session and a PID namespace of its own)."""
     from leakbench.config import RunConfig
-    from leakbench.protocol.sandbox import sandbox_unavailable
     from leakbench.runner import run
 
-    if isolation == "sandbox" and sandbox_unavailable() is not None:
-        pytest.skip(f"no attack sandbox on this machine: {sandbox_unavailable()}")
+    if isolation == "sandbox":
+        sandbox_needed()
     values = {**CONFIG, "isolation": isolation, "trials": 1, "output_dir": str(tmp_path)}
     run(RunConfig.from_mapping(values), progress=False, echo=lambda _: None)
     before = process_tree(os.getpid())  # the fork server or the warm sandbox stays for the next run
