@@ -199,9 +199,9 @@ def test_resume_refuses_flags_that_change_the_protocol(capsys, interrupted_dlg_r
         "would change what it measures: attacks, seed"
     )
     assert (run_dir / "trials.jsonl").read_text() == before
-    # Options that do not change the measurement are accepted.
+    # Options that do not change the measurement are accepted (the run saved no thread count).
     code, _, _ = run_cli(
-        capsys, ["run", "--resume", str(run_dir), "--isolation", "process", "--no-progress"]
+        capsys, ["run", "--resume", str(run_dir), "--threads", "1", "--no-progress"]
     )
     assert code == 0
 

@@ -1,9 +1,13 @@
 """Grids on a real SLURM (munged, slurmctld and slurmd of Debian's packages, one node sized from
 this machine; ``tests/slurm/cluster.py``): launched and collected; re-launched while queued behind
 a job that holds the node, submitting nothing twice; cancelled mid-run with ``scancel`` and
-re-launched; requeued by its own time limit; sharded over more ranks than it has trials. Each
-asserts every (cell, trial) recorded exactly once across every rank file, and no trial failed by
-the scheduler."""
+re-launched; requeued by SLURM's warning signal (SIGUSR2) mid-run, sent by hand, and (nightly,
+``slow``) by its own time limit; sharded over more ranks than it has trials. Each asserts every
+(cell, trial) recorded exactly once across every rank file, and no trial failed by the scheduler.
+
+Mid-run means mid-trial: the attack of the trial in flight is stopped (SIGSTOP) in the job's
+sandbox before the signal, so that the job cannot end first however fast the node runs, and the
+work of each run can be tiny."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import pytest
 import yaml
 
 from leakbench import cli, sweep
+from tests.processes import command_name, freeze_the_attack_in_flight
 from tests.slurm.cluster import PACKAGES, SingleNodeSlurm, missing_commands
 from tests.test_sweep import BASE as SWEEP_BASE
 from tests.test_sweep import records
@@ -31,13 +36,17 @@ if missing_commands():
 if os.geteuid() != 0:
     pytest.skip("the SLURM test cluster needs root (slurmd starts jobs)", allow_module_level=True)
 
-WAIT_S = 900  # a generous bound on any one wait; the module takes 2-3 minutes on a quiet machine
+WAIT_S = 900  # a generous bound on any one wait
 SETTINGS = {  # tiny runs (tests.test_sweep's), without the privacy references' training
     **SWEEP_BASE,
     "attack_options": {"dlg": {"iterations": 50}},
     "trials": 2,
     "privacy_metrics": False,
 }
+# A run to stop mid-trial: its attacks run in the sandbox (the default), which SLURM signals
+# along with the harness, and where the test freezes the attack of the trial in flight (long
+# enough, about 0.5 s, to be caught).
+STOPPED = {"trials": 3, "isolation": "sandbox", "attack_options": {"dlg": {"iterations": 300}}}
 CELL = "dlg__none__b1"
 
 
@@ -129,6 +138,34 @@ def assert_failures_are_the_attacks_own(run_dir: Path, found: list[dict]) -> Non
     assert again == failed
 
 
+def job_harness(job: str) -> int:
+    """The pid of the Python process that runs the job's task (submitit's, under srun)."""
+    mark = f"SLURM_JOB_ID={job}".encode()
+    found: list[int] = []
+
+    def running() -> bool:
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            pid = int(environ.parent.name)
+            try:
+                if mark in environ.read_bytes().split(b"\0") and "submitit.core._submit" in (
+                    Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                ):
+                    found.append(pid)
+            except OSError:
+                continue  # it ended meanwhile
+        found[:] = [pid for pid in found if (command_name(pid) or "").startswith("python")]
+        return bool(found)
+
+    wait_until(running, f"job {job} runs its task")
+    return found[0]
+
+
+def freeze_mid_trial(job: str, run_dir: Path, recorded: int) -> None:
+    """Once the job recorded more than ``recorded`` trials, stop the attack of the next one."""
+    wait_until(lambda: len(records(run_dir)) > recorded, f"job {job} records a trial")
+    freeze_the_attack_in_flight(job_harness(job))
+
+
 def status_lines(text: str) -> list[str]:
     """The lines of ``leakbench sweep status`` that show a run."""
     return [line for line in text.splitlines() if line.startswith("seed")]
@@ -141,11 +178,7 @@ def submitit_log(grid_path: Path, job_id: str, rank: int = 0) -> str:
     )
 
 
-# --------------------------------------------------------------------------- started early
-
-# The time-limited run lasts two minutes or so (SLURM looks at time limits every 30 s): it is
-# launched by the module's second test and checked by its last, while the others run beside it.
-
+# --------------------------------------------------------------------------- the time limit
 
 # The time-limited run's trials, in seconds of this machine: more than its 2-minute limit, so
 # that it cannot finish before SLURM's warning however fast the node runs them.
@@ -161,25 +194,6 @@ def seconds_per_trial(settings: dict, folder: Path) -> float:
     values = {**SETTINGS, **settings, "trials": 2, "output_dir": str(folder), "run_name": "timing"}
     run(RunConfig.from_mapping(values), progress=False, echo=lambda _: None)
     return min(r["time_s"] for r in records(folder / "timing"))
-
-
-@pytest.fixture(scope="module")
-def time_limited(slurm, tmp_path_factory):
-    """A run of at least 150 s of trials under a 2-minute limit, launched while the other tests run.
-    SLURM warns it (SIGUSR2, 30 s before the limit, but up to a minute earlier: it looks every
-    30 s) 30 to 60 s after it starts; it must requeue itself and finish from its records."""
-    folder = tmp_path_factory.mktemp("time-limit")
-    settings = {"attack_options": {"dlg": {"iterations": 300}}}
-    trials = max(20, int(LIMIT_WORK_S / seconds_per_trial(settings, folder / "timing")))
-    path = write_grid(folder, "limit", {**settings, "trials": trials}, {})
-    cli.main(["sweep", str(path), "--launcher", "slurm", "--time-min", "2"])
-    run_dir = folder / "out" / "seed0"
-    return {
-        "path": path,
-        "run_dir": run_dir,
-        "job": launches(run_dir)[0]["job_id"],
-        "trials": trials,
-    }
 
 
 # --------------------------------------------------------------------------- the tests
@@ -231,32 +245,23 @@ def test_a_relaunch_while_queued_submits_nothing_twice_and_the_grid_is_collected
     ]
 
 
-def test_scancel_mid_run_fails_no_trial_and_a_relaunch_finishes_the_run(
-    slurm, time_limited, tmp_path, capsys
-):
-    # The attack runs in its sandbox (the default; worker processes where the machine cannot
-    # make one), which SLURM signals along with the harness.
-    settings = {
-        "trials": 8,
-        "isolation": "sandbox",
-        "attack_options": {"dlg": {"iterations": 300}},
-    }
-    path = write_grid(tmp_path, "cancel", settings, {})
+def test_scancel_mid_run_fails_no_trial_and_a_relaunch_finishes_the_run(slurm, tmp_path, capsys):
+    path = write_grid(tmp_path, "cancel", STOPPED, {})
     run_dir = tmp_path / "out" / "seed0"
     text = leakbench(capsys, "sweep", path, "--launcher", "slurm")
     (job,) = [entry["job_id"] for entry in launches(run_dir)]
     assert f"submitted job {job}: 1 run, 1 task x 1 CPU" in text  # a plain job, not an array
-    wait_until(lambda: len(records(run_dir)) >= 1, "a first trial is recorded")
+    freeze_mid_trial(job, run_dir, recorded=0)
     subprocess.run(["scancel", job], check=True)
     assert wait_for_end([job]) == {job: "CANCELLED"}
     kept = records(run_dir)
-    assert 1 <= len(kept) < 8 and {r["status"] for r in kept} == {"ok"}
+    assert 1 <= len(kept) < 3 and {r["status"] for r in kept} == {"ok"}
     assert not (run_dir / sweep.FAILED_FILE).exists()  # interrupted, not failed
     assert "interrupted by SIGTERM: the trial in flight was dropped" in submitit_log(path, job)
     (line,) = status_lines(leakbench(capsys, "sweep", "status", path))
-    assert line.split()[:3] == ["seed0", "failed", f"{len(kept)}/8"]
+    assert line.split()[:3] == ["seed0", "failed", f"{len(kept)}/3"]
     assert line.endswith(
-        f"stopped after {len(kept)} of 8 trials; SLURM job {job} CANCELLED; a re-launch finishes it"
+        f"stopped after {len(kept)} of 3 trials; SLURM job {job} CANCELLED; a re-launch finishes it"
     )
 
     text = leakbench(capsys, "sweep", path, "--launcher", "slurm")
@@ -264,7 +269,30 @@ def test_scancel_mid_run_fails_no_trial_and_a_relaunch_finishes_the_run(
     second = launches(run_dir)[-1]["job_id"]
     assert second != job
     assert wait_for_end([second]) == {second: "COMPLETED"}
-    assert_exactly_once(run_dir, trials=8)
+    assert_exactly_once(run_dir, trials=3)
+
+
+def test_slurms_warning_signal_mid_run_requeues_the_job_which_finishes_from_its_records(
+    slurm, tmp_path, capsys
+):
+    """SIGUSR2, which SLURM sends ahead of a job's time limit (and of a preemption), here sent
+    by hand mid-trial: the job drops its trial in flight, submitit requeues it, and it finishes
+    from its records, in one launch. The fast sibling of the nightly
+    ``test_a_time_limit_requeues_the_job_which_finishes_from_its_records``."""
+    path = write_grid(tmp_path, "requeue", STOPPED, {})
+    run_dir = tmp_path / "out" / "seed0"
+    leakbench(capsys, "sweep", path, "--launcher", "slurm")
+    (job,) = [entry["job_id"] for entry in launches(run_dir)]
+    freeze_mid_trial(job, run_dir, recorded=0)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_for_end([job]) == {job: "COMPLETED"}
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    log = submitit_log(path, job)
+    assert int(shown.stdout.split("Restarts=")[1].split()[0]) >= 1, log
+    assert "interrupted by SIGUSR2: the trial in flight was dropped" in log
+    assert f"Requeued job {job}" in log
+    assert [entry["job_id"] for entry in launches(run_dir)] == [job]  # one launch, requeued
+    assert_exactly_once(run_dir, trials=3)
 
 
 def test_fewer_trials_than_ranks_start_and_finish_in_one_launch(slurm, tmp_path, capsys):
@@ -277,9 +305,19 @@ def test_fewer_trials_than_ranks_start_and_finish_in_one_launch(slurm, tmp_path,
     assert_exactly_once(run_dir, trials=1)  # trial 0 is rank 0's; rank 1 had none
 
 
-def test_a_time_limit_requeues_the_job_which_finishes_from_its_records(slurm, time_limited, capsys):
-    path, run_dir, job = time_limited["path"], time_limited["run_dir"], time_limited["job"]
-    trials = time_limited["trials"]
+@pytest.mark.slow
+def test_a_time_limit_requeues_the_job_which_finishes_from_its_records(slurm, tmp_path, capsys):
+    """A run of at least 150 s of trials under a 2-minute limit: SLURM warns it (SIGUSR2, 30 s
+    before the limit, but up to a minute earlier: it looks every 30 s); it must requeue itself
+    and finish from its records. Slow: SLURM's time limits are whole minutes. Fast sibling (the
+    same signal, sent by hand mid-trial):
+    ``test_slurms_warning_signal_mid_run_requeues_the_job_which_finishes_from_its_records``."""
+    settings = {"attack_options": {"dlg": {"iterations": 300}}}
+    trials = max(20, int(LIMIT_WORK_S / seconds_per_trial(settings, tmp_path / "timing")))
+    path = write_grid(tmp_path, "limit", {**settings, "trials": trials}, {})
+    cli.main(["sweep", str(path), "--launcher", "slurm", "--time-min", "2"])
+    run_dir = tmp_path / "out" / "seed0"
+    (job,) = [entry["job_id"] for entry in launches(run_dir)]
     assert wait_for_end([job]) == {job: "COMPLETED"}
     shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
     restarts = int(shown.stdout.split("Restarts=")[1].split()[0])

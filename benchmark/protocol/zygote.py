@@ -50,6 +50,13 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
+def die_with_parent() -> None:
+    """Have this process killed (SIGKILL) when its parent ends: a job's process never outlives
+    the process that waits for its answer. Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def read_exactly(fd: int, size: int) -> bytes | None:
     """``size`` bytes from ``fd``, or None at end of file before them."""
     chunks, left = [], size
@@ -84,7 +91,7 @@ def _child(job: bytes, answer_fd: int) -> None:
         os.dup2(2, 1)  # prints go to the sandbox's log, never into an answer
         os.closerange(3, answer_fd)
         os.closerange(answer_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        die_with_parent()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         from leakbench.protocol.jobs import dumps, loads, run_job
 
