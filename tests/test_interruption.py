@@ -215,6 +215,15 @@ def test_an_ignored_signal_stays_ignored():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time process ``pid`` has used (0 once it has ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def new_processes(before: dict[int, str]) -> dict[int, str]:
     """The processes below this one that ``before`` does not hold."""
     return {p: t for p, t in process_tree(os.getpid()).items() if before.get(p) != t}
@@ -275,8 +284,15 @@ def test_a_worker_ends_with_its_fork_server(tmp_path):
     def kill_the_fork_server_once_the_attack_runs() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            table = process_table()
-            workers = [p for p in new_processes(before) if table.get(p, (0,))[0] != os.getpid()]
+            started = new_processes(before)
+            table = process_table()  # read after the tree: it holds every pid found there
+            # A worker past its start-up (its parent-death signal is set first thing): the
+            # property is about a worker killed mid-attack.
+            workers = [
+                p
+                for p in started
+                if p in table and table[p][0] != os.getpid() and cpu_seconds(p) > 0.5
+            ]
             if workers:
                 worker.update({p: t for p, t in process_tree(os.getpid()).items() if p in workers})
                 os.kill(table[workers[0]][0], signal.SIGKILL)

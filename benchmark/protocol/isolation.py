@@ -240,6 +240,8 @@ def _worker_main(connection: Any, request: bytes) -> None:
     """Entry point of a worker process: read the job, run it, send the reply. The worker ends
     with its parent, the fork server, which ends with the harness."""
     die_with_parent()
+    if os.getppid() == 1:  # the fork server ended before the line above: nobody waits for us
+        os._exit(1)
     connection.send_bytes(dumps(run_job(loads(request))))
 
 
