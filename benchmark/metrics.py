@@ -727,3 +727,34 @@ def label_multisets(records: Iterable[dict[str, Any]]) -> dict[str, int]:
         counts["restored"] += sum((truth & restored).values())
         counts["exact"] += truth == restored
     return counts
+
+
+def bootstrap_medians(trials: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """``np.median(trials[row].ravel())`` for every ``row`` of ``picks`` (a bootstrap's trial
+    indices), bit for bit, without building the resamples: the pooled values are sorted once,
+    a resample is a count per trial, and each middle element is found by bisection on the
+    resample's running count (then the two are averaged as ``np.median`` does). Loading a board
+    recomputes every entry's bootstrap, and partitioning 2000 resamples of up to 2560 values
+    each dominated it."""
+    order = np.argsort(trials, axis=None, kind="stable")
+    values = trials.ravel()[order]
+    owner = order // trials.shape[1]
+    # seen[t, i]: how many of the i + 1 smallest values belong to trial t.
+    seen = np.cumsum(owner[None, :] == np.arange(trials.shape[0])[:, None], axis=1)
+    counts = np.zeros((len(picks), trials.shape[0]), dtype=np.int64)
+    np.add.at(counts, (np.arange(len(picks))[:, None], picks), 1)
+    size = picks.shape[1] * trials.shape[1]
+
+    def element(position: int) -> np.ndarray:
+        """Each resample's value at sorted ``position``: the first index whose running count
+        exceeds it."""
+        low = np.zeros(len(picks), dtype=np.int64)
+        high = np.full(len(picks), len(values) - 1)
+        while np.any(low < high):
+            middle = (low + high) // 2
+            above = np.einsum("rt,tr->r", counts, seen[:, middle]) > position
+            high = np.where(above, middle, high)
+            low = np.where(above, low, middle + 1)
+        return values[low]
+
+    return (element((size - 1) // 2) + element(size // 2)) / 2

@@ -30,8 +30,10 @@ import yaml
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def read_yaml(text: str) -> Any:
-    """``yaml.safe_load`` of ``text``, through libyaml where it is available."""
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, through libyaml where it is available (trusted files the
+    board reads many of; user config files go through :func:`leakbench.config.read_yaml`, whose
+    errors name file and line)."""
     return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
 
 

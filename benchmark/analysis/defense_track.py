@@ -243,6 +243,8 @@ def bootstrap_median(
     (trials: the samples of one batch are not independent)."""
     import numpy as np
 
+    from leakbench.metrics import bootstrap_medians
+
     values = [v for g in groups for v in g]
     if not values:
         return None, None
@@ -255,7 +257,7 @@ def bootstrap_median(
         # Every resample at once (the same draws as one after the other): loading a board
         # recomputes every entry's intervals.
         picks = rng.integers(len(arrays), size=(BOOTSTRAP_RESAMPLES, len(arrays)))
-        medians = np.median(np.stack(arrays)[picks].reshape(len(picks), -1), axis=1).tolist()
+        medians = bootstrap_medians(np.stack(arrays), picks).tolist()
     else:
         medians = [
             float(

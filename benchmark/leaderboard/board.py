@@ -22,7 +22,7 @@ from typing import Any
 
 from leakbench.leaderboard.entry import TRACKS, load_entry
 from leakbench.leaderboard.verify import higher_ranks_first
-from leakbench.results import read_yaml
+from leakbench.results import parse_yaml
 
 COLUMNS = (
     "rank",
@@ -155,7 +155,7 @@ def load_board(
 ) -> list[TrackBoard]:
     """Every track (those without entries too) with its ranked tables, in name order."""
     boards = {
-        path.stem: TrackBoard(path.stem, read_yaml(path.read_text()))
+        path.stem: TrackBoard(path.stem, parse_yaml(path.read_text()))
         for path in sorted(Path(tracks_dir).glob("*.yaml"))
     }
     for path in sorted(Path(entries_dir).glob("*/*.json")):

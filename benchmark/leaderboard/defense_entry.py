@@ -160,6 +160,7 @@ def null_baselines(
     from leakbench.config import RunConfig
     from leakbench.metrics import null_psnr, to_pixels
     from leakbench.protocol.private_transform import PrivateTransform
+    from leakbench.protocol.trial import private_images
     from leakbench.runner import build_datamodule
 
     values = {key: protocol[key] for key in ("dataset", "dataset_options", "split", "dtype")}
@@ -176,10 +177,9 @@ def null_baselines(
     dtype = getattr(torch, config.dtype)
     baselines: dict[str, dict[str, float]] = {}
     for trial, batch in enumerate(datamodule.trials()):
-        # As run_trial makes the private batch and scoring de-normalises it.
-        images = batch["images"].to(dtype)
-        if change is not None:
-            images = change(images, trial, datamodule.mean, datamodule.std)
+        images = private_images(
+            batch["images"], trial, dtype, change, datamodule.mean, datamodule.std
+        )
         pixels = to_pixels(images, datamodule.mean, datamodule.std)
         baselines[str(trial)] = dict(zip(batch["sample_ids"], null_psnr(pixels), strict=True))
     return baselines

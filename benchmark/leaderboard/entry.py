@@ -46,7 +46,7 @@ from leakbench.results import (
     atomic_write_bytes,
     atomic_write_text,
     cell_key,
-    read_yaml,
+    parse_yaml,
 )
 
 SCHEMA_VERSION = 3
@@ -146,7 +146,7 @@ def track_file(name: str, tracks_dir: Path = TRACKS) -> Path:
 
 def load_track(name: str, tracks_dir: Path = TRACKS) -> dict[str, Any]:
     """The track's run configuration, its ``track`` block included."""
-    return read_yaml(track_file(name, tracks_dir).read_text())
+    return parse_yaml(track_file(name, tracks_dir).read_text())
 
 
 def sha256_file(path: Path) -> str:
@@ -266,7 +266,7 @@ def make_entry(
     for required in ("config.yaml", "summary.json"):
         if not (run_dir / required).is_file():
             raise EntryError(f"{run_dir} is not a finished run: {required} is missing")
-    config = read_yaml((run_dir / "config.yaml").read_text())
+    config = parse_yaml((run_dir / "config.yaml").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     if cell not in summary["cells"]:
         raise EntryError(f"no cell {cell!r} in {run_dir}; cells: {', '.join(summary['cells'])}")
@@ -275,7 +275,7 @@ def make_entry(
     if config.get("private_transform") is not None:
         raise EntryError(f"{run_dir} is a verification run, not a submission")
     track_path = track_file(config["track"]["name"], tracks_dir)
-    track_config = read_yaml(track_path.read_text())
+    track_config = parse_yaml(track_path.read_text())
     check_protocol(config, track_config)
 
     result = summary["cells"][cell]
@@ -449,7 +449,7 @@ def _track_protocol(track: str, sha256: str) -> dict[str, Any]:
     file (``sha256``): a board holds many entries of each track. Callers only read it."""
     from leakbench.config import RunConfig
 
-    return RunConfig.from_mapping(read_yaml(Path(track).read_text())).to_dict()
+    return RunConfig.from_mapping(parse_yaml(Path(track).read_text())).to_dict()
 
 
 def shipped_records(entry: Mapping[str, Any], path: Path) -> tuple[Path, list[dict[str, Any]]]:

@@ -72,6 +72,7 @@ from leakbench.leaderboard.entry import (
     sibling,
     validate_entry,
 )
+from leakbench.metrics import bootstrap_medians
 from leakbench.results import atomic_write_bytes
 
 VERIFICATION_RECORDS = ".verification.jsonl"
@@ -121,37 +122,6 @@ def _statistic(values: np.ndarray, stat: str, metric: str) -> float:
     if stat == "worst":
         return float(np.min(values) if LEAKIER_WHEN_HIGHER[metric] else np.max(values))
     raise EntryError(f"unknown statistic {stat!r}; use median, mean or worst")
-
-
-def _resampled_medians(trials: np.ndarray, picks: np.ndarray) -> np.ndarray:
-    """``np.median(trials[row].ravel())`` for every ``row`` of ``picks`` (a bootstrap's trial
-    indices), bit for bit, without building the resamples: the pooled values are sorted once,
-    a resample is a count per trial, and each middle element is found by bisection on the
-    resample's running count (then the two are averaged as ``np.median`` does). Rendering the
-    board recomputes every entry's bootstrap, and partitioning 2000 resamples of up to 2560
-    values each dominated it."""
-    order = np.argsort(trials, axis=None, kind="stable")
-    values = trials.ravel()[order]
-    owner = order // trials.shape[1]
-    # seen[t, i]: how many of the i + 1 smallest values belong to trial t.
-    seen = np.cumsum(owner[None, :] == np.arange(trials.shape[0])[:, None], axis=1)
-    counts = np.zeros((len(picks), trials.shape[0]), dtype=np.int64)
-    np.add.at(counts, (np.arange(len(picks))[:, None], picks), 1)
-    size = picks.shape[1] * trials.shape[1]
-
-    def element(position: int) -> np.ndarray:
-        """Each resample's value at sorted ``position``: the first index whose running count
-        exceeds it."""
-        low = np.zeros(len(picks), dtype=np.int64)
-        high = np.full(len(picks), len(values) - 1)
-        while np.any(low < high):
-            middle = (low + high) // 2
-            above = np.einsum("rt,tr->r", counts, seen[:, middle]) > position
-            high = np.where(above, middle, high)
-            low = np.where(above, low, middle + 1)
-        return values[low]
-
-    return (element((size - 1) // 2) + element(size // 2)) / 2
 
 
 def _row_statistics(values: np.ndarray, stat: str, metric: str) -> list[float]:
@@ -214,7 +184,7 @@ def figures(
     if len({len(v) for v in per_trial}) == 1 and len({len(h) for h in hits}) == 1:
         trials = np.stack(per_trial)
         if stat == "median" and np.isfinite(trials).all():
-            draws = _resampled_medians(trials, picks).tolist()
+            draws = bootstrap_medians(trials, picks).tolist()
         else:
             draws = _row_statistics(trials[picks].reshape(len(picks), -1), stat, metric)
         success_draws = np.stack(hits)[picks].reshape(len(picks), -1).mean(axis=1).tolist()

@@ -108,6 +108,21 @@ class TrialOutcome:
     pairs: list[tuple[Tensor, Tensor]]
 
 
+def private_images(
+    images: Tensor,
+    trial: int,
+    dtype: torch.dtype,
+    transform: PrivateTransform | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Tensor:
+    """The private batch as the client holds it: the drawn ``images`` of ``trial`` in the run's
+    ``dtype``, changed by the private transform where verification sets one. Scoring takes them
+    as the ground truth, and so does the null baseline of a defense's verification."""
+    private = images.to(dtype)
+    return private if transform is None else transform(private, trial, mean, std)
+
+
 def run_trial(
     victim: Victim,
     attack: PreparedAttack,
@@ -122,9 +137,8 @@ def run_trial(
     trial = int(batch["trial"])
     seed = trial_seed(s.seed, trial)
     attacker_seed = attack_seed(s.seed, s.cell)
-    private = batch["images"].to(s.dtype)
-    if s.private_transform is not None and not batch.get("error"):
-        private = s.private_transform(private, trial, s.mean, s.std)
+    transform = None if batch.get("error") else s.private_transform
+    private = private_images(batch["images"], trial, s.dtype, transform, s.mean, s.std)
     labels = batch["labels"]
     generator = torch.Generator().manual_seed(seed)
     record: dict[str, Any] = {
