@@ -1,5 +1,10 @@
 """Test-wide settings: no network, no W&B traffic, results in temporary folders; the hostile
-plug-ins of ``tests/plugins/`` as an installed distribution."""
+plug-ins of ``tests/plugins/`` as an installed distribution.
+
+The suite runs on pytest-xdist's workers (``-n auto --dist loadgroup`` in pyproject.toml): half
+of its time is spent waiting on other processes (a sandbox, SLURM, a killed run). A module whose
+tests share a module-scoped fixture (a board, a SLURM cluster, a killed grid) is one
+``xdist_group``: one worker builds the fixture once, and xdist starts the largest groups first."""
 
 import os
 import shutil
@@ -13,7 +18,13 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 # Reference classifiers (task leakage) and trained victims: trained once per test session, in a
-# folder of its own, never in the working tree.
+# folder of its own, never in the working tree. pytest-xdist's workers share it (its writes are
+# atomic and content-addressed), so a classifier is trained once, not once per worker.
+_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _SESSION and "LEAKBENCH_CHECKPOINTS" not in os.environ:
+    _SHARED = Path(tempfile.gettempdir()) / f"leakbench-test-checkpoints-{_SESSION}"
+    _SHARED.mkdir(exist_ok=True)
+    os.environ["LEAKBENCH_CHECKPOINTS"] = str(_SHARED)
 os.environ.setdefault(
     "LEAKBENCH_CHECKPOINTS", tempfile.mkdtemp(prefix="leakbench-test-checkpoints-")
 )

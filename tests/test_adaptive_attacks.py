@@ -17,6 +17,9 @@ from leakbench.metrics import score_trial
 from leakbench.registry import ATTACKS, DATAMODULES, DEFENSES
 from leakbench.threat_model import Budget, Capability, make_observation
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("adaptive_attacks")
+
 GRANTED = frozenset({Capability.BATCH_SIZE})
 
 

@@ -12,6 +12,9 @@ import yaml
 import tests.components  # noqa: F401
 from leakbench.cli import main
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("cli")
+
 BASE = [
     "run",
     "--dataset",

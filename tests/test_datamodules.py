@@ -28,6 +28,9 @@ from leakbench.datamodules.partition import (
 )
 from leakbench.registry import DATAMODULES
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("datamodules")
+
 DEFAULT_DATASETS = sorted(fixtures.FIXTURE_WRITERS)
 
 

@@ -25,6 +25,9 @@ from leakbench.leaderboard.defense_entry import worst_case_records
 from leakbench.leaderboard.entry import RECORDS_SUFFIX, content_sha256, sibling
 from tests.browser import Browser, find_chromium
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("defense_board")
+
 TRACK = {
     "track": {
         "name": "tiny-defense-board",

@@ -33,6 +33,9 @@ from leakbench.leaderboard import (
 from leakbench.leaderboard.entry import RECORDS_SUFFIX, content_sha256, read_records, sibling
 from leakbench.leaderboard.verify import MIN_TRIALS
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("leaderboard")
+
 DATA = {"input_shape": [1, 6, 6], "num_classes": 3, "size": 16}
 TRACK = {
     "track": {

@@ -12,18 +12,17 @@ cannot run it, checked against what does run it:
   must then say so in one line (exit 2).
 
 A command this file does not know how to run fails the test, so a new README command gets its
-budget here. Commands run in README order in a scratch folder holding a copy of ``leaderboards/``
-and a ``runs/`` of their own; a placeholder is filled with what the test made: ``runs/<run>``
-with the run the previous command made (the resumed one cut short first), ``<sha256>`` and
-``1a2b3c4d`` with a checkpoint ``leakbench train`` made for the command's victim,
-``my_run.yaml`` and ``GRID.yaml`` with the README's own config and grid blocks, ``my-attack``
-with the template attack package, installed as the README says. The leaderboard commands, which
-in a checkout write into the repository's ``leaderboards/``, are given the scratch copy's folders.
-Budgets are documented options
-appended after what is printed, so they win: one trial and two iterations per attack, no
-covariates. Commands
-of the studies that train or sweep many runs are ``@pytest.mark.slow`` and run every night;
-every other command runs in CI.
+budget here. Each ``## `` section of the README is a test: its commands run in README order in a
+scratch folder holding a copy of ``leaderboards/`` and a ``runs/`` of their own; a placeholder is
+filled with what the section made: ``runs/<run>`` with the run the previous command made (the
+resumed one cut short first), ``<sha256>`` and ``1a2b3c4d`` with a checkpoint ``leakbench train``
+made for the command's victim, ``my_run.yaml`` and ``GRID.yaml`` with the README's own config and
+grid blocks, ``my-attack`` with the template attack package, installed as the README says. The
+leaderboard commands, which in a checkout write into the repository's ``leaderboards/``, are
+given the scratch copy's folders. Budgets are documented options appended after what is printed,
+so they win: one trial and two iterations per attack, no covariates. Commands of the studies
+that train or sweep many runs are ``@pytest.mark.slow`` and run every night; every other
+command runs in CI.
 """
 
 from __future__ import annotations
@@ -64,6 +63,7 @@ BUDGETS: dict[str, dict[str, str]] = {
     "boundary": {"--trials": "2", "--attack_trials": "1", "--compare_trials": "1"},
     "fishing-study": {"--trials": "1", "--ig_trials": "1"},
     "sweep throughput": {"--trials": "2"},
+    "leaderboard lookup-bound": {"--trials": "20"},
 }
 # In a checkout the leaderboard commands write into the repository's own leaderboards/ by
 # default: here, into the scratch copy of it.
@@ -101,12 +101,13 @@ SLOW = (
 
 @dataclass
 class Command:
-    """One command of the README: its text as printed, README line and words."""
+    """One command of the README: its text as printed, README line, words and section."""
 
     text: str
     line: int
     argv: list[str]
     scheduled: bool = False  # a cron line: its grid is planned here, run by the nightly job
+    section: str = ""  # the README's ``## `` heading above it
 
     @property
     def words(self) -> str:
@@ -140,11 +141,18 @@ def code_blocks(text: str) -> Iterator[tuple[str, str, int]]:
         yield match.group(1), match.group(2), text[: match.start()].count("\n") + 2
 
 
+def section_at(text: str, line: int) -> str:
+    """The README's ``## `` heading above ``line``."""
+    headings = re.findall(r"^## (.+)$", "\n".join(text.splitlines()[:line]), re.M)
+    return headings[-1] if headings else ""
+
+
 def readme_commands() -> list[Command]:
     """The shell commands of the README's bash blocks, and the commands its cron lines run;
     ``a && b`` is two commands."""
     commands = []
-    for language, body, start in code_blocks(README.read_text()):
+    text = README.read_text()
+    for language, body, start in code_blocks(text):
         if language not in ("bash", "cron", ""):
             continue
         for offset, line in enumerate(body.splitlines()):
@@ -156,9 +164,13 @@ def readme_commands() -> list[Command]:
                 words = words[: words.index(">>")] if ">>" in words else words
             while words:
                 cut = words.index("&&") if "&&" in words else len(words)
+                number = start + offset
                 commands.append(
-                    Command(line.strip(), start + offset, words[:cut], language != "bash")
-                )
+                    Command(
+                        line.strip(), number, words[:cut], language != "bash",
+                        section_at(text, number),
+                    )
+                )  # fmt: skip
                 words = words[cut + 1 :]
     return [c for c in commands if c.argv[:2] != ["cd", "/path/to/leakbench"]]
 
@@ -378,12 +390,14 @@ def test_the_readme_commands_are_all_known():
             assert command.words, f"README line {command.line}: unknown command"
 
 
-def walk(scratch: Scratch, capsys: pytest.CaptureFixture[str], slow: bool) -> list[Command]:
-    """Run the README's commands in order (the slow ones too, with ``slow``); each one's wall
-    time goes to stderr, for ``pytest -s`` and the durations of a nightly run."""
+def walk(
+    section: str, scratch: Scratch, capsys: pytest.CaptureFixture[str], slow: bool
+) -> list[Command]:
+    """Run the commands of one README section in order (the slow ones too, with ``slow``); each
+    one's wall time goes to stderr, for ``pytest -s`` and the durations of a nightly run."""
     ran = []
     for command in readme_commands():
-        if command.slow and not slow:
+        if command.section != section or (command.slow and not slow):
             continue
         started = time.perf_counter()
         run_command(command, scratch, capsys)
@@ -399,22 +413,35 @@ def files_of_the_checkout() -> dict[Path, float]:
     return {p: p.stat().st_mtime for p in (ROOT / "leaderboards").rglob("*") if p.is_file()}
 
 
-def test_every_fast_readme_command_runs_as_printed(scratch, capsys):
+def sections(slow: bool) -> list[str]:
+    """The README's sections that hold a command to run (a slow one, with ``slow``), in order.
+    A section's commands need only what earlier commands of the section made, so each section
+    is a test of its own, and the sections run in parallel."""
+    return list(dict.fromkeys(c.section for c in readme_commands() if c.slow == slow))
+
+
+def test_the_slow_commands_are_the_studies_and_the_grid():
+    assert {c.words for c in readme_commands() if c.slow} == {*SLOW, "sweep"}
+
+
+@pytest.mark.parametrize("section", sections(slow=False))
+def test_every_fast_readme_command_runs_as_printed(section, scratch, capsys):
     before = files_of_the_checkout()
-    ran = walk(scratch, capsys, slow=False)
+    ran = walk(section, scratch, capsys, slow=False)
     assert files_of_the_checkout() == before
-    assert any(c.words == "run" for c in ran) and not any(c.slow for c in ran)
-    # The quickstart's run: every cell of it, with the skipped one named.
-    summary = json.loads((scratch.first_run / "summary.json").read_text())
-    assert sorted(summary["cells"]) == ["bias__none__b1", "bias__none__b4", "idlg__none__b1"]
-    assert summary["skipped"] == {"idlg__none__b4": "idlg handles batches of at most 1"}
+    assert ran and not any(c.slow for c in ran)
+    if section == "Quickstart":  # the quickstart's run: every cell of it, the skipped one named
+        summary = json.loads((scratch.first_run / "summary.json").read_text())
+        assert sorted(summary["cells"]) == ["bias__none__b1", "bias__none__b4", "idlg__none__b1"]
+        assert summary["skipped"] == {"idlg__none__b4": "idlg handles batches of at most 1"}
     print("\n".join(scratch.not_run))
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs_as_printed(scratch, capsys):
+@pytest.mark.parametrize("section", sections(slow=True))
+def test_every_readme_command_runs_as_printed(section, scratch, capsys):
     before = files_of_the_checkout()
-    ran = walk(scratch, capsys, slow=True)
+    ran = walk(section, scratch, capsys, slow=True)
     assert files_of_the_checkout() == before
-    assert {c.words for c in ran if c.slow} == {*SLOW, "sweep"}
+    assert any(c.slow for c in ran)
     print("\n".join(scratch.not_run))

@@ -11,6 +11,9 @@ from leakbench.report import report_command, write_report
 from leakbench.runner import run
 from tests.components import small_bias_run
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("report")
+
 
 class Page(HTMLParser):
     """The images, anchors and cell texts of a page."""

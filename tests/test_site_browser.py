@@ -16,6 +16,9 @@ import pytest
 from leakbench.leaderboard import LEADERBOARDS, build_site, load_board
 from tests.browser import Browser, find_chromium
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("site_browser")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = Path(os.environ.get("LEAKBENCH_SCREENSHOT", ROOT / "runs" / "site-screenshot.png"))
 ROWS = "Array.from(document.querySelectorAll('table.board tbody tr'))"

@@ -28,6 +28,9 @@ from tests.slurm.cluster import PACKAGES, SingleNodeSlurm, missing_commands
 from tests.test_sweep import BASE as SWEEP_BASE
 from tests.test_sweep import records
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("slurm")
+
 if missing_commands():
     pytest.skip(
         f"no SLURM here: install Debian's {PACKAGES} (missing: {', '.join(missing_commands())})",

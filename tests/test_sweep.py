@@ -22,6 +22,9 @@ import yaml
 from leakbench import cli, leaderboard, sweep
 from leakbench.config import ConfigError
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("sweep")
+
 # Tiny runs: synthetic images, a small FCN, attacks in the harness's process, one thread.
 BASE = {
     "dataset": "synthetic-uniform",
@@ -37,11 +40,8 @@ BASE = {
     "isolation": "in-process",
 }
 RUN_NAMES = ["b1__seed0", "b1__seed1", "b2__seed0", "b2__seed1"]
+KILLED_RUNS = ["seed0", "seed1"]  # the track's grid, killed part-way and re-launched
 TRACK = {"name": "tiny-track", "kind": "attack", "free": ["attacks", "attack_options"]}
-
-
-def batch_size(run_name: str) -> str:
-    return run_name.split("__")[0][1:]
 
 
 def write_grid(folder: Path, name: str = "grid", **grid) -> Path:
@@ -56,12 +56,11 @@ def two_by_two(folder: Path, **extra) -> Path:
 
 
 def track_grid(folder: Path) -> Path:
-    """The 2 x 2 grid on a tiny track of its own (``tracks/tiny-track.yaml``)."""
+    """Two seeds on a tiny track of its own (``tracks/tiny-track.yaml``): the track's seed and
+    another one."""
     (folder / "tracks").mkdir()
     (folder / "tracks" / "tiny-track.yaml").write_text(yaml.safe_dump({"track": TRACK, **BASE}))
-    return write_grid(
-        folder, base="tracks/tiny-track.yaml", set={}, axes={"seeds": [0, 1], "batch_sizes": [1, 2]}
-    )
+    return write_grid(folder, base="tracks/tiny-track.yaml", set={}, axes={"seeds": [0, 1]})
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -189,7 +188,7 @@ def group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def killed_and_relaunched(tmp_path_factory):
-    """The 2 x 2 grid launched one run at a time, killed (the sweep, submitit's controller and
+    """The track's grid launched one run at a time, killed (the sweep, submitit's controller and
     the job, all at once) once the first run is done and another has begun, then re-launched."""
     folder = tmp_path_factory.mktemp("grid")
     path = track_grid(folder)
@@ -206,11 +205,11 @@ def killed_and_relaunched(tmp_path_factory):
     def first_done_and_another_begun() -> bool:
         if process.poll() is not None:
             return True
-        if not (out / RUN_NAMES[0] / "summary.json").is_file():
+        if not (out / KILLED_RUNS[0] / "summary.json").is_file():
             return False
         return any(
             (out / name / "trials.jsonl").is_file() and records(out / name)
-            for name in RUN_NAMES[1:]
+            for name in KILLED_RUNS[1:]
         )
 
     wait_until(first_done_and_another_begun)
@@ -229,18 +228,18 @@ def test_a_killed_grid_is_finished_by_a_relaunch_with_every_trial_exactly_once(
 ):
     after_kill = killed_and_relaunched["after_kill"]
     print({name: (s.state, s.recorded) for name, s in after_kill.items()})  # shown on failure
-    assert after_kill[RUN_NAMES[0]].state == "done"
-    states = [after_kill[name].state for name in RUN_NAMES[1:]]
+    assert after_kill[KILLED_RUNS[0]].state == "done"
+    states = [after_kill[name].state for name in KILLED_RUNS[1:]]
     assert states != ["done"] * 3  # the kill left work undone
-    for name in RUN_NAMES[1:]:
+    for name in KILLED_RUNS[1:]:
         status = after_kill[name]
         if status.recorded and status.state != "done":  # stopped part-way, not running
             assert status.state == "failed" and "stopped after" in status.note
     assert killed_and_relaunched["code"] == 0
-    for name in RUN_NAMES:
+    for name in KILLED_RUNS:
         run_dir = killed_and_relaunched["out"] / name
         counts = Counter((r["cell"], r["trial"]) for r in records(run_dir))
-        assert sorted(counts) == [(f"dlg__none__b{batch_size(name)}", t) for t in range(4)]
+        assert sorted(counts) == [("dlg__none__b1", t) for t in range(4)]
         assert set(counts.values()) == {1}, counts
         assert (run_dir / "summary.json").is_file()
         assert not (run_dir / sweep.HEARTBEAT_FILE).exists()
@@ -252,8 +251,8 @@ def test_status_and_collect_give_the_expected_tables(killed_and_relaunched, caps
     assert code == 0
     lines = text.strip().splitlines()
     assert lines[1].split() == ["run", "state", "trials", "note"]
-    assert [line.split() for line in lines[2:6]] == [[name, "done", "4/4"] for name in RUN_NAMES]
-    assert lines[-1] == "4 done, 0 running, 0 queued, 0 failed, 0 missing"
+    assert [line.split() for line in lines[2:4]] == [[name, "done", "4/4"] for name in KILLED_RUNS]
+    assert lines[-1] == "2 done, 0 running, 0 queued, 0 failed, 0 missing"
 
     code, text, _ = leakbench(capsys, "sweep", "collect", path)
     assert code == 0
@@ -270,12 +269,12 @@ def test_status_and_collect_give_the_expected_tables(killed_and_relaunched, caps
         "failed",
     ]
     assert [row.split(",")[:9] for row in rows[1:]] == [
-        [name, "tiny-track", "synthetic-uniform", "fcn", "dlg", "none", batch_size(name), "4", "0"]
-        for name in RUN_NAMES
+        [name, "tiny-track", "synthetic-uniform", "fcn", "dlg", "none", "1", "4", "0"]
+        for name in KILLED_RUNS
     ]
     markdown = (out / "grid.md").read_text()
-    assert "4 of 4 runs done" in markdown and markdown in text
-    assert sum(line.startswith("| b") for line in markdown.splitlines()) == 4
+    assert "2 of 2 runs done" in markdown and markdown in text
+    assert sum(line.startswith("| seed") for line in markdown.splitlines()) == 2
 
 
 def test_collect_feeds_the_leaderboard_commands(killed_and_relaunched, capsys, monkeypatch):
@@ -289,13 +288,12 @@ def test_collect_feeds_the_leaderboard_commands(killed_and_relaunched, capsys, m
         capsys, "sweep", "collect", path, "--entries-dir", entries, "--tracks-dir", tracks
     )
     assert code == 0
-    # Only the run that kept the track's protocol is an entry; the others are refused by name.
+    # Only the run that kept the track's protocol is an entry; the other is refused by name.
     (written,) = [p for p in entries.glob("*/*.json")]
     assert written == entries / "tiny-track" / "dlg-b1.json"
     entry = json.loads(written.read_text())
     assert entry["track"] == "tiny-track" and entry["results"]["trials"] == 4
-    assert "no entry for b1__seed1 dlg__none__b1" in text and "seed" in text
-    assert "no entry for b2__seed0 dlg__none__b2" in text
+    assert "no entry for seed1 dlg__none__b1" in text and "seed" in text
     # On the board, unranked until the board's own verification has run it.
     (row,) = [
         r for r in leaderboard.render(entries, tracks)["tiny-track.md"].splitlines() if "dlg" in r
@@ -306,23 +304,23 @@ def test_collect_feeds_the_leaderboard_commands(killed_and_relaunched, capsys, m
 def test_a_relaunch_of_a_finished_grid_launches_nothing(killed_and_relaunched, capsys):
     code, text, _ = leakbench(capsys, "sweep", killed_and_relaunched["path"])
     assert code == 0
-    assert "grid grid: 0 of 4 runs to launch (local)" in text
-    assert text.count("skipped") == 4
+    assert "grid grid: 0 of 2 runs to launch (local)" in text
+    assert text.count("skipped") == 2
 
 
 def test_a_run_whose_config_changed_is_refused_not_merged(killed_and_relaunched, capsys):
     path, out = killed_and_relaunched["path"], killed_and_relaunched["out"]
-    before = {name: records(out / name) for name in RUN_NAMES}
+    before = {name: records(out / name) for name in KILLED_RUNS}
     changed = path.with_name("changed.yaml")
     grid = yaml.safe_load(path.read_text())
     grid["set"] = {**grid["set"], "trials": 5}
     changed.write_text(yaml.safe_dump(grid))
     code, _, err = leakbench(capsys, "sweep", changed)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "another configuration" in err and "b1__seed0 (trials)" in err
-    assert {name: records(out / name) for name in RUN_NAMES} == before
+    assert "another configuration" in err and "seed0 (trials)" in err
+    assert {name: records(out / name) for name in KILLED_RUNS} == before
     code, text, _ = leakbench(capsys, "sweep", "status", changed)
-    assert "4 failed" in text and "differs in: trials" in text
+    assert "2 failed" in text and "differs in: trials" in text
 
 
 # --------------------------------------------------------------------------- ranks and signals
@@ -341,6 +339,7 @@ if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "1" and not os.environ.get("HEAL
 """
 
 
+@pytest.mark.slow  # two launches of two ranks (40 s); tests/test_slurm.py runs two ranks in CI
 def test_the_error_file_names_the_failing_rank_and_a_relaunch_finishes_with_one_rank_done(
     tmp_path, capsys, monkeypatch
 ):

@@ -16,6 +16,9 @@ from leakbench.cli import main
 from leakbench.leaderboard.entry import LEADERBOARDS, TRACKS
 from leakbench.timing import HEAVY_MODULES, PROBE, board_runs
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("timing")
+
 ENTRIES = LEADERBOARDS / "entries"
 TRACK = "lfw-subset-fcn-analytic"
 

@@ -19,6 +19,9 @@ from leakbench.models.checkpoint import CheckpointError, load_checkpoint, state_
 from leakbench.models.training import TrainedVictim, train_command, train_victim
 from leakbench.protocol.victim import Victim, resolve_victim_state
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("training")
+
 SMALL = {"widths": [16]}
 RECIPE = {
     "model_options": SMALL,

@@ -25,6 +25,9 @@ from leakbench.leaderboard.entry import wandb_run as entry_wandb_run
 from leakbench.runner import run, wandb_configured
 from tests.components import small_bias_run
 
+# One worker builds this module's shared fixtures once (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("wandb")
+
 BLOCK = 32 * 1024
 HEADER = b":W&B"
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
