@@ -394,7 +394,7 @@ def walk(
     section: str, scratch: Scratch, capsys: pytest.CaptureFixture[str], slow: bool
 ) -> list[Command]:
     """Run the commands of one README section in order (the slow ones too, with ``slow``); each
-    one's wall time goes to stderr, for ``pytest -s`` and the durations of a nightly run."""
+    one's wall time goes to stderr, for ``pytest -n 0 -s`` and the durations of a nightly run."""
     ran = []
     for command in readme_commands():
         if command.section != section or (command.slow and not slow):
