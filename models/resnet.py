@@ -11,8 +11,8 @@ from leakbench.registry import register_model
 
 @register_model("resnet18")
 def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    # Imported here: torchvision.models pulls in torch._dynamo (2-3 s), which every sandbox and
-    # worker start would otherwise pay for a victim few runs use.
+    # Imported here: torchvision's models and ops would otherwise add 0.3 s to every sandbox
+    # and worker start, for a victim few runs use.
     from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(weights=None, num_classes=num_classes)

@@ -4,10 +4,12 @@ plug-ins of ``tests/plugins/`` as an installed distribution.
 The suite runs on pytest-xdist's workers (``-n auto --dist loadgroup`` in pyproject.toml): half
 of its time is spent waiting on other processes (a sandbox, SLURM, a killed run). A module whose
 tests share a module-scoped fixture (a board, a SLURM cluster, a killed grid) is one
-``xdist_group``: one worker builds the fixture once, and xdist starts the largest groups first."""
+``xdist_group``: one worker builds the fixture once, and xdist starts the groups with the most
+tests first."""
 
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -17,17 +19,26 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-# Reference classifiers (task leakage) and trained victims: trained once per test session, in a
-# folder of its own, never in the working tree. pytest-xdist's workers share it (its writes are
-# atomic and content-addressed), so a classifier is trained once, not once per worker.
-_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-if _SESSION and "LEAKBENCH_CHECKPOINTS" not in os.environ:
-    _SHARED = Path(tempfile.gettempdir()) / f"leakbench-test-checkpoints-{_SESSION}"
-    _SHARED.mkdir(exist_ok=True)
-    os.environ["LEAKBENCH_CHECKPOINTS"] = str(_SHARED)
-os.environ.setdefault(
-    "LEAKBENCH_CHECKPOINTS", tempfile.mkdtemp(prefix="leakbench-test-checkpoints-")
-)
+
+
+def _checkpoint_folder() -> Path:
+    """Where reference classifiers (task leakage) and trained victims are trained once per test
+    session: never the working tree. pytest-xdist's workers share one folder (its writes are
+    atomic and content-addressed), so a classifier is trained once, not once per worker; it is
+    private to this user, like ``mkdtemp``'s, so nobody else can plant a checkpoint in it."""
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if session is None:
+        return Path(tempfile.mkdtemp(prefix="leakbench-test-checkpoints-"))
+    folder = Path(tempfile.gettempdir()) / f"leakbench-test-checkpoints-{session}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    status = folder.lstat()  # a link planted in its place is refused too
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise RuntimeError(f"{folder} is not private to this user: remove it and run again")
+    return folder
+
+
+if "LEAKBENCH_CHECKPOINTS" not in os.environ:
+    os.environ["LEAKBENCH_CHECKPOINTS"] = str(_checkpoint_folder())
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
