@@ -116,7 +116,8 @@ class RunConfig:
             harness visible; the default, with a fallback to process, said once, where the
             machine cannot make one), process (a fresh worker process per job: isolated from
             the harness's objects, not a sandbox) or in-process (debugging; isolates nothing).
-        threads: Intra-op threads per process; null: the cores divided by the processes.
+        threads: Intra-op threads per process; null: OMP_NUM_THREADS where set, else the cores
+            this process may use (its affinity and cgroup quota) divided by the processes.
         private_transform: Leaderboard verification's secret change of every private sample
             ({seed, crop_scale, crop_ratio, rotation, flip, brightness, contrast, colour, blur,
             noise}: leakbench.protocol.private_transform); null for ordinary runs.

@@ -14,11 +14,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
-
+# One intra-op thread in this process and in every process the suite starts (runs, SLURM jobs,
+# attack jobs: leakbench.cores.default_threads), set before torch starts its thread pool. The
+# test models are tiny; with the workers sharing the cores, more threads only spin waiting for
+# each other (a DLG trial took ten times the CPU on two threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from leakbench.cores import usable_cores  # noqa: E402
 
 
 def _checkpoint_folder() -> Path:
@@ -42,16 +49,9 @@ if "LEAKBENCH_CHECKPOINTS" not in os.environ:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: a worker per core this process may use, its CPU affinity capped by its
-    cgroup's CPU quota (a container's affinity often lists every core of its host)."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota: the affinity alone
-    return cores
+    """``-n auto``: a worker per core this process may use (its CPU affinity capped by its
+    cgroup's CPU quota: a container's affinity often lists every core of its host)."""
+    return usable_cores()
 
 
 @pytest.fixture(autouse=True)

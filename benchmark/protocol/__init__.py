@@ -18,7 +18,7 @@ _EXPORTS = {
     "trial_seed": "leakbench.protocol.records",
     "ISOLATION_MODES": "leakbench.protocol.isolation",
     "Placement": "leakbench.protocol.isolation",
-    "default_threads": "leakbench.protocol.isolation",
+    "default_threads": "leakbench.cores",
     "PrivateTransform": "leakbench.protocol.private_transform",
     "MEASURED_FIELDS": "leakbench.protocol.records",
     "TrialOutcome": "leakbench.protocol.trial",

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from leakbench.cores import default_threads
 from leakbench.protocol.jobs import (
     dumps,
     loads,
@@ -288,11 +289,6 @@ def _in_worker(message: dict[str, Any], limit: float | None, max_seconds: float 
         if worker.is_alive():
             worker.kill()
             worker.join()
-
-
-def default_threads(processes: int = 1) -> int:
-    """The cores of this machine divided among ``processes`` processes (at least 1 each)."""
-    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from leakbench.config import RunConfig
+from leakbench.cores import default_threads
 from leakbench.sweep.grid import PlannedRun
 from leakbench.sweep.launch import execute, local_executor, run_resources
 
@@ -18,10 +19,9 @@ def measure_throughput(
 ) -> list[dict[str, Any]]:
     """Run ``config`` once per process count, each as one local submitit job of that many
     ranks (the sweep's own path), and return trials per minute of each run's wall time."""
-    cores = os.cpu_count() or 1
     results = []
     for count in processes:
-        threads = config.threads or max(1, cores // count)
+        threads = config.threads or default_threads(count)
         values = {
             **config.to_dict(),
             "devices": count,
