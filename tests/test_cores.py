@@ -48,9 +48,19 @@ def test_default_threads_divide_the_usable_cores_among_the_processes(machine):
     assert [cores.default_threads(p) for p in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
 
 
-@pytest.mark.parametrize("value, expected", [("3", 3), ("1", 1), ("0", 4), ("two", 4), ("", 4)])
-def test_default_threads_honour_a_positive_omp_num_threads(machine, monkeypatch, value, expected):
+@pytest.mark.parametrize(
+    "value, one_process, two_processes",
+    [
+        ("3", 3, 3),  # the user's count, for each process
+        ("1", 1, 1),
+        ("0", 4, 2),  # not a positive count: the usable cores, divided
+        ("two", 4, 2),
+        ("", 4, 2),
+    ],
+)
+def test_default_threads_honour_a_positive_omp_num_threads(
+    machine, monkeypatch, value, one_process, two_processes
+):
     machine(4, None)
     monkeypatch.setenv("OMP_NUM_THREADS", value)
-    assert cores.default_threads() == expected
-    assert cores.default_threads(2) == (expected if expected != 4 else 2)
+    assert [cores.default_threads(1), cores.default_threads(2)] == [one_process, two_processes]
